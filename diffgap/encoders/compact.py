@@ -1,0 +1,188 @@
+"""The project's own trainable encoders (audio, text, video) behind the common interface.
+
+A compact model directory holds `config.json` (the three configs), `model.safetensors` (tensors
+prefixed `audio.`, `text.`, `video.`) and `tokenizer.json`. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from diffgap.encoders.base import (
+    AudioEncoder,
+    EncoderFingerprint,
+    EncoderLoadError,
+    TextEncoder,
+    VideoEncoder,
+    state_dict_sha256,
+)
+from diffgap.models.audio_net import AudioNet, AudioNetConfig
+from diffgap.models.text_net import TextNet, TextNetConfig
+from diffgap.models.video_net import VideoNet, VideoNetConfig
+
+FORMAT = "diffgap-compact"
+VERSION = 1
+PAD, UNK = "[PAD]", "[UNK]"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """WordPiece over lower-cased, accent-stripped words; [PAD] is id 0."""
+    tok = Tokenizer(models.WordPiece(unk_token=UNK))
+    tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK], min_frequency=1)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+class CompactModel(torch.nn.Module):
+    """The three towers trained together; any of them may be absent (no video in the training pairs)."""
+
+    def __init__(self, audio: AudioNetConfig, text: TextNetConfig | None, video: VideoNetConfig | None,
+                 tokenizer: Tokenizer | None) -> None:
+        super().__init__()
+        self.audio = AudioNet(audio)
+        self.text = TextNet(text) if text else None
+        self.video = VideoNet(video) if video else None
+        self.tokenizer = tokenizer
+        # CLIP-style learnable temperatures: log(1/0.07)
+        self.logit_scale_text = torch.nn.Parameter(torch.tensor(2.659))
+        self.logit_scale_video = torch.nn.Parameter(torch.tensor(2.659))
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        assert self.tokenizer is not None and self.text is not None, "this compact model has no text tower"
+        max_len = self.text.cfg.max_tokens
+        encoded = [e.ids[:max_len] or [1] for e in self.tokenizer.encode_batch(list(texts))]
+        ids = torch.zeros(len(encoded), max(len(e) for e in encoded), dtype=torch.long)  # (B, L), 0 = [PAD]
+        for i, e in enumerate(encoded):
+            ids[i, : len(e)] = torch.tensor(e)
+        return ids
+
+    def save(self, out: str | Path, extra: dict[str, Any] | None = None) -> None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        config = {
+            "format": FORMAT, "version": VERSION,
+            "audio": asdict(self.audio.cfg),
+            "text": asdict(self.text.cfg) if self.text else None,
+            "video": asdict(self.video.cfg) if self.video else None,
+            **(extra or {}),
+        }
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tmp = out / "model.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(out / "model.safetensors")
+        if self.tokenizer is not None:
+            self.tokenizer.save(str(out / "tokenizer.json.tmp"))
+            (out / "tokenizer.json.tmp").replace(out / "tokenizer.json")
+        (out / "config.json.tmp").write_text(json.dumps(config, indent=2))
+        (out / "config.json.tmp").replace(out / "config.json")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CompactModel:
+        path = Path(path)
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EncoderLoadError(
+                f"compact encoders: cannot read {path / 'config.json'} ({exc}); train them with "
+                "`diffgap-index train-encoders --pairs PAIRS.csv --out DIR`") from exc
+        if config.get("format") != FORMAT:
+            raise EncoderLoadError(f"{path} is not a compact encoder directory (format {config.get('format')!r})")
+
+        def tupled(d: dict[str, Any]) -> dict[str, Any]:
+            return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json")) if (path / "tokenizer.json").exists() else None
+        model = cls(AudioNetConfig(**tupled(config["audio"])),
+                    TextNetConfig(**tupled(config["text"])) if config.get("text") else None,
+                    VideoNetConfig(**tupled(config["video"])) if config.get("video") else None, tokenizer)
+        try:
+            model.load_state_dict(load_file(str(path / "model.safetensors")))
+        except (OSError, RuntimeError) as exc:
+            raise EncoderLoadError(f"compact encoders: cannot load weights from {path}: {exc}") from exc
+        return model.eval()
+
+
+def _pad_waves(waves: Sequence[np.ndarray], min_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([max(len(w), 1) for w in waves])
+    out = torch.zeros(len(waves), max(int(lengths.max()), min_len))  # (B, S)
+    for i, w in enumerate(waves):
+        out[i, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
+    return out, lengths
+
+
+def _pad_frames(clips: Sequence[np.ndarray], max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    clips = [np.asarray(c)[:max_frames] for c in clips]
+    lengths = torch.tensor([len(c) for c in clips])
+    h, w = clips[0].shape[1:3]
+    out = torch.zeros(len(clips), int(lengths.max()), h, w, 3, dtype=torch.uint8)  # (B, T, H, W, 3)
+    for i, c in enumerate(clips):
+        assert c.shape[1:] == (h, w, 3), f"clip frames {c.shape[1:]} differ from {(h, w, 3)} in one batch"
+        out[i, : len(c)] = torch.from_numpy(c)
+    return out, lengths
+
+
+class CompactBundle:
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self.model = CompactModel.load(path)
+        self.weights_sha256 = state_dict_sha256(self.model)
+
+
+class CompactAudioEncoder(AudioEncoder):
+    def __init__(self, bundle: CompactBundle) -> None:
+        self.net = bundle.model.audio
+        cfg = self.net.cfg
+        self.dim, self.sample_rate, self.max_seconds = cfg.dim, cfg.sample_rate, cfg.max_seconds
+        self.fingerprint = EncoderFingerprint("compact", bundle.path, bundle.weights_sha256, "audio",
+                                              {"sample_rate": cfg.sample_rate, "n_mels": cfg.n_mels})
+
+    @torch.inference_mode()
+    def encode(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+        assert len(batch) > 0, "empty batch"
+        max_len = int(self.max_seconds * self.sample_rate)
+        wave, lengths = _pad_waves([np.asarray(w)[:max_len] for w in batch], self.net.cfg.n_fft)
+        return self.net(wave, lengths)[0].numpy()  # (N, dim)
+
+
+class CompactTextEncoder(TextEncoder):
+    def __init__(self, bundle: CompactBundle) -> None:
+        if bundle.model.text is None:
+            raise EncoderLoadError(f"{bundle.path} has no text encoder (it was trained without captions)")
+        self.model = bundle.model
+        self.dim = bundle.model.text.cfg.dim
+        self.fingerprint = EncoderFingerprint("compact", bundle.path, bundle.weights_sha256, "text",
+                                              {"max_tokens": bundle.model.text.cfg.max_tokens})
+
+    @torch.inference_mode()
+    def encode(self, batch: Sequence[str]) -> np.ndarray:
+        assert len(batch) > 0, "empty batch"
+        return self.model.text(self.model.tokenize(batch)).numpy()  # (N, dim)
+
+
+class CompactVideoEncoder(VideoEncoder):
+    def __init__(self, bundle: CompactBundle) -> None:
+        if bundle.model.video is None:
+            raise EncoderLoadError(f"{bundle.path} has no video encoder (it was trained without videos)")
+        self.net = bundle.model.video
+        cfg = self.net.cfg
+        self.dim, self.fps, self.size = cfg.dim, cfg.fps, cfg.size
+        self.fingerprint = EncoderFingerprint("compact", bundle.path, bundle.weights_sha256, "video",
+                                              {"fps": cfg.fps, "size": cfg.size})
+
+    @torch.inference_mode()
+    def encode(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+        assert len(batch) > 0, "empty batch"
+        frames, lengths = _pad_frames(batch, self.net.cfg.max_frames)
+        return self.net(frames, lengths)[0].numpy()  # (N, dim)

@@ -1,0 +1,268 @@
+"""Corpus scanning and the resumable, incremental build of an index directory.
+
+Work moves in chunks of files: worker processes hash and decode one chunk while the main process
+encodes the previous one; each finished chunk is committed to SQLite in one transaction. A crash or
+Ctrl-C therefore loses only uncommitted chunks, and a rerun picks up every file whose content hash
+is not yet recorded, so nothing is indexed twice and nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+from diffgap.audio import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, AudioDecodeError, cut_window, decode_audio, window_bounds
+from diffgap.encoders.base import AudioEncoder
+from diffgap.store import FileRecord, IndexStore
+
+log = logging.getLogger(__name__)
+
+INDEXABLE_EXTENSIONS = AUDIO_EXTENSIONS | VIDEO_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: Path  # absolute
+    rel: str  # relative to the corpus root, '/'-separated: the key in the index
+    size: int
+    mtime: float
+
+
+def scan_folder(root: str | Path, extensions: frozenset[str] = INDEXABLE_EXTENSIONS) -> list[SourceFile]:
+    """Every file under `root` with a known extension, sorted; hidden files and folders are ignored."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"corpus folder {root} does not exist")
+    found: list[SourceFile] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith(".") or Path(name).suffix.lower() not in extensions:
+                continue
+            path = Path(dirpath) / name
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # vanished or a broken symlink
+            found.append(SourceFile(path, path.relative_to(root).as_posix(), st.st_size, st.st_mtime))
+    return found
+
+
+def scan_list(csv_path: str | Path, column: str = "audio") -> tuple[Path, list[SourceFile]]:
+    """Files named in a CSV column (paths relative to the CSV); returns the root they are relative to."""
+    csv_path = Path(csv_path).resolve()
+    root = csv_path.parent
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or column not in reader.fieldnames:
+            raise ValueError(f"{csv_path}: no {column!r} column (columns: {reader.fieldnames})")
+        rels = sorted({row[column].strip() for row in reader if row.get(column, "").strip()})
+    found = []
+    for rel in rels:
+        path = (root / rel).resolve()
+        st = path.stat() if path.is_file() else None
+        found.append(SourceFile(path, Path(rel).as_posix(), st.st_size if st else 0, st.st_mtime if st else 0.0))
+    return root, found
+
+
+def content_hash(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# Muxer bookkeeping, not words about the sound.
+TECHNICAL_TAGS = frozenset({"encoder", "major_brand", "minor_version", "compatible_brands", "handler_name",
+                            "language", "vendor_id", "creation_time", "encoded_by", "duration"})
+
+
+def read_tags(path: Path) -> dict[str, str]:
+    """Container and stream metadata (Vorbis comments, ID3, RIFF INFO, MP4 atoms) as lower-case keys."""
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            tags = dict(container.metadata)
+            if container.streams.audio:
+                tags.update(container.streams.audio[0].metadata)
+    except (av.FFmpegError, OSError, UnicodeDecodeError):
+        return {}
+    return {k.lower(): str(v).strip() for k, v in tags.items()
+            if str(v).strip() and k.lower() not in TECHNICAL_TAGS}
+
+
+@dataclass(frozen=True)
+class PrepareTask:
+    source: SourceFile
+    known_hash: str | None  # skip decoding when the content is unchanged
+    sample_rate: int
+    window_s: float
+    hop_s: float
+
+
+@dataclass
+class Prepared:
+    record: FileRecord
+    waves: list[np.ndarray] = field(default_factory=list)  # one per window
+    unchanged: bool = False
+
+
+def prepare_file(task: PrepareTask) -> Prepared:
+    """Hash, decode and cut one file (runs in a worker process). Never raises for bad media."""
+    src = task.source
+    try:
+        digest = content_hash(src.path)
+    except OSError as exc:
+        return Prepared(FileRecord(src.rel, "", src.size, src.mtime, "skipped", f"unreadable: {exc.strerror}"))
+    if digest == task.known_hash:
+        return Prepared(FileRecord(src.rel, digest, src.size, src.mtime, "unchanged"), unchanged=True)
+    record = FileRecord(src.rel, digest, src.size, src.mtime, "skipped")
+    if src.path.suffix.lower() not in INDEXABLE_EXTENSIONS:
+        record.reason = f"unsupported extension {src.path.suffix!r}"
+        return Prepared(record)
+    try:
+        audio = decode_audio(src.path, task.sample_rate)
+    except AudioDecodeError as exc:
+        record.reason = str(exc)
+        return Prepared(record)
+    except Exception as exc:  # a decoder bug on one file must not end the build
+        record.reason = f"decoder error: {exc.__class__.__name__}: {exc}"
+        return Prepared(record)
+    record.status = "indexed"
+    record.duration = round(audio.duration, 6)
+    record.sample_rate = audio.source_rate
+    record.channels = audio.source_channels
+    record.tags = read_tags(src.path)
+    record.windows = window_bounds(audio.duration, task.window_s, task.hop_s)
+    waves = [cut_window(audio.wave, audio.sample_rate, s, e) for s, e in record.windows]
+    return Prepared(record, waves)
+
+
+@dataclass
+class BuildReport:
+    files_seen: int = 0
+    files_indexed: int = 0
+    files_unchanged: int = 0
+    files_removed: int = 0
+    items_added: int = 0
+    items_removed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    interrupted: bool = False
+    total_items: int = 0
+
+    def summary(self) -> str:
+        lines = [
+            f"indexed {self.files_indexed} files ({self.items_added} items), unchanged {self.files_unchanged}, "
+            f"removed {self.files_removed} ({self.items_removed} items), skipped {len(self.skipped)}; "
+            f"index now holds {self.total_items} items; {self.seconds:.1f} s"
+        ]
+        lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
+        if self.interrupted:
+            lines.append("interrupted: committed work is kept; run the same command again to resume")
+        return "\n".join(lines)
+
+
+ProgressFn = Callable[[int], None]
+
+
+def build_index(
+    store: IndexStore,
+    encoder: AudioEncoder,
+    files: Sequence[SourceFile],
+    *,
+    num_jobs: int = 1,
+    batch_size: int = 32,
+    chunk_files: int = 32,
+    remove_missing: bool = False,
+    progress: ProgressFn | None = None,
+) -> BuildReport:
+    """Bring `store` in line with `files`: add new and changed files, optionally drop vanished ones."""
+    t0 = time.perf_counter()
+    report = BuildReport(files_seen=len(files))
+    state = store.file_state()
+    if remove_missing:
+        present = {f.rel for f in files}
+        gone = [p for p in state if p not in present]
+        if gone:
+            report.items_removed += store.remove_files(gone)
+            report.files_removed = len(gone)
+            log.info("removed %d files no longer in the corpus", len(gone))
+    window_s = min(store.manifest.window_s, encoder.max_seconds)
+    hop_s = min(store.manifest.hop_s, window_s)
+    tasks = [
+        PrepareTask(f, state[f.rel][0] if f.rel in state else None, encoder.sample_rate, window_s, hop_s)
+        for f in files
+    ]
+    try:
+        for chunk in _prepared_chunks(tasks, num_jobs, chunk_files):
+            records = []
+            for prepared in chunk:
+                if prepared.unchanged:
+                    report.files_unchanged += 1
+                    continue
+                records.append(prepared)
+                if prepared.record.status == "skipped":
+                    report.skipped.append((prepared.record.path, prepared.record.reason or "unknown"))
+                    log.warning("skipped %s: %s", prepared.record.path, prepared.record.reason)
+            _encode_records(encoder, records, batch_size)
+            report.items_added += store.commit_files(p.record for p in records)
+            report.files_indexed += sum(p.record.status == "indexed" for p in records)
+            if progress:
+                progress(len(chunk))
+    except KeyboardInterrupt:
+        report.interrupted = True
+    finally:
+        store.sync_faiss()
+        report.total_items = store.count_items()
+        report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _encode_records(encoder: AudioEncoder, records: list[Prepared], batch_size: int) -> None:
+    waves = [(i, w) for i, p in enumerate(records) for w in p.waves]
+    if not waves:
+        return
+    # Similar lengths side by side waste less padding.
+    order = sorted(range(len(waves)), key=lambda j: len(waves[j][1]))
+    vectors = np.zeros((len(waves), encoder.dim), np.float32)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        vectors[idx] = encoder.encode([waves[j][1] for j in idx])
+    offset = 0
+    for p in records:
+        n = len(p.waves)
+        if n:
+            p.record.vectors = vectors[offset : offset + n]
+        offset += n
+        p.waves = []  # free the audio as soon as it is encoded
+
+
+def _prepared_chunks(tasks: list[PrepareTask], num_jobs: int, chunk_files: int) -> Iterator[list[Prepared]]:
+    """Decode chunk i+1 in workers while the caller encodes chunk i."""
+    chunks = [tasks[i : i + chunk_files] for i in range(0, len(tasks), chunk_files)]
+    if num_jobs <= 1:
+        for chunk in chunks:
+            yield [prepare_file(t) for t in chunk]
+        return
+    # fork keeps start-up cheap; workers only touch PyAV and numpy, never torch.
+    with mp.get_context("fork").Pool(num_jobs) as pool:
+        pending: Any = None
+        for chunk in chunks:
+            nxt = pool.map_async(prepare_file, chunk)
+            if pending is not None:
+                yield pending.get()
+            pending = nxt
+        if pending is not None:
+            yield pending.get()

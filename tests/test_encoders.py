@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from conftest import tone
+
+from diffgap.encoders import EncoderLoadError, load_encoders, parse_spec
+from diffgap.encoders.compact import CompactModel, train_tokenizer
+from diffgap.models.audio_net import AudioNetConfig
+from diffgap.models.text_net import TextNetConfig
+from diffgap.models.video_net import VideoNetConfig
+
+
+def _unit(x: np.ndarray) -> bool:
+    return bool(np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5))
+
+
+def test_clap_text_and_audio_run_the_real_model(tiny_clap):
+    enc = load_encoders(f"clap:{tiny_clap}")
+    assert enc.audio.sample_rate == 16000 and enc.audio.dim == 16
+    xa = enc.audio.encode([tone(300, 1.0, 16000), tone(900, 2.0, 16000)])
+    xt = enc.text.encode(["a dog barks", "rain falls on a tin roof"])
+    assert xa.shape == (2, 16) and xt.shape == (2, 16) and xa.dtype == np.float32
+    assert _unit(xa) and _unit(xt)
+    assert not np.allclose(xa[0], xa[1]) and not np.allclose(xt[0], xt[1])
+    np.testing.assert_allclose(enc.audio.encode([tone(300, 1.0, 16000)])[0], xa[0], atol=1e-5)  # deterministic
+    assert enc.audio.fingerprint.space == enc.text.fingerprint.space
+
+
+def test_clap_fingerprint_survives_a_copy_and_changes_with_weights(tiny_clap, tmp_path):
+    shutil.copytree(tiny_clap, tmp_path / "copy")
+    a = load_encoders(f"clap:{tiny_clap}").audio.fingerprint
+    b = load_encoders(f"clap:{tmp_path / 'copy'}").audio.fingerprint
+    assert a.digest == b.digest  # location does not matter, weights do
+    from tiny_models import make_tiny_clap
+
+    other = load_encoders(f"clap:{make_tiny_clap(tmp_path / 'other', seed=1)}").audio.fingerprint
+    assert other.digest != a.digest
+
+
+def test_missing_weights_offline_give_advice(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EncoderLoadError, match="huggingface-cli download"):
+        load_encoders("clap:laion/clap-htsat-unfused")
+    with pytest.raises(EncoderLoadError, match="does not exist"):
+        load_encoders("clap:/nonexistent/dir")
+
+
+def test_bad_specs():
+    with pytest.raises(EncoderLoadError, match="unknown encoder family"):
+        parse_spec("wav2vec:x")
+    with pytest.raises(EncoderLoadError, match="need a directory"):
+        parse_spec("compact")
+
+
+def test_clip_video_encoder(tiny_clap, tiny_clip):
+    enc = load_encoders(f"clap:{tiny_clap}", video_spec=f"clip:{tiny_clip}")
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(0, 255, (5, 40, 40, 3), dtype=np.uint8), rng.integers(0, 255, (3, 40, 40, 3), dtype=np.uint8)]
+    per_frame = enc.video.encode_frames(clips)
+    assert [f.shape for f in per_frame] == [(5, 16), (3, 16)]
+    pooled = enc.video.encode(clips)
+    assert pooled.shape == (2, 16) and _unit(pooled)
+
+
+def _tiny_compact(tmp_path, with_video=True):
+    tok = train_tokenizer(["a dog barks", "a bell rings twice", "rain on a roof"] * 5, 60)
+    model = CompactModel(AudioNetConfig(channels=(8, 8, 16, 16), d_model=16, n_layers=1, n_heads=2, dim=8),
+                         TextNetConfig(vocab_size=tok.get_vocab_size(), d_model=16, n_layers=1, n_heads=2, dim=8),
+                         VideoNetConfig(channels=(8, 16), d_model=16, n_layers=1, n_heads=2, dim=8, size=32)
+                         if with_video else None, tok)
+    model.save(tmp_path / "compact")
+    return tmp_path / "compact"
+
+
+def test_compact_round_trip(tmp_path):
+    path = _tiny_compact(tmp_path)
+    enc = load_encoders(f"compact:{path}")
+    enc2 = load_encoders(f"compact:{path}")
+    wave = tone(500, 1.5, 16000)
+    xa = enc.audio.encode([wave, wave[:8000]])
+    assert xa.shape == (2, 8) and _unit(xa)
+    np.testing.assert_allclose(enc2.audio.encode([wave]), xa[:1], atol=1e-5)
+    np.testing.assert_allclose(enc.text.encode(["a dog barks"]), enc2.text.encode(["a dog barks"]), atol=1e-6)
+    frames = np.zeros((6, 32, 32, 3), np.uint8)
+    assert enc.video.encode([frames]).shape == (1, 8)
+    assert enc.audio.fingerprint.digest == enc2.audio.fingerprint.digest
+    assert not list(path.glob("*.pt")) and not list(path.glob("*.bin"))  # safetensors only
+
+
+def test_compact_without_video_and_bad_dir(tmp_path):
+    enc = load_encoders(f"compact:{_tiny_compact(tmp_path, with_video=False)}")
+    assert enc.video is None
+    with pytest.raises(EncoderLoadError, match="train-encoders"):
+        load_encoders(f"compact:{tmp_path / 'missing'}")
