@@ -108,19 +108,28 @@ def cut_window(wave: np.ndarray, sample_rate: int, start: float, end: float) -> 
     return wave[int(round(start * sample_rate)) : int(round(end * sample_rate))]
 
 
-def write_audio(path: str | Path, wave: np.ndarray, sample_rate: int, *, codec: str | None = None,
-                metadata: dict[str, str] | None = None) -> None:
+def write_audio(
+    path: str | Path,
+    wave: np.ndarray,
+    sample_rate: int,
+    *,
+    codec: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Encode float audio in [-1, 1], (samples,) or (samples, channels), to a container chosen by extension."""
     path = Path(path)
     ext = path.suffix.lower()
-    codec = codec or {
-        ".wav": "pcm_s16le",
-        ".flac": "flac",
-        ".ogg": "libopus",  # this FFmpeg build has no usable Vorbis encoder; Ogg Opus is still .ogg
-        ".opus": "libopus",
-        ".mp3": "libmp3lame",
-        ".m4a": "aac",
-    }[ext]
+    codec = (
+        codec
+        or {
+            ".wav": "pcm_s16le",
+            ".flac": "flac",
+            ".ogg": "libopus",  # this FFmpeg build has no usable Vorbis encoder; Ogg Opus is still .ogg
+            ".opus": "libopus",
+            ".mp3": "libmp3lame",
+            ".m4a": "aac",
+        }[ext]
+    )
     pcm = np.clip(np.asarray(wave, dtype=np.float32), -1.0, 1.0)
     pcm = pcm[:, None] if pcm.ndim == 1 else pcm  # (samples, channels)
     channels = pcm.shape[1]

@@ -85,8 +85,20 @@ def content_hash(path: Path, chunk: int = 1 << 20) -> str:
 
 
 # Muxer bookkeeping, not words about the sound.
-TECHNICAL_TAGS = frozenset({"encoder", "major_brand", "minor_version", "compatible_brands", "handler_name",
-                            "language", "vendor_id", "creation_time", "encoded_by", "duration"})
+TECHNICAL_TAGS = frozenset(
+    {
+        "encoder",
+        "major_brand",
+        "minor_version",
+        "compatible_brands",
+        "handler_name",
+        "language",
+        "vendor_id",
+        "creation_time",
+        "encoded_by",
+        "duration",
+    }
+)
 
 
 def read_tags(path: Path) -> dict[str, str]:
@@ -98,8 +110,7 @@ def read_tags(path: Path) -> dict[str, str]:
                 tags.update(container.streams.audio[0].metadata)
     except (av.FFmpegError, OSError, UnicodeDecodeError):
         return {}
-    return {k.lower(): str(v).strip() for k, v in tags.items()
-            if str(v).strip() and k.lower() not in TECHNICAL_TAGS}
+    return {k.lower(): str(v).strip() for k, v in tags.items() if str(v).strip() and k.lower() not in TECHNICAL_TAGS}
 
 
 @dataclass(frozen=True)
@@ -202,8 +213,7 @@ def build_index(
     window_s = min(store.manifest.window_s, encoder.max_seconds)
     hop_s = min(store.manifest.hop_s, window_s)
     tasks = [
-        PrepareTask(f, state[f.rel][0] if f.rel in state else None, encoder.sample_rate, window_s, hop_s)
-        for f in files
+        PrepareTask(f, state[f.rel][0] if f.rel in state else None, encoder.sample_rate, window_s, hop_s) for f in files
     ]
     try:
         for chunk in _prepared_chunks(tasks, num_jobs, chunk_files):

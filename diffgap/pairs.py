@@ -34,8 +34,9 @@ class PairsError(ValueError):
     """A paired manifest cannot be read; the message names the file and the problem."""
 
 
-def read_pairs(path: str | Path, *, layout: str = "auto", split: str | None = None,
-               audio_dir: str | Path | None = None) -> list[Pair]:
+def read_pairs(
+    path: str | Path, *, layout: str = "auto", split: str | None = None, audio_dir: str | Path | None = None
+) -> list[Pair]:
     path = Path(path)
     if not path.is_file():
         raise PairsError(f"pairs file {path} does not exist")

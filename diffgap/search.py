@@ -38,23 +38,32 @@ class Searcher:
             raise ValueError("this index has no text encoder")
         return self.encoders.text.encode(texts)
 
-    def search_vectors(self, xq: np.ndarray, k: int, *, modality: str = "text", refine: bool = False,
-                       refine_options: dict[str, Any] | None = None) -> SearchResult:
+    def search_vectors(
+        self,
+        xq: np.ndarray,
+        k: int,
+        *,
+        modality: str = "text",
+        refine: bool = False,
+        refine_options: dict[str, Any] | None = None,
+    ) -> SearchResult:
         timings: dict[str, float] = {}
         xq = l2_normalize(np.asarray(xq, dtype=np.float32))
         if refine:
             if self.refiner is None:
                 raise ValueError("no refiner is loaded for this index")
             t0 = time.perf_counter()
-            xq = self.refiner.refine(xq, modality=modality, **(refine_options or {}))
+            xq = self.refiner.refine(xq, direction=0, **(refine_options or {}))
             timings["refine"] = (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
         k_eff = max(1, min(k, self.store.load_faiss().ntotal))
         scores, ids = self.store.search(xq, k_eff)
         timings["search"] = (time.perf_counter() - t0) * 1e3
         items = self.store.items(int(i) for i in np.unique(ids) if i >= 0)
-        hits = [[Hit(items[int(i)], float(s)) for s, i in zip(srow, irow, strict=True) if i >= 0 and int(i) in items]
-                for srow, irow in zip(scores, ids, strict=True)]
+        hits = [
+            [Hit(items[int(i)], float(s)) for s, i in zip(srow, irow, strict=True) if i >= 0 and int(i) in items]
+            for srow, irow in zip(scores, ids, strict=True)
+        ]
         return SearchResult(hits, timings)
 
     def search_text(self, texts: list[str], k: int, **kwargs: Any) -> SearchResult:

@@ -172,8 +172,15 @@ class IndexStore:
             return store
         root.mkdir(parents=True, exist_ok=True)
         new_faiss_index(dim, index_type)  # fail now on a bad factory string, not after encoding
-        manifest = Manifest(encoder_spec=encoder_spec, fingerprint=fingerprint.to_dict(), dim=dim,
-                            index_type=index_type, window_s=window_s, hop_s=hop_s, corpus_root=corpus_root)
+        manifest = Manifest(
+            encoder_spec=encoder_spec,
+            fingerprint=fingerprint.to_dict(),
+            dim=dim,
+            index_type=index_type,
+            window_s=window_s,
+            hop_s=hop_s,
+            corpus_root=corpus_root,
+        )
         store = cls(root, manifest)
         manifest.save(root / MANIFEST)
         return store
@@ -225,13 +232,24 @@ class IndexStore:
                 self.db.execute(
                     "INSERT INTO files(path, content_hash, size, mtime, status, reason, duration, sample_rate,"
                     " channels, tags) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (rec.path, rec.content_hash, rec.size, rec.mtime, rec.status, rec.reason, rec.duration,
-                     rec.sample_rate, rec.channels, json.dumps(rec.tags, sort_keys=True)),
+                    (
+                        rec.path,
+                        rec.content_hash,
+                        rec.size,
+                        rec.mtime,
+                        rec.status,
+                        rec.reason,
+                        rec.duration,
+                        rec.sample_rate,
+                        rec.channels,
+                        json.dumps(rec.tags, sort_keys=True),
+                    ),
                 )
                 if rec.vectors is not None:
                     assert rec.vectors.shape == (len(rec.windows), self.manifest.dim), (
                         f"{rec.path}: vectors {rec.vectors.shape} for {len(rec.windows)} windows of dim "
-                        f"{self.manifest.dim}")
+                        f"{self.manifest.dim}"
+                    )
                     xb = np.ascontiguousarray(rec.vectors, dtype="<f4")
                     self.db.executemany(
                         "INSERT INTO items(path, start, end, vector) VALUES (?,?,?,?)",
@@ -252,8 +270,11 @@ class IndexStore:
 
     def counts(self) -> dict[str, int]:
         rows = dict(self.db.execute("SELECT status, COUNT(*) FROM files GROUP BY status").fetchall())
-        return {"items": self.count_items(), "files_indexed": int(rows.get("indexed", 0)),
-                "files_skipped": int(rows.get("skipped", 0))}
+        return {
+            "items": self.count_items(),
+            "files_indexed": int(rows.get("indexed", 0)),
+            "files_skipped": int(rows.get("skipped", 0)),
+        }
 
     def skipped(self) -> list[tuple[str, str]]:
         return self.db.execute("SELECT path, reason FROM files WHERE status='skipped' ORDER BY path").fetchall()
@@ -265,7 +286,9 @@ class IndexStore:
         marks = ",".join("?" * len(ids))
         rows = self.db.execute(
             "SELECT i.id, i.path, i.start, i.end, f.duration, f.sample_rate, f.tags FROM items i "
-            f"JOIN files f ON f.path = i.path WHERE i.id IN ({marks})", ids)
+            f"JOIN files f ON f.path = i.path WHERE i.id IN ({marks})",
+            ids,
+        )
         return {r[0]: Item(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in rows}
 
     def item_ids(self) -> np.ndarray:
@@ -278,7 +301,8 @@ class IndexStore:
             last = -1
             while True:
                 rows = self.db.execute(
-                    "SELECT id, vector FROM items WHERE id > ? ORDER BY id LIMIT ?", (last, batch)).fetchall()
+                    "SELECT id, vector FROM items WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
+                ).fetchall()
                 if not rows:
                     return
                 last = rows[-1][0]
@@ -288,7 +312,8 @@ class IndexStore:
                 chunk = [int(i) for i in ids[start : start + batch]]
                 marks = ",".join("?" * len(chunk))
                 rows = self.db.execute(
-                    f"SELECT id, vector FROM items WHERE id IN ({marks}) ORDER BY id", chunk).fetchall()
+                    f"SELECT id, vector FROM items WHERE id IN ({marks}) ORDER BY id", chunk
+                ).fetchall()
                 yield _unpack(rows, dim)
 
     def vectors(self, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -381,15 +406,18 @@ class IndexStore:
             if len(np.unique(have)) != len(have):
                 problems.append(f"{FAISS_FILE} has duplicate ids")
             if not np.array_equal(np.sort(have), want):
-                problems.append(f"{FAISS_FILE} holds {len(have)} ids, SQLite {len(want)} items: out of step "
-                                "(run `diffgap-index update` to repair)")
+                problems.append(
+                    f"{FAISS_FILE} holds {len(have)} ids, SQLite {len(want)} items: out of step "
+                    "(run `diffgap-index update` to repair)"
+                )
         for _, xb in self.iter_vectors():
             norms = np.linalg.norm(xb, axis=1)
             if not np.isfinite(xb).all() or np.abs(norms - 1).max(initial=0) > 1e-3:
                 problems.append("some stored vectors are not finite unit vectors")
                 break
         orphans = self.db.execute(
-            "SELECT COUNT(*) FROM items i LEFT JOIN files f ON f.path = i.path WHERE f.path IS NULL").fetchone()[0]
+            "SELECT COUNT(*) FROM items i LEFT JOIN files f ON f.path = i.path WHERE f.path IS NULL"
+        ).fetchone()[0]
         if orphans:
             problems.append(f"{orphans} items have no file row")
         return problems

@@ -46,8 +46,10 @@ def decode_video(
                     break
                 if t + 1e-6 < next_tick:
                     continue
-                rgb = frame.to_ndarray(format="rgb24", width=size, height=size) if size else frame.to_ndarray(
-                    format="rgb24"
+                rgb = (
+                    frame.to_ndarray(format="rgb24", width=size, height=size)
+                    if size
+                    else frame.to_ndarray(format="rgb24")
                 )
                 while next_tick <= t + 1e-6:  # a slow source repeats frames to keep the clock
                     frames.append(rgb)
@@ -58,8 +60,12 @@ def decode_video(
             if not frames:
                 raise VideoDecodeError(f"corrupt video: {exc}") from exc
         # The last source frame lasts one period: ticks inside it still see it.
-        while frames and next_tick < last_t + frame_period - 1e-6 and len(frames) < max_frames and (
-                max_seconds is None or next_tick < max_seconds):
+        while (
+            frames
+            and next_tick < last_t + frame_period - 1e-6
+            and len(frames) < max_frames
+            and (max_seconds is None or next_tick < max_seconds)
+        ):
             frames.append(frames[-1])
             next_tick += 1.0 / fps
     if not frames:

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
@@ -16,8 +16,10 @@ from diffgap.audio import AudioDecodeError, decode_audio
 from diffgap.encoders import EncoderLoadError, load_encoders
 from diffgap.indexing import build_index, scan_folder, scan_list
 from diffgap.pairs import PairsError
+from diffgap.refiner import Refiner, RefinerError
 from diffgap.search import Searcher
 from diffgap.store import IndexStore, IndexStoreError
+from indexer import train
 
 log = logging.getLogger("diffgap.index")
 
@@ -44,9 +46,16 @@ def cmd_build(args: argparse.Namespace) -> int:
     else:
         raise CliError("give a corpus folder or --manifest CSV")
     encoders = load_encoders(args.encoder, need_text=False)
-    store = IndexStore.create(args.index, encoder_spec=args.encoder, fingerprint=encoders.audio.fingerprint,
-                              dim=encoders.audio.dim, index_type=args.index_type, window_s=args.window,
-                              hop_s=args.hop, corpus_root=str(root))
+    store = IndexStore.create(
+        args.index,
+        encoder_spec=args.encoder,
+        fingerprint=encoders.audio.fingerprint,
+        dim=encoders.audio.dim,
+        index_type=args.index_type,
+        window_s=args.window,
+        hop_s=args.hop,
+        corpus_root=str(root),
+    )
     log.info("indexing %d files from %s into %s (%s)", len(files), root, args.index, args.encoder)
     return _run_build(store, encoders.audio, files, args, remove_missing=args.prune)
 
@@ -66,10 +75,20 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 
 def _run_build(store: IndexStore, audio_encoder, files, args: argparse.Namespace, *, remove_missing: bool) -> int:
-    with logging_redirect_tqdm(), tqdm(total=len(files), unit="file", disable=args.quiet or None,
-                                       dynamic_ncols=True) as bar:
-        report = build_index(store, audio_encoder, files, num_jobs=args.num_jobs, batch_size=args.batch_size,
-                             chunk_files=args.chunk_files, remove_missing=remove_missing, progress=bar.update)
+    with (
+        logging_redirect_tqdm(),
+        tqdm(total=len(files), unit="file", disable=args.quiet or None, dynamic_ncols=True) as bar,
+    ):
+        report = build_index(
+            store,
+            audio_encoder,
+            files,
+            num_jobs=args.num_jobs,
+            batch_size=args.batch_size,
+            chunk_files=args.chunk_files,
+            remove_missing=remove_missing,
+            progress=bar.update,
+        )
     log.info("%s", report.summary())
     store.close()
     if report.interrupted:
@@ -85,15 +104,34 @@ def cmd_info(args: argparse.Namespace) -> int:
     with IndexStore.open(args.index, readonly=True) as store:
         m = store.manifest
         info = {
-            "index": str(Path(args.index).resolve()), "encoder": m.encoder_spec, "fingerprint": m.fingerprint,
-            "dim": m.dim, "metric": m.metric, "index_type": m.index_type, "window_s": m.window_s, "hop_s": m.hop_s,
-            "corpus_root": m.corpus_root, **store.counts(), "skipped": [list(s) for s in store.skipped()],
+            "index": str(Path(args.index).resolve()),
+            "encoder": m.encoder_spec,
+            "fingerprint": m.fingerprint,
+            "dim": m.dim,
+            "metric": m.metric,
+            "index_type": m.index_type,
+            "window_s": m.window_s,
+            "hop_s": m.hop_s,
+            "corpus_root": m.corpus_root,
+            **store.counts(),
+            "skipped": [list(s) for s in store.skipped()],
         }
     if args.json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
     else:
-        for key in ("index", "encoder", "dim", "metric", "index_type", "window_s", "hop_s", "corpus_root", "items",
-                    "files_indexed", "files_skipped"):
+        for key in (
+            "index",
+            "encoder",
+            "dim",
+            "metric",
+            "index_type",
+            "window_s",
+            "hop_s",
+            "corpus_root",
+            "items",
+            "files_indexed",
+            "files_skipped",
+        ):
             sys.stdout.write(f"{key:14s} {info[key]}\n")
         for path, reason in info["skipped"]:
             sys.stdout.write(f"skipped        {path}: {reason}\n")
@@ -116,22 +154,40 @@ def cmd_search(args: argparse.Namespace) -> int:
     store = IndexStore.open(args.index, readonly=True)
     encoders = load_encoders(store.manifest.encoder_spec, need_text=args.text is not None)
     store.check_fingerprint(encoders.audio.fingerprint)
-    searcher = Searcher(store, encoders)
+    refiner = None
+    if args.refine:
+        refiner_dir = Path(args.refiner or Path(args.index) / "refiner-text")
+        refiner = Refiner.load(refiner_dir)
+        refiner.check_encoders(encoders.audio.fingerprint, encoders.text.fingerprint if encoders.text else None)
+    searcher = Searcher(store, encoders, refiner)
     if args.text is not None:
-        result = searcher.search_text([args.text], args.k)
+        result = searcher.search_text(
+            [args.text], args.k, refine=args.refine, refine_options={"steps": args.steps, "mode": args.mode}
+        )
     else:
         try:
             wave = decode_audio(args.audio, encoders.audio.sample_rate, max_seconds=encoders.audio.max_seconds).wave
         except AudioDecodeError as exc:
             raise CliError(f"{args.audio}: {exc}") from exc
         result = searcher.search_vectors(encoders.audio.encode([wave]), args.k, modality="audio")
-    rows = [{"rank": r + 1, "id": h.item.id, "score": round(h.score, 4), "path": h.item.path,
-             "start": h.item.start, "end": h.item.end} for r, h in enumerate(result.hits[0])]
+    rows = [
+        {
+            "rank": r + 1,
+            "id": h.item.id,
+            "score": round(h.score, 4),
+            "path": h.item.path,
+            "start": h.item.start,
+            "end": h.item.end,
+        }
+        for r, h in enumerate(result.hits[0])
+    ]
     if args.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
     else:
         for row in rows:
-            sys.stdout.write(f"{row['rank']:3d}  {row['score']:+.4f}  {row['path']}  [{row['start']:.1f}-{row['end']:.1f}s]\n")
+            sys.stdout.write(
+                f"{row['rank']:3d}  {row['score']:+.4f}  {row['path']}  [{row['start']:.1f}-{row['end']:.1f}s]\n"
+            )
     return EXIT_OK
 
 
@@ -162,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="CSV whose --column names the files (relative to the CSV)")
     p.add_argument("--column", default="audio", help="CSV column with file paths (default: audio)")
     p.add_argument("--encoder", default="clap", help="clap[:ID|DIR] or compact:DIR (default: clap)")
-    p.add_argument("--index-type", default="Flat", help="faiss factory string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32")
+    p.add_argument(
+        "--index-type", default="Flat", help="faiss factory string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32"
+    )
     p.add_argument("--window", type=float, default=10.0, help="window length in seconds for long files")
     p.add_argument("--hop", type=float, default=5.0, help="hop between windows in seconds")
     p.add_argument("--prune", action="store_true", help="also remove indexed files no longer in the corpus")
@@ -190,15 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--text")
     q.add_argument("--audio")
     p.add_argument("-k", type=int, default=10)
+    p.add_argument("--refine", action="store_true", help="refine the text query with the index's refiner")
+    p.add_argument("--refiner", help="refiner folder (default: INDEX/refiner-text)")
+    p.add_argument("--steps", type=int, default=5, help="refinement sampling steps")
+    p.add_argument("--mode", default="sample", choices=["sample", "bridge"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search)
 
-    for register in EXTRA_COMMANDS:
-        register(sub)
+    train.register(sub)
     return parser
-
-
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,7 +267,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return EXIT_INTERRUPTED
-    except (CliError, EncoderLoadError, IndexStoreError, PairsError, FileNotFoundError, ValueError) as exc:
+    except (
+        CliError,
+        EncoderLoadError,
+        IndexStoreError,
+        PairsError,
+        RefinerError,
+        FileNotFoundError,
+        ValueError,
+    ) as exc:
         log.error("%s", exc)
         return EXIT_USAGE if isinstance(exc, CliError) else EXIT_FAILED
 

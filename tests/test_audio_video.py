@@ -29,8 +29,9 @@ def test_video_soundtrack_decodes(mixed_corpus):
     assert abs(decode_audio(mixed_corpus / "clip.mp4", 16000).duration - 2.0) < 0.1
 
 
-@pytest.mark.parametrize(("name", "reason"), [("corrupt.wav", "cannot open"), ("silent.wav", "silent"),
-                                              ("notes.txt", "cannot open")])
+@pytest.mark.parametrize(
+    ("name", "reason"), [("corrupt.wav", "cannot open"), ("silent.wav", "silent"), ("notes.txt", "cannot open")]
+)
 def test_bad_files_raise_with_a_reason(mixed_corpus, name, reason):
     with pytest.raises(AudioDecodeError, match=reason):
         decode_audio(mixed_corpus / name, 16000)

@@ -67,10 +67,12 @@ def test_clip_video_encoder(tiny_clap, tiny_clip):
 
 def _tiny_compact(tmp_path, with_video=True):
     tok = train_tokenizer(["a dog barks", "a bell rings twice", "rain on a roof"] * 5, 60)
-    model = CompactModel(AudioNetConfig(channels=(8, 8, 16, 16), d_model=16, n_layers=1, n_heads=2, dim=8),
-                         TextNetConfig(vocab_size=tok.get_vocab_size(), d_model=16, n_layers=1, n_heads=2, dim=8),
-                         VideoNetConfig(channels=(8, 16), d_model=16, n_layers=1, n_heads=2, dim=8, size=32)
-                         if with_video else None, tok)
+    model = CompactModel(
+        AudioNetConfig(channels=(8, 8, 16, 16), d_model=16, n_layers=1, n_heads=2, dim=8),
+        TextNetConfig(vocab_size=tok.get_vocab_size(), d_model=16, n_layers=1, n_heads=2, dim=8),
+        VideoNetConfig(channels=(8, 16), d_model=16, n_layers=1, n_heads=2, dim=8, size=32) if with_video else None,
+        tok,
+    )
     model.save(tmp_path / "compact")
     return tmp_path / "compact"
 

@@ -91,11 +91,25 @@ def test_build_from_a_manifest(tmp_path, tiny_clap):
     (tmp_path / "audio").mkdir()
     for f in (300, 700):
         write_audio(tmp_path / "audio" / f"{f}.flac", tone(f, 1.0, 16000), 16000)
-    (tmp_path / "pairs.csv").write_text("audio,text\naudio/300.flac,low hum\naudio/700.flac,mid tone\n"
-                                        "audio/300.flac,another caption\n")
+    (tmp_path / "pairs.csv").write_text(
+        "audio,text\naudio/300.flac,low hum\naudio/700.flac,mid tone\naudio/300.flac,another caption\n"
+    )
     index = tmp_path / "idx"
-    assert main(["build", "--manifest", str(tmp_path / "pairs.csv"), "-o", str(index),
-                 "--encoder", f"clap:{tiny_clap}", "-q"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "--manifest",
+                str(tmp_path / "pairs.csv"),
+                "-o",
+                str(index),
+                "--encoder",
+                f"clap:{tiny_clap}",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert [p for p, _, _ in _items(index)] == ["audio/300.flac", "audio/700.flac"]
 
 
@@ -112,8 +126,20 @@ def test_killed_build_resumes_to_the_same_items(many_files, tiny_clap, tmp_path)
     reference = tmp_path / "ref"
     assert main(["build", str(many_files), "-o", str(reference), "--encoder", f"clap:{tiny_clap}", "-q"]) == 0
     want = _items(reference)
-    cmd = [sys.executable, "-m", "indexer.cli", "-q", "build", str(many_files), "-o", str(tmp_path / "idx"),
-           "--encoder", f"clap:{tiny_clap}", "--chunk-files", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "indexer.cli",
+        "-q",
+        "build",
+        str(many_files),
+        "-o",
+        str(tmp_path / "idx"),
+        "--encoder",
+        f"clap:{tiny_clap}",
+        "--chunk-files",
+        "2",
+    ]
     killed_at = []
     for threshold in (4, 20, 40):  # three crashes at different depths
         proc = subprocess.Popen(cmd, cwd=Path(__file__).parent.parent)
@@ -143,8 +169,20 @@ def test_killed_build_resumes_to_the_same_items(many_files, tiny_clap, tmp_path)
 
 
 def test_interrupt_keeps_committed_work(many_files, tiny_clap, tmp_path):
-    cmd = [sys.executable, "-m", "indexer.cli", "build", str(many_files), "-o", str(tmp_path / "idx"),
-           "--encoder", f"clap:{tiny_clap}", "--chunk-files", "1", "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "indexer.cli",
+        "build",
+        str(many_files),
+        "-o",
+        str(tmp_path / "idx"),
+        "--encoder",
+        f"clap:{tiny_clap}",
+        "--chunk-files",
+        "1",
+        "-q",
+    ]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parent.parent)
     db = tmp_path / "idx" / "meta.sqlite"
     deadline = time.monotonic() + 120

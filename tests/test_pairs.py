@@ -18,7 +18,8 @@ def test_generic_csv_with_split_and_video(tmp_path):
         "id,split,audio,video,caption\n"
         "a,train,audio/a.wav,video/a.mp4,a dog barks\n"
         "a,train,audio/a.wav,video/a.mp4,barking dog\n"
-        "b,test,audio/b.wav,,rain\n")
+        "b,test,audio/b.wav,,rain\n"
+    )
     train = read_pairs(tmp_path / "p.csv", split="train")
     assert [p.text for p in train] == ["a dog barks", "barking dog"]
     assert train[0].audio == tmp_path / "audio/a.wav" and train[0].video == tmp_path / "video/a.mp4"
@@ -46,7 +47,8 @@ def test_audiocaps_layouts(tmp_path):
         "audiocap_id,youtube_id,start_time,caption\n"
         "91139,r1nicOVtvkQ,130,A woman talks\n"
         "11111,abcDEF,30,Rain falls\n"
-        "22222,missing,0,Not downloaded\n")
+        "22222,missing,0,Not downloaded\n"
+    )
     pairs = read_pairs(tmp_path / "train.csv", audio_dir=tmp_path / "wav")
     assert [(p.audio.name, p.text) for p in pairs] == [("91139.wav", "A woman talks"), ("abcDEF_30.flac", "Rain falls")]
 
@@ -56,6 +58,7 @@ def test_clotho_layout(tmp_path):
     (tmp_path / "clotho_captions_development.csv").write_text(
         "file_name,caption_1,caption_2,caption_3,caption_4,caption_5\n"
         "birds.wav,Birds sing,Chirping,Many birds,Song birds,Birds at dawn\n"
-        "gone.wav,a,b,c,d,e\n")
+        "gone.wav,a,b,c,d,e\n"
+    )
     pairs = read_pairs(tmp_path / "clotho_captions_development.csv", audio_dir=tmp_path / "development")
     assert len(pairs) == 5 and {p.key for p in pairs} == {"birds.wav"}

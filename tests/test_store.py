@@ -18,8 +18,20 @@ def _fill(store: IndexStore, xb: np.ndarray, per_file: int = 4) -> None:
     records = []
     for f in range(len(xb) // per_file):
         windows = [(float(i), float(i + 1)) for i in range(per_file)]
-        records.append(FileRecord(f"f{f}.wav", f"h{f}", 10, 0.0, "indexed", duration=per_file, sample_rate=16000,
-                                  channels=1, windows=windows, vectors=xb[f * per_file : (f + 1) * per_file]))
+        records.append(
+            FileRecord(
+                f"f{f}.wav",
+                f"h{f}",
+                10,
+                0.0,
+                "indexed",
+                duration=per_file,
+                sample_rate=16000,
+                channels=1,
+                windows=windows,
+                vectors=xb[f * per_file : (f + 1) * per_file],
+            )
+        )
     store.commit_files(records)
 
 
@@ -27,8 +39,7 @@ def _fill(store: IndexStore, xb: np.ndarray, per_file: int = 4) -> None:
 def test_search_finds_the_stored_vectors(tmp_path, index_type):
     rng = np.random.default_rng(0)
     xb = _unit(rng, 400, 16)
-    store = IndexStore.create(tmp_path / "idx", encoder_spec="compact:x", fingerprint=FP, dim=16,
-                              index_type=index_type)
+    store = IndexStore.create(tmp_path / "idx", encoder_spec="compact:x", fingerprint=FP, dim=16, index_type=index_type)
     _fill(store, xb)
     assert store.sync_faiss()["total"] == 400
     scores, ids = store.search(xb[:50], 5)
@@ -53,8 +64,7 @@ def test_removal_and_stable_ids(tmp_path):
     assert all(after[i] == before[i] for i in after)  # survivors keep their ids and metadata
     assert set(store.faiss_ids()) == set(after)
     # ids are never reused
-    store.commit_files([FileRecord("new.wav", "hn", 1, 0.0, "indexed", windows=[(0.0, 1.0)],
-                                   vectors=_unit(rng, 1, 8))])
+    store.commit_files([FileRecord("new.wav", "hn", 1, 0.0, "indexed", windows=[(0.0, 1.0)], vectors=_unit(rng, 1, 8))])
     assert int(store.item_ids().max()) == 41
 
 

@@ -18,8 +18,17 @@ from diffgap.encoders.base import (
     VideoEncoder,
 )
 
-__all__ = ["AudioEncoder", "Encoder", "EncoderFingerprint", "EncoderLoadError", "EncoderSet", "TextEncoder",
-           "VideoEncoder", "load_encoders", "parse_spec"]
+__all__ = [
+    "AudioEncoder",
+    "Encoder",
+    "EncoderFingerprint",
+    "EncoderLoadError",
+    "EncoderSet",
+    "TextEncoder",
+    "VideoEncoder",
+    "load_encoders",
+    "parse_spec",
+]
 
 FAMILIES = ("clap", "clip", "compact")
 

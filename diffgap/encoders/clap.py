@@ -37,8 +37,12 @@ class ClapAudioEncoder(AudioEncoder):
             model_id=bundle.model_id,
             weights_sha256=bundle.weights_sha256,
             modality="audio",
-            preprocessing={"sample_rate": self.sample_rate, "max_seconds": self.max_seconds,
-                           "feature_size": int(fe.feature_size), "hop_length": int(fe.hop_length)},
+            preprocessing={
+                "sample_rate": self.sample_rate,
+                "max_seconds": self.max_seconds,
+                "feature_size": int(fe.feature_size),
+                "hop_length": int(fe.hop_length),
+            },
         )
 
     @torch.inference_mode()
@@ -58,8 +62,11 @@ class ClapTextEncoder(TextEncoder):
         self.dim = bundle.dim
         self.max_tokens = max_tokens
         self.fingerprint = EncoderFingerprint(
-            family="clap", model_id=bundle.model_id, weights_sha256=bundle.weights_sha256,
-            modality="text", preprocessing={"max_tokens": max_tokens},
+            family="clap",
+            model_id=bundle.model_id,
+            weights_sha256=bundle.weights_sha256,
+            modality="text",
+            preprocessing={"max_tokens": max_tokens},
         )
 
     @torch.inference_mode()
@@ -68,5 +75,7 @@ class ClapTextEncoder(TextEncoder):
         tokens = self.bundle.processor.tokenizer(
             list(batch), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
         )
-        out = self.bundle.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        out = self.bundle.model.get_text_features(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        )
         return l2_normalize(out.pooler_output.float().numpy())  # (N, dim)

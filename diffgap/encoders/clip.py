@@ -17,13 +17,18 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 class ClipVideoEncoder(VideoEncoder):
     def __init__(self, model_id: str = DEFAULT_CLIP, fps: float = 4.0, max_frames: int = 64) -> None:
         self.model_id = model_id
-        self.model = load_pretrained(CLIPVisionModelWithProjection.from_pretrained, model_id, "CLIP vision model").eval()
+        self.model = load_pretrained(
+            CLIPVisionModelWithProjection.from_pretrained, model_id, "CLIP vision model"
+        ).eval()
         self.processor = load_pretrained(CLIPImageProcessorPil.from_pretrained, model_id, "CLIP image processor")
         self.dim = int(self.model.config.projection_dim)
         self.fps = fps
         self.max_frames = max_frames
         self.fingerprint = EncoderFingerprint(
-            family="clip", model_id=model_id, weights_sha256=state_dict_sha256(self.model), modality="video",
+            family="clip",
+            model_id=model_id,
+            weights_sha256=state_dict_sha256(self.model),
+            modality="video",
             preprocessing={"fps": fps, "max_frames": max_frames, "pooling": "mean"},
         )
 

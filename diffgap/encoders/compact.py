@@ -48,8 +48,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 class CompactModel(torch.nn.Module):
     """The three towers trained together; any of them may be absent (no video in the training pairs)."""
 
-    def __init__(self, audio: AudioNetConfig, text: TextNetConfig | None, video: VideoNetConfig | None,
-                 tokenizer: Tokenizer | None) -> None:
+    def __init__(
+        self,
+        audio: AudioNetConfig,
+        text: TextNetConfig | None,
+        video: VideoNetConfig | None,
+        tokenizer: Tokenizer | None,
+    ) -> None:
         super().__init__()
         self.audio = AudioNet(audio)
         self.text = TextNet(text) if text else None
@@ -72,7 +77,8 @@ class CompactModel(torch.nn.Module):
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         config = {
-            "format": FORMAT, "version": VERSION,
+            "format": FORMAT,
+            "version": VERSION,
             "audio": asdict(self.audio.cfg),
             "text": asdict(self.text.cfg) if self.text else None,
             "video": asdict(self.video.cfg) if self.video else None,
@@ -96,7 +102,8 @@ class CompactModel(torch.nn.Module):
         except (OSError, json.JSONDecodeError) as exc:
             raise EncoderLoadError(
                 f"compact encoders: cannot read {path / 'config.json'} ({exc}); train them with "
-                "`diffgap-index train-encoders --pairs PAIRS.csv --out DIR`") from exc
+                "`diffgap-index train-encoders --pairs PAIRS.csv --out DIR`"
+            ) from exc
         if config.get("format") != FORMAT:
             raise EncoderLoadError(f"{path} is not a compact encoder directory (format {config.get('format')!r})")
 
@@ -104,9 +111,12 @@ class CompactModel(torch.nn.Module):
             return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json")) if (path / "tokenizer.json").exists() else None
-        model = cls(AudioNetConfig(**tupled(config["audio"])),
-                    TextNetConfig(**tupled(config["text"])) if config.get("text") else None,
-                    VideoNetConfig(**tupled(config["video"])) if config.get("video") else None, tokenizer)
+        model = cls(
+            AudioNetConfig(**tupled(config["audio"])),
+            TextNetConfig(**tupled(config["text"])) if config.get("text") else None,
+            VideoNetConfig(**tupled(config["video"])) if config.get("video") else None,
+            tokenizer,
+        )
         try:
             model.load_state_dict(load_file(str(path / "model.safetensors")))
         except (OSError, RuntimeError) as exc:
@@ -145,8 +155,13 @@ class CompactAudioEncoder(AudioEncoder):
         self.net = bundle.model.audio
         cfg = self.net.cfg
         self.dim, self.sample_rate, self.max_seconds = cfg.dim, cfg.sample_rate, cfg.max_seconds
-        self.fingerprint = EncoderFingerprint("compact", bundle.path, bundle.weights_sha256, "audio",
-                                              {"sample_rate": cfg.sample_rate, "n_mels": cfg.n_mels})
+        self.fingerprint = EncoderFingerprint(
+            "compact",
+            bundle.path,
+            bundle.weights_sha256,
+            "audio",
+            {"sample_rate": cfg.sample_rate, "n_mels": cfg.n_mels},
+        )
 
     @torch.inference_mode()
     def encode(self, batch: Sequence[np.ndarray]) -> np.ndarray:
@@ -162,8 +177,9 @@ class CompactTextEncoder(TextEncoder):
             raise EncoderLoadError(f"{bundle.path} has no text encoder (it was trained without captions)")
         self.model = bundle.model
         self.dim = bundle.model.text.cfg.dim
-        self.fingerprint = EncoderFingerprint("compact", bundle.path, bundle.weights_sha256, "text",
-                                              {"max_tokens": bundle.model.text.cfg.max_tokens})
+        self.fingerprint = EncoderFingerprint(
+            "compact", bundle.path, bundle.weights_sha256, "text", {"max_tokens": bundle.model.text.cfg.max_tokens}
+        )
 
     @torch.inference_mode()
     def encode(self, batch: Sequence[str]) -> np.ndarray:
@@ -178,8 +194,9 @@ class CompactVideoEncoder(VideoEncoder):
         self.net = bundle.model.video
         cfg = self.net.cfg
         self.dim, self.fps, self.size = cfg.dim, cfg.fps, cfg.size
-        self.fingerprint = EncoderFingerprint("compact", bundle.path, bundle.weights_sha256, "video",
-                                              {"fps": cfg.fps, "size": cfg.size})
+        self.fingerprint = EncoderFingerprint(
+            "compact", bundle.path, bundle.weights_sha256, "video", {"fps": cfg.fps, "size": cfg.size}
+        )
 
     @torch.inference_mode()
     def encode(self, batch: Sequence[np.ndarray]) -> np.ndarray:

@@ -73,11 +73,14 @@ class AudioNet(nn.Module):
         self.register_buffer("mel", torch.from_numpy(mel_filterbank(cfg)), persistent=False)
         self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
         widths = (1, *cfg.channels)
-        self.blocks = nn.ModuleList(ConvBlock(a, b, p) for a, b, p in zip(widths[:-1], widths[1:], cfg.time_pool, strict=False))
+        self.blocks = nn.ModuleList(
+            ConvBlock(a, b, p) for a, b, p in zip(widths[:-1], widths[1:], cfg.time_pool, strict=False)
+        )
         self.to_model = nn.Linear(cfg.channels[-1], cfg.d_model)
         self.pos = nn.Parameter(torch.randn(cfg.max_steps, cfg.d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.n_heads, 4 * cfg.d_model, dropout=0.1,
-                                           activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            cfg.d_model, cfg.n_heads, 4 * cfg.d_model, dropout=0.1, activation="gelu", batch_first=True, norm_first=True
+        )
         self.temporal = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.dim)

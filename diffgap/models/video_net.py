@@ -33,8 +33,9 @@ class VideoNet(nn.Module):
         self.frame_cnn = nn.Sequential(*layers)
         self.to_model = nn.Linear(cfg.channels[-1], cfg.d_model)
         self.pos = nn.Parameter(torch.randn(cfg.max_frames, cfg.d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.n_heads, 4 * cfg.d_model, dropout=0.1,
-                                           activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            cfg.d_model, cfg.n_heads, 4 * cfg.d_model, dropout=0.1, activation="gelu", batch_first=True, norm_first=True
+        )
         self.temporal = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.dim)

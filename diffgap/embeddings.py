@@ -1,0 +1,155 @@
+"""Embedding paired data once with frozen encoders, cached on disk by content and encoder."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from diffgap.audio import AudioDecodeError, decode_audio
+from diffgap.encoders import EncoderSet
+from diffgap.encoders.base import Encoder
+from diffgap.pairs import Pair
+from diffgap.video import VideoDecodeError, decode_video
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PairEmbeddings:
+    """Queries (text or video) and their audio targets; several queries may share one target."""
+
+    audio: np.ndarray  # (G, d) one row per distinct audio target
+    query: np.ndarray  # (P, c) one row per query
+    query_group: np.ndarray  # (P,) int index into `audio`
+    audio_keys: list[str]  # group key of each audio row
+    modality: str  # "text" | "video"
+
+    def subset_groups(self, groups: np.ndarray) -> PairEmbeddings:
+        """The queries whose targets are in `groups`, with targets renumbered."""
+        groups = np.asarray(sorted(set(int(g) for g in groups)), dtype=np.int64)
+        remap = -np.ones(len(self.audio), dtype=np.int64)
+        remap[groups] = np.arange(len(groups))
+        keep = remap[self.query_group] >= 0
+        return PairEmbeddings(
+            self.audio[groups],
+            self.query[keep],
+            remap[self.query_group[keep]],
+            [self.audio_keys[g] for g in groups],
+            self.modality,
+        )
+
+    def split(self, val_fraction: float, seed: int = 0) -> tuple[PairEmbeddings, PairEmbeddings]:
+        """Hold out a share of the audio targets (with all their queries) for validation."""
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(self.audio))
+        n_val = int(round(len(order) * val_fraction))
+        if val_fraction > 0:
+            n_val = min(max(n_val, 1), len(order) - 1)
+        return self.subset_groups(order[n_val:]), self.subset_groups(order[:n_val])
+
+
+def _cache_key(pairs: Sequence[Pair], modality: str, encoders: Sequence[Encoder]) -> str:
+    digest = hashlib.sha256(modality.encode())
+    for enc in encoders:
+        digest.update(enc.fingerprint.digest.encode())
+    for p in pairs:
+        item = p.text if modality == "text" else str(p.video)
+        digest.update(f"{p.audio}\0{p.key}\0{item}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def embed_pairs(
+    pairs: Sequence[Pair],
+    encoders: EncoderSet,
+    modality: str = "text",
+    *,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> PairEmbeddings:
+    """Encode each distinct audio once and each query once. Pairs whose files fail to decode are dropped."""
+    query_encoder = encoders.text if modality == "text" else encoders.video
+    if query_encoder is None:
+        raise ValueError(f"no {modality} encoder is loaded")
+    usable = [p for p in pairs if (p.text if modality == "text" else p.video)]
+    if not usable:
+        raise ValueError(f"no pairs have a {modality} side")
+    cache: Path | None = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"pairs-{_cache_key(usable, modality, [encoders.audio, query_encoder])}.npz"
+        if cache.exists():
+            data = np.load(cache, allow_pickle=False)
+            log.info("loaded cached embeddings %s", cache)
+            return PairEmbeddings(data["audio"], data["query"], data["query_group"], list(data["audio_keys"]), modality)
+    keys: dict[str, int] = {}
+    audio_paths: list[Path] = []
+    for p in usable:
+        if p.key not in keys:
+            keys[p.key] = len(keys)
+            audio_paths.append(p.audio)
+    audio = np.zeros((len(audio_paths), encoders.audio.dim), np.float32)
+    ok = np.zeros(len(audio_paths), bool)
+    for start in range(0, len(audio_paths), batch_size):
+        waves, rows = [], []
+        for j, path in enumerate(audio_paths[start : start + batch_size], start):
+            try:
+                waves.append(
+                    decode_audio(path, encoders.audio.sample_rate, max_seconds=encoders.audio.max_seconds).wave
+                )
+                rows.append(j)
+            except AudioDecodeError as exc:
+                log.warning("dropping pairs of %s: %s", path, exc)
+        if waves:
+            audio[rows] = encoders.audio.encode(waves)
+            ok[rows] = True
+        if progress:
+            progress(len(audio_paths[start : start + batch_size]))
+    kept = [p for p in usable if ok[keys[p.key]]]
+    queries = np.zeros((len(kept), query_encoder.dim), np.float32)
+    qok = np.ones(len(kept), bool)
+    for start in range(0, len(kept), batch_size):
+        chunk = kept[start : start + batch_size]
+        if modality == "text":
+            queries[start : start + len(chunk)] = query_encoder.encode([p.text for p in chunk])
+        else:
+            clips, rows = [], []
+            for j, p in enumerate(chunk, start):
+                try:
+                    clips.append(decode_video(p.video, query_encoder.fps, size=getattr(query_encoder, "size", None)))
+                    rows.append(j)
+                except VideoDecodeError as exc:
+                    log.warning("dropping pair with video %s: %s", p.video, exc)
+                    qok[j] = False
+            if clips:
+                queries[rows] = query_encoder.encode(clips)
+        if progress:
+            progress(len(chunk))
+    kept = [p for p, good in zip(kept, qok, strict=True) if good]
+    queries = queries[qok]
+    # renumber targets to the ones that survived
+    live = sorted({keys[p.key] for p in kept})
+    remap = {old: new for new, old in enumerate(live)}
+    result = PairEmbeddings(
+        audio[live],
+        queries,
+        np.array([remap[keys[p.key]] for p in kept], dtype=np.int64),
+        [list(keys)[i] for i in live],
+        modality,
+    )
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(
+            tmp,
+            audio=result.audio,
+            query=result.query,
+            query_group=result.query_group,
+            audio_keys=np.array(result.audio_keys),
+        )
+        tmp.replace(cache)
+    return result

@@ -1,0 +1,189 @@
+"""Retrieval metrics and the ablation table (direct, regression mapper, refiner variants).
+
+Both directions are scored: query -> audio (each query has one audio target among all test
+audio) and audio -> query (each audio is a hit if any of its queries is retrieved).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from diffgap.embeddings import PairEmbeddings
+from diffgap.mapper import MapperConfig, train_mapper
+from diffgap.refiner import Refiner
+from diffgap.train_refiner import RefinerTrainConfig, train_refiner
+
+log = logging.getLogger(__name__)
+
+
+def ranks_query_to_audio(xq: np.ndarray, xb: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """1-based rank of each query's target among all rows of xb (ties count against the query)."""
+    scores = xq @ xb.T  # (Q, G)
+    own = scores[np.arange(len(xq)), target]  # (Q,)
+    return (scores > own[:, None]).sum(1) + 1
+
+
+def ranks_audio_to_query(xa: np.ndarray, xq_all: np.ndarray, query_group: np.ndarray) -> np.ndarray:
+    """1-based rank of the best-ranked query belonging to each audio row."""
+    scores = xa @ xq_all.T  # (G, P)
+    best_own = np.full(len(xa), -np.inf)
+    np.maximum.at(best_own, query_group, scores[query_group, np.arange(len(query_group))])
+    return (scores > best_own[:, None]).sum(1) + 1
+
+
+def metrics(ranks: np.ndarray) -> dict[str, float]:
+    ranks = np.asarray(ranks)
+    return {
+        "R@1": float(np.mean(ranks <= 1)),
+        "R@5": float(np.mean(ranks <= 5)),
+        "R@10": float(np.mean(ranks <= 10)),
+        "median_rank": float(np.median(ranks)),
+        "MRR@10": float(np.mean(np.where(ranks <= 10, 1.0 / ranks, 0.0))),
+        "n": int(len(ranks)),
+    }
+
+
+@dataclass
+class Row:
+    name: str
+    to_audio: dict[str, float] | None
+    from_audio: dict[str, float] | None
+    notes: dict[str, object] = field(default_factory=dict)
+
+
+def score_mapping(
+    test: PairEmbeddings,
+    to_audio: Callable[[np.ndarray], np.ndarray] | None,
+    from_audio: Callable[[np.ndarray], np.ndarray] | None,
+) -> tuple[dict | None, dict | None]:
+    """Metrics for maps into the other space (None: that direction is not available)."""
+    a = metrics(ranks_query_to_audio(to_audio(test.query), test.audio, test.query_group)) if to_audio else None
+    b = metrics(ranks_audio_to_query(from_audio(test.audio), test.query, test.query_group)) if from_audio else None
+    return a, b
+
+
+@dataclass
+class AblationConfig:
+    steps: tuple[int, ...] = (5, 20, 50)  # Table VI
+    intervals: tuple[int, ...] = ()  # extra BST intervals m to train (Table VII); empty = default only
+    train: RefinerTrainConfig = field(default_factory=RefinerTrainConfig)
+    mapper: MapperConfig = field(default_factory=MapperConfig)
+    bridge_start: int = 500  # bridge mode rows start from the query noised to this step
+    blend: float = 0.5  # weight of direct similarity in the blended row
+    n_samples: int = 1
+
+
+def run_ablation(
+    train: PairEmbeddings, test: PairEmbeddings, cfg: AblationConfig | None = None, refiner: Refiner | None = None
+) -> list[Row]:
+    """The rows of the paper's Tables V-VII plus the baselines, trained on `train`, scored on `test`."""
+    cfg = cfg or AblationConfig()
+    same_space = train.audio.shape[1] == train.query.shape[1]
+    rows: list[Row] = []
+
+    if same_space:
+        rows.append(Row("direct (no refiner)", *score_mapping(test, lambda x: x, lambda x: x)))
+
+    t0 = time.perf_counter()
+    fwd, bwd = train_mapper(train, 0, cfg.mapper), train_mapper(train, 1, cfg.mapper)
+    rows.append(
+        Row(
+            "regression mapper (MLP)",
+            *score_mapping(test, fwd.map, bwd.map),
+            {"train_s": round(time.perf_counter() - t0, 1)},
+        )
+    )
+
+    def refiner_rows(model: Refiner, label: str, steps: tuple[int, ...], bidirectional: bool) -> None:
+        for s in steps:
+
+            def to_audio(x: np.ndarray, s: int = s) -> np.ndarray:
+                return model.refine(x, direction=0, steps=s, n_samples=cfg.n_samples)
+
+            def from_audio(x: np.ndarray, s: int = s) -> np.ndarray:
+                return model.refine(x, direction=1, steps=s, n_samples=cfg.n_samples)
+
+            rows.append(
+                Row(
+                    f"{label}, sample, {s} steps",
+                    *score_mapping(test, to_audio, from_audio if bidirectional else None),
+                    {"steps": s, "mode": "sample", "bytes": model.num_bytes},
+                )
+            )
+
+    def train_one(**changes: object) -> Refiner:
+        t = time.perf_counter()
+        model, hist = train_refiner(train, cfg=replace(cfg.train, **changes))
+        log.info(
+            "trained refiner %s in %.1f s (final loss %.4f)",
+            changes,
+            time.perf_counter() - t,
+            float(np.mean(hist.train_loss[-100:])),
+        )
+        return model
+
+    no_bst = train_one(bidirectional=False)
+    refiner_rows(no_bst, "refiner without BST", (cfg.steps[0],), bidirectional=False)
+    full = refiner or train_one(bidirectional=True)
+    refiner_rows(
+        full,
+        f"refiner with BST (m={full.config.training.get('switch_every') or 'auto'})",
+        cfg.steps,
+        bidirectional=True,
+    )
+    s0 = cfg.steps[0]
+    paper = train_one(bidirectional=True, prediction_type="epsilon")
+    refiner_rows(paper, "refiner with BST, eps-prediction (as in the paper)", (s0,), bidirectional=True)
+    if same_space:
+
+        def bridge(x: np.ndarray, d: int) -> np.ndarray:
+            return full.refine(x, direction=d, steps=s0, mode="bridge", start_step=cfg.bridge_start)
+
+        rows.append(
+            Row(
+                f"refiner with BST, bridge from step {cfg.bridge_start}, {s0} steps",
+                *score_mapping(test, lambda x: bridge(x, 0), lambda x: bridge(x, 1)),
+                {"mode": "bridge", "start_step": cfg.bridge_start},
+            )
+        )
+
+        def blended(x: np.ndarray, d: int) -> np.ndarray:
+            return full.refine(x, direction=d, steps=s0, blend=cfg.blend)
+
+        rows.append(
+            Row(
+                f"refiner with BST, sample {s0} steps, blend {cfg.blend} with direct",
+                *score_mapping(test, lambda x: blended(x, 0), lambda x: blended(x, 1)),
+                {"mode": "sample", "blend": cfg.blend},
+            )
+        )
+    for m in cfg.intervals:
+        model = train_one(bidirectional=True, switch_every=m)
+        refiner_rows(model, f"refiner with BST (m={m})", (s0,), bidirectional=True)
+    return rows
+
+
+def format_table(rows: list[Row], query_name: str = "text") -> str:
+    head = (
+        f"| method | {query_name}->audio R@1 | R@5 | R@10 | medR | MRR@10 | audio->{query_name} R@1 | R@5 | R@10 "
+        "| medR | MRR@10 |"
+    )
+    lines = [head, "|" + "---|" * 11]
+
+    def cells(m: dict | None) -> str:
+        if m is None:
+            return "n/a | n/a | n/a | n/a | n/a"
+        return f"{m['R@1']:.3f} | {m['R@5']:.3f} | {m['R@10']:.3f} | {m['median_rank']:.0f} | {m['MRR@10']:.3f}"
+
+    for r in rows:
+        lines.append(f"| {r.name} | {cells(r.to_audio)} | {cells(r.from_audio)} |")
+    return "\n".join(lines)
+
+
+def rows_to_json(rows: list[Row]) -> list[dict]:
+    return [asdict(r) for r in rows]

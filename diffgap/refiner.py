@@ -1,0 +1,183 @@
+"""A trained DiffGAP refiner: checkpoint I/O and the retrieval-time refinement of query vectors.
+
+Two ways to turn a query embedding q into an audio-space vector (direction 0; direction 1 goes
+from audio to the query space the same way):
+- "sample" (the paper): z_N ~ N(0, I), DDIM down to z_0 conditioned on q. Made deterministic
+  by a fixed seed per call and optionally averaged over `n_samples` draws.
+- "bridge" (in the spirit of Diffusion Bridge): start from the query itself noised to step
+  `start_step` (noise from a fixed seed; `start_noise=0` uses no noise) and denoise, still
+  conditioned on q. Needs the query and audio spaces to be one space (CLAP text/audio, compact).
+The result may be blended with the query (`blend` in [0, 1]) before search; for unit vectors
+that equals blending the two cosine scores, so one FAISS search serves both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffgap.diffusion import DDIMSampler, NoiseSchedule, ScheduleConfig
+from diffgap.encoders.base import EncoderFingerprint, l2_normalize
+from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
+
+FORMAT = "diffgap-refiner"
+VERSION = 1
+DIRECTIONS = {"to_audio": 0, "from_audio": 1}
+
+
+class RefinerError(ValueError):
+    """A refiner cannot be loaded or does not fit the index/encoders; the message says why."""
+
+
+@dataclass
+class RefinerConfig:
+    net: RefinerNetConfig
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    prediction_type: str = "epsilon"  # the paper's eps-MSE; "sample" predicts z_0 directly
+    audio_fingerprint: dict[str, Any] | None = None  # encoder of the index (target of direction 0)
+    query_fingerprint: dict[str, Any] | None = None  # encoder of the queries (text or video)
+    query_modality: str = "text"
+    training: dict[str, Any] = field(default_factory=dict)  # how it was trained, for the record
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RefinerConfig:
+        if data.get("format") != FORMAT:
+            raise RefinerError(f"not a refiner config (format {data.get('format')!r})")
+        return cls(
+            net=RefinerNetConfig(**data["net"]),
+            schedule=ScheduleConfig(**data["schedule"]),
+            prediction_type=data["prediction_type"],
+            audio_fingerprint=data.get("audio_fingerprint"),
+            query_fingerprint=data.get("query_fingerprint"),
+            query_modality=data.get("query_modality", "text"),
+            training=data.get("training", {}),
+        )
+
+
+class Refiner:
+    def __init__(self, config: RefinerConfig, net: RefinerNet | None = None) -> None:
+        self.config = config
+        self.net = (net or RefinerNet(config.net)).eval()
+        self.schedule = NoiseSchedule(config.schedule)
+
+    # ---- I/O ---------------------------------------------------------------------------------------
+    def save(self, out: str | Path) -> None:
+        """`model.safetensors` + `refiner.json`, each replaced atomically."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
+        save_file(tensors, str(out / "model.safetensors.tmp"))
+        (out / "model.safetensors.tmp").replace(out / "model.safetensors")
+        (out / "refiner.json.tmp").write_text(json.dumps(self.config.to_json(), indent=2))
+        (out / "refiner.json.tmp").replace(out / "refiner.json")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Refiner:
+        path = Path(path)
+        try:
+            config = RefinerConfig.from_json(json.loads((path / "refiner.json").read_text()))
+            state = load_file(str(path / "model.safetensors"))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise RefinerError(f"cannot load refiner from {path}: {exc}") from exc
+        net = RefinerNet(config.net)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise RefinerError(f"{path}: weights do not match refiner.json: {exc}") from exc
+        return cls(config, net)
+
+    def check_encoders(self, audio: EncoderFingerprint, query: EncoderFingerprint | None = None) -> None:
+        """Refuse to run against vectors from encoders it was not trained on."""
+        for role, want, have in (
+            ("audio", self.config.audio_fingerprint, audio),
+            ("query", self.config.query_fingerprint, query),
+        ):
+            if want is None or have is None:
+                continue
+            if EncoderFingerprint.from_dict(want).digest != have.digest:
+                raise RefinerError(
+                    f"this refiner was trained on {role} embeddings of {want['family']}:{want['model_id']} "
+                    f"(fingerprint {EncoderFingerprint.from_dict(want).digest}), not of "
+                    f"{have.family}:{have.model_id} ({have.digest}); retrain it with train-refiner"
+                )
+
+    @property
+    def num_bytes(self) -> int:
+        return self.net.num_bytes()
+
+    # ---- refinement --------------------------------------------------------------------------------
+    def dims(self, direction: int) -> tuple[int, int]:
+        """(target dim, condition dim) of a direction."""
+        c = self.config.net
+        return (c.audio_dim, c.query_dim) if direction == 0 else (c.query_dim, c.audio_dim)
+
+    @torch.inference_mode()
+    def refine(
+        self,
+        xq: np.ndarray,
+        *,
+        direction: int = 0,
+        steps: int = 5,
+        mode: str = "sample",
+        start_step: int | None = None,
+        start_noise: float = 1.0,
+        n_samples: int = 1,
+        guidance: float = 1.0,
+        blend: float = 0.0,
+        seed: int = 0,
+        **_: Any,
+    ) -> np.ndarray:
+        """Map unit query vectors (B, c) to unit vectors in the target space (B, d)."""
+        target_dim, cond_dim = self.dims(direction)
+        xq = np.asarray(xq, dtype=np.float32)
+        if xq.ndim != 2 or xq.shape[1] != cond_dim:
+            raise RefinerError(f"query vectors of shape {xq.shape}; this refiner expects (B, {cond_dim})")
+        if not 0.0 <= blend <= 1.0:
+            raise RefinerError(f"blend must be in [0, 1], got {blend}")
+        if blend > 0 and target_dim != cond_dim:
+            raise RefinerError("blend needs the query and target spaces to have one size")
+        cond = torch.from_numpy(xq) * math.sqrt(cond_dim)  # (B, c), same rescaling as in training
+        b = cond.shape[0]
+        sampler = DDIMSampler(self.schedule, self.config.prediction_type)
+        generator = torch.Generator().manual_seed(seed)
+        total = torch.zeros(b, target_dim)
+        for _ in range(max(1, n_samples)):
+            noise = torch.randn(b, target_dim, generator=generator)  # (B, d)
+            if mode == "sample":
+                sampler.set_timesteps(steps)
+                z = noise
+            elif mode == "bridge":
+                if target_dim != cond_dim:
+                    raise RefinerError("bridge mode needs the query and target spaces to have one size")
+                start = int(start_step if start_step is not None else self.schedule.num_train_timesteps // 2)
+                sampler.set_timesteps(steps, start_step=start)
+                n0 = torch.full((b,), int(sampler.timesteps[0]), dtype=torch.long)
+                z = self.schedule.add_noise(cond.clone(), noise * start_noise, n0)
+            else:
+                raise RefinerError(f"unknown refinement mode {mode!r}; expected 'sample' or 'bridge'")
+            for n in sampler.timesteps.tolist():
+                out = self._guided(z, int(n), cond, direction, guidance)
+                z = sampler.step(out, int(n), z)
+            total += torch.nn.functional.normalize(z, dim=-1)
+        refined = l2_normalize(total.numpy())
+        if blend > 0:
+            refined = l2_normalize((1 - blend) * refined + blend * xq)
+        return refined
+
+    def _guided(self, z: torch.Tensor, n: int, cond: torch.Tensor, direction: int, guidance: float) -> torch.Tensor:
+        steps = torch.full((z.shape[0],), n, dtype=torch.long)
+        out = self.net(z, steps, cond, direction)
+        if guidance == 1.0:
+            return out
+        uncond = self.net(z, steps, cond, direction, cond_mask=torch.zeros(z.shape[0], dtype=torch.bool))
+        return uncond + guidance * (out - uncond)

@@ -1,0 +1,195 @@
+"""Training and evaluation commands: train-refiner, eval (and train-encoders, in encoders_cmd)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from diffgap.embeddings import PairEmbeddings, embed_pairs
+from diffgap.encoders import EncoderSet, load_encoders
+from diffgap.evaluate import AblationConfig, format_table, rows_to_json, run_ablation, score_mapping
+from diffgap.mapper import MapperConfig
+from diffgap.models.refiner_net import RefinerNetConfig
+from diffgap.pairs import read_pairs
+from diffgap.refiner import Refiner
+from diffgap.store import IndexStore, atomic_write_bytes
+from diffgap.train_refiner import RefinerTrainConfig, train_refiner
+
+log = logging.getLogger("diffgap.train")
+
+
+def _encoders(args: argparse.Namespace) -> tuple[EncoderSet, str]:
+    spec = args.encoder
+    if args.index:
+        with IndexStore.open(args.index, readonly=True) as store:
+            spec = spec or store.manifest.encoder_spec
+            encoders = load_encoders(spec, args.video_encoder)
+            store.check_fingerprint(encoders.audio.fingerprint)
+            return encoders, spec
+    if not spec:
+        raise ValueError("give --index INDEX or --encoder SPEC")
+    return load_encoders(spec, args.video_encoder), spec
+
+
+def _embed(path: str, split: str | None, args: argparse.Namespace, encoders: EncoderSet) -> PairEmbeddings:
+    pairs = read_pairs(path, layout=args.layout, split=split, audio_dir=args.audio_dir)
+    cache = args.cache or (Path(args.index) / "cache" if args.index else None)
+    with (
+        logging_redirect_tqdm(),
+        tqdm(total=None, unit="item", desc=f"embedding {Path(path).name}", disable=args.quiet or None) as bar,
+    ):
+        data = embed_pairs(pairs, encoders, args.modality, cache_dir=cache, progress=bar.update)
+    log.info("%s: %d %s queries for %d audio targets", path, len(data.query), args.modality, len(data.audio))
+    return data
+
+
+def _train_cfg(args: argparse.Namespace, **extra: object) -> RefinerTrainConfig:
+    return RefinerTrainConfig(
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        bidirectional=not args.no_bst,
+        switch_every=args.switch_every,
+        cond_dropout=args.cond_dropout,
+        contrastive_weight=args.contrastive_weight,
+        prediction_type=args.prediction,
+        seed=args.seed,
+        **extra,
+    )
+
+
+def cmd_train_refiner(args: argparse.Namespace) -> int:
+    encoders, spec = _encoders(args)
+    data = _embed(args.pairs, args.split, args, encoders)
+    train, val = data.split(args.val_fraction, seed=args.seed)
+    cfg = _train_cfg(args)
+    net_cfg = RefinerNetConfig(
+        audio_dim=data.audio.shape[1], query_dim=data.query.shape[1], hidden=args.hidden, n_blocks=args.blocks
+    )
+    with logging_redirect_tqdm(), tqdm(total=cfg.iterations, unit="it", disable=args.quiet or None) as bar:
+
+        def progress(it: int, loss: float) -> None:
+            bar.update(1)
+            if it % 50 == 0:
+                bar.set_postfix(loss=f"{loss:.4f}")
+
+        refiner, history = train_refiner(
+            train, val if len(val.query) else None, cfg=cfg, net_cfg=net_cfg, progress=progress
+        )
+    query_encoder = encoders.text if args.modality == "text" else encoders.video
+    refiner.config.audio_fingerprint = encoders.audio.fingerprint.to_dict()
+    refiner.config.query_fingerprint = query_encoder.fingerprint.to_dict()
+    refiner.config.training["encoder_spec"] = spec
+    refiner.config.training["video_encoder_spec"] = args.video_encoder
+    out = Path(args.out or (Path(args.index) / f"refiner-{args.modality}" if args.index else "refiner"))
+    report: dict[str, object] = {
+        "val_loss": history.val_loss[-1] if history.val_loss else None,
+        "bytes": refiner.num_bytes,
+        "pairs_train": int(len(train.query)),
+        "pairs_val": int(len(val.query)),
+    }
+    if len(val.query):
+        same = data.audio.shape[1] == data.query.shape[1]
+        refined, _ = score_mapping(val, lambda x: refiner.refine(x, steps=args.steps), None)
+        report["val_refined"] = refined
+        if same:
+            report["val_direct"] = score_mapping(val, lambda x: x, None)[0]
+        refiner.config.training["validation"] = report
+        direct = report.get("val_direct")
+        log.info(
+            "held-out %s->audio R@1: refined %.3f%s (R@10 %.3f), %d queries",
+            args.modality,
+            refined["R@1"],
+            f" vs direct {direct['R@1']:.3f}" if direct else "",
+            refined["R@10"],
+            refined["n"],
+        )
+    refiner.save(out)
+    log.info("saved refiner (%d bytes of weights) to %s", refiner.num_bytes, out)
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    encoders, _ = _encoders(args)
+    train = _embed(args.pairs, args.split, args, encoders)
+    test = _embed(args.test_pairs or args.pairs, args.test_split, args, encoders)
+    steps = tuple(int(s) for s in args.steps.split(","))
+    intervals = tuple(int(m) for m in args.intervals.split(",")) if args.intervals else ()
+    cfg = AblationConfig(
+        steps=steps,
+        intervals=intervals,
+        train=_train_cfg(args),
+        mapper=MapperConfig(iterations=args.mapper_iterations, seed=args.seed),
+        bridge_start=args.bridge_start,
+        blend=args.blend,
+    )
+    refiner = Refiner.load(args.refiner) if args.refiner else None
+    if refiner is not None:
+        query_encoder = encoders.text if args.modality == "text" else encoders.video
+        refiner.check_encoders(encoders.audio.fingerprint, query_encoder.fingerprint if query_encoder else None)
+    rows = run_ablation(train, test, cfg, refiner=refiner)
+    table = format_table(rows, args.modality)
+    sys.stdout.write(table + "\n")
+    if args.json:
+        payload = {
+            "modality": args.modality,
+            "train_pairs": int(len(train.query)),
+            "test_queries": int(len(test.query)),
+            "test_audio": int(len(test.audio)),
+            "rows": rows_to_json(rows),
+            "table": table,
+        }
+        atomic_write_bytes(Path(args.json), json.dumps(payload, indent=2).encode())
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairs", required=True, help="paired CSV (generic, AudioCaps or Clotho layout)")
+    p.add_argument("--layout", default="auto", choices=["auto", "csv", "audiocaps", "clotho"])
+    p.add_argument("--split", help="only rows of this split (generic CSV with a split column)")
+    p.add_argument("--audio-dir", help="audio folder for AudioCaps/Clotho layouts (default: next to the CSV)")
+    p.add_argument("--index", help="take the encoders from this index (and cache embeddings in it)")
+    p.add_argument("--encoder", help="encoder spec when no --index is given, e.g. clap or compact:DIR")
+    p.add_argument("--video-encoder", help="video encoder spec, e.g. clip or compact:DIR")
+    p.add_argument("--modality", default="text", choices=["text", "video"], help="the query side of the pairs")
+    p.add_argument("--cache", help="embedding cache folder")
+    p.add_argument("--iterations", type=int, default=RefinerTrainConfig.iterations)
+    p.add_argument("--batch-size", type=int, default=RefinerTrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=RefinerTrainConfig.lr)
+    p.add_argument("--switch-every", type=int, default=0, help="BST interval m (0: iterations/4, the paper's ratio)")
+    p.add_argument("--no-bst", action="store_true", help="train direction query->audio only")
+    p.add_argument("--cond-dropout", type=float, default=0.0, help="condition dropout for guidance")
+    p.add_argument("--contrastive-weight", type=float, default=0.0, help="CMMD-style contrastive term weight")
+    p.add_argument("--prediction", default=RefinerTrainConfig.prediction_type, choices=["sample", "epsilon"])
+    p.add_argument("--seed", type=int, default=0)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-refiner", help="train a DiffGAP refiner on paired data")
+    _common(p)
+    p.add_argument("--out", help="output folder (default: INDEX/refiner-MODALITY)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of audio targets held out")
+    p.add_argument("--hidden", type=int, default=RefinerNetConfig.hidden)
+    p.add_argument("--blocks", type=int, default=RefinerNetConfig.n_blocks)
+    p.add_argument("--steps", type=int, default=5, help="sampling steps for the held-out check")
+    p.set_defaults(func=cmd_train_refiner)
+
+    p = sub.add_parser("eval", help="retrieval table: direct, regression mapper, refiner ablations")
+    _common(p)
+    p.add_argument("--test-pairs", help="test CSV (default: --pairs with --test-split)")
+    p.add_argument("--test-split", help="split of the test rows")
+    p.add_argument("--steps", default="5,20,50", help="sampling step counts to score")
+    p.add_argument("--intervals", default="", help="extra BST intervals m to train, e.g. 100,500")
+    p.add_argument("--mapper-iterations", type=int, default=MapperConfig.iterations)
+    p.add_argument("--bridge-start", type=int, default=500)
+    p.add_argument("--blend", type=float, default=0.5)
+    p.add_argument("--refiner", help="score this trained refiner as the full model instead of training one")
+    p.add_argument("--json", help="also write the table and all numbers as JSON here")
+    p.set_defaults(func=cmd_eval)

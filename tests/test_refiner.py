@@ -1,0 +1,325 @@
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import tone
+
+from diffgap.audio import write_audio
+from diffgap.diffusion import DDIMSampler, NoiseSchedule, ScheduleConfig
+from diffgap.embeddings import PairEmbeddings
+from diffgap.encoders.base import EncoderFingerprint
+from diffgap.evaluate import metrics, ranks_audio_to_query, ranks_query_to_audio
+from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
+from diffgap.refiner import Refiner, RefinerError
+from diffgap.train_refiner import RefinerTrainConfig, diffusion_loss, direction_at, train_refiner
+from indexer.cli import main
+
+
+def test_linear_schedule_matches_hand_computation():
+    s = NoiseSchedule(ScheduleConfig(num_train_timesteps=4, beta_schedule="linear", beta_start=0.1, beta_end=0.4))
+    np.testing.assert_allclose(s.betas.numpy(), [0.1, 0.2, 0.3, 0.4])
+    np.testing.assert_allclose(s.alphas_cumprod.numpy(), [0.9, 0.72, 0.504, 0.3024])
+    z0, eps = torch.tensor([[2.0]]), torch.tensor([[1.0]])
+    zn = s.add_noise(z0, eps, torch.tensor([1]))
+    assert float(zn) == pytest.approx(math.sqrt(0.72) * 2 + math.sqrt(0.28) * 1, rel=1e-6)
+
+
+def test_cosine_schedule_is_monotone_and_ends_near_pure_noise():
+    s = NoiseSchedule(ScheduleConfig(num_train_timesteps=1000))
+    abar = s.alphas_cumprod.numpy()
+    assert np.all(np.diff(abar) < 0) and abar[0] > 0.999 and abar[-1] < 1e-4
+
+
+def test_ddim_steps_match_hand_computation():
+    s = NoiseSchedule(ScheduleConfig(num_train_timesteps=4, beta_schedule="linear", beta_start=0.1, beta_end=0.4))
+    sampler = DDIMSampler(s, "epsilon")
+    assert sampler.set_timesteps(2).tolist() == [3, 0]
+    assert sampler.set_timesteps(10).tolist() == [3, 2, 1, 0]  # never more steps than exist
+    assert sampler.set_timesteps(2, start_step=2).tolist() == [2, 0]
+    sampler.set_timesteps(2)
+    z3, eps = torch.tensor([[1.0]]), torch.tensor([[0.5]])
+    # from n=3 to n'=0: z0_hat = (z3 - sqrt(1-.3024) eps) / sqrt(.3024); z_0' = sqrt(.9) z0_hat + sqrt(.1) eps
+    z0_hat = (1.0 - math.sqrt(1 - 0.3024) * 0.5) / math.sqrt(0.3024)
+    out = sampler.step(eps, 3, z3)
+    assert float(out) == pytest.approx(math.sqrt(0.9) * z0_hat + math.sqrt(0.1) * 0.5, rel=1e-6)
+    # the last step returns the clean estimate itself
+    z0_from_0 = (1.0 - math.sqrt(0.1) * 0.5) / math.sqrt(0.9)
+    assert float(sampler.step(eps, 0, z3)) == pytest.approx(z0_from_0, rel=1e-6)
+    # with x0-prediction the same transition uses the predicted sample
+    sample_sampler = DDIMSampler(s, "sample")
+    sample_sampler.set_timesteps(2)
+    eps_hat = (1.0 - math.sqrt(0.3024) * 2.0) / math.sqrt(1 - 0.3024)
+    assert float(sample_sampler.step(torch.tensor([[2.0]]), 3, z3)) == pytest.approx(
+        math.sqrt(0.9) * 2.0 + math.sqrt(0.1) * eps_hat, rel=1e-6
+    )
+
+
+def _toy_pairs(n_groups=120, d=16, seed=0) -> PairEmbeddings:
+    rng = np.random.default_rng(seed)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    audio = unit(rng.standard_normal((n_groups, d)))
+    groups = np.repeat(np.arange(n_groups), 2)
+    rot = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    query = unit(audio[groups] @ rot + 0.05 * rng.standard_normal((len(groups), d)))
+    return PairEmbeddings(audio, query, groups, [str(i) for i in range(n_groups)], "text")
+
+
+def test_one_training_step_reduces_the_loss():
+    data = _toy_pairs()
+    net = RefinerNet(RefinerNetConfig(audio_dim=16, query_dim=16, hidden=64, n_blocks=2))
+    schedule = NoiseSchedule()
+    cfg = RefinerTrainConfig()
+    idx = torch.arange(64)
+    target = torch.from_numpy(data.audio[data.query_group[:64]]) * 4
+    cond = torch.from_numpy(data.query[idx.numpy()]) * 4
+
+    def loss() -> torch.Tensor:
+        return diffusion_loss(net, schedule, target, cond, 0, cfg, torch.Generator().manual_seed(7))
+
+    before = loss()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    assert float(loss().detach()) < float(before.detach())
+
+
+def test_bst_switches_direction_every_m_iterations():
+    cfg = RefinerTrainConfig(iterations=12, switch_every=3)
+    assert [direction_at(i, cfg) for i in range(12)] == [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1]
+    assert all(direction_at(i, RefinerTrainConfig(bidirectional=False, switch_every=3)) == 0 for i in range(12))
+    assert RefinerTrainConfig(iterations=20000).interval() == 5000  # the paper's m at the paper's scale
+    _, history = train_refiner(
+        _toy_pairs(),
+        cfg=RefinerTrainConfig(iterations=12, switch_every=3, batch_size=16),
+        net_cfg=RefinerNetConfig(audio_dim=16, query_dim=16, hidden=32, n_blocks=1),
+    )
+    assert history.directions == [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1]
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[Refiner, PairEmbeddings, PairEmbeddings]:
+    train, test = _toy_pairs().split(0.25)
+    refiner, history = train_refiner(
+        train,
+        test,
+        cfg=RefinerTrainConfig(iterations=800, eval_every=400),
+        net_cfg=RefinerNetConfig(audio_dim=16, query_dim=16, hidden=128, n_blocks=2),
+    )
+    assert history.val_loss[-1] < history.val_loss[0] * 1.05 and np.mean(history.train_loss[-50:]) < np.mean(
+        history.train_loss[:50]
+    )
+    return refiner, train, test
+
+
+def test_refined_retrieval_is_deterministic_and_beats_direct(trained):
+    refiner, _, test = trained
+    for mode in ("sample", "bridge"):
+        a = refiner.refine(test.query, steps=5, mode=mode)
+        b = refiner.refine(test.query, steps=5, mode=mode)
+        np.testing.assert_array_equal(a, b)
+        assert a.shape == test.query.shape and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+    averaged = refiner.refine(test.query, steps=5, n_samples=4)
+    np.testing.assert_array_equal(averaged, refiner.refine(test.query, steps=5, n_samples=4))
+    direct = metrics(ranks_query_to_audio(test.query, test.audio, test.query_group))
+    refined = metrics(ranks_query_to_audio(refiner.refine(test.query, steps=5), test.audio, test.query_group))
+    assert refined["R@1"] > direct["R@1"] + 0.2, (refined, direct)
+    back = metrics(ranks_audio_to_query(refiner.refine(test.audio, direction=1, steps=5), test.query, test.query_group))
+    assert back["R@1"] > metrics(ranks_audio_to_query(test.audio, test.query, test.query_group))["R@1"]
+
+
+def test_bad_refine_arguments(trained):
+    refiner, _, test = trained
+    with pytest.raises(RefinerError, match="expects"):
+        refiner.refine(np.zeros((2, 5), np.float32))
+    with pytest.raises(RefinerError, match="unknown refinement mode"):
+        refiner.refine(test.query[:2], mode="teleport")
+    with pytest.raises(RefinerError, match="blend"):
+        refiner.refine(test.query[:2], blend=1.5)
+
+
+def test_checkpoint_round_trip_and_encoder_refusal(trained, tmp_path):
+    refiner, _, test = trained
+    fp_audio = EncoderFingerprint("compact", "m", "aa" * 32, "audio")
+    fp_text = EncoderFingerprint("compact", "m", "aa" * 32, "text")
+    refiner.config.audio_fingerprint, refiner.config.query_fingerprint = fp_audio.to_dict(), fp_text.to_dict()
+    refiner.save(tmp_path / "r")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["model.safetensors", "refiner.json"]
+    loaded = Refiner.load(tmp_path / "r")
+    np.testing.assert_array_equal(loaded.refine(test.query, steps=5), refiner.refine(test.query, steps=5))
+    assert loaded.num_bytes == refiner.num_bytes
+    loaded.check_encoders(fp_audio, fp_text)
+    other = EncoderFingerprint("compact", "m", "bb" * 32, "audio")
+    with pytest.raises(RefinerError, match="retrain it"):
+        loaded.check_encoders(other, fp_text)
+    (tmp_path / "r" / "refiner.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(RefinerError):
+        Refiner.load(tmp_path / "r")
+
+
+def test_default_size_is_near_the_paper_budget():
+    clap_sized = RefinerNet(RefinerNetConfig(audio_dim=512, query_dim=512))
+    assert 4.0e6 < clap_sized.num_bytes() < 8.0e6  # the paper: 5.4 MB
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory) -> tuple:
+    root = tmp_path_factory.mktemp("captioned")
+    rows = ["id,split,audio,caption"]
+    words = {
+        200: "low hum",
+        400: "low tone",
+        700: "mid beep",
+        1000: "mid whistle",
+        1500: "high beep",
+        2200: "high whistle",
+        3000: "very high squeal",
+        300: "deep drone",
+    }
+    for i, (freq, text) in enumerate(words.items()):
+        write_audio(root / f"{freq}.wav", tone(freq, 1.0, 16000), 16000)
+        split = "test" if i % 4 == 3 else "train"
+        rows += [f"{freq},{split},{freq}.wav,{text}", f"{freq},{split},{freq}.wav,a {text} sound"]
+    (root / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys):
+    enc = f"clap:{tiny_clap}"
+    assert (
+        main(
+            [
+                "train-refiner",
+                "-q",
+                "--pairs",
+                str(captioned / "pairs.csv"),
+                "--encoder",
+                enc,
+                "--iterations",
+                "40",
+                "--out",
+                str(tmp_path / "ref"),
+                "--cache",
+                str(tmp_path / "cache"),
+                "--val-fraction",
+                "0.25",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["pairs_train"] + report["pairs_val"] == 16 and report["val_refined"]["n"] == report["pairs_val"]
+    assert "val_direct" in report
+    cfg = json.loads((tmp_path / "ref" / "refiner.json").read_text())
+    assert cfg["audio_fingerprint"]["family"] == "clap" and cfg["training"]["iterations"] == 40
+    assert list((tmp_path / "cache").glob("pairs-*.npz"))  # embeddings are cached
+    out = tmp_path / "eval.json"
+    assert (
+        main(
+            [
+                "eval",
+                "-q",
+                "--pairs",
+                str(captioned / "pairs.csv"),
+                "--split",
+                "train",
+                "--test-split",
+                "test",
+                "--encoder",
+                enc,
+                "--iterations",
+                "30",
+                "--mapper-iterations",
+                "30",
+                "--steps",
+                "5,20,50",
+                "--intervals",
+                "10",
+                "--json",
+                str(out),
+                "--cache",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
+    table = capsys.readouterr().out
+    names = [r["name"] for r in json.loads(out.read_text())["rows"]]
+    for expected in (
+        "direct",
+        "regression mapper",
+        "without BST",
+        "5 steps",
+        "20 steps",
+        "50 steps",
+        "m=10",
+        "eps-prediction",
+        "bridge",
+        "blend",
+    ):
+        assert any(expected in n for n in names), (expected, names)
+    assert "| direct (no refiner) |" in table
+    rows = json.loads(out.read_text())["rows"]
+    assert all(r["to_audio"]["n"] == 4 for r in rows)  # two test clips, two captions each
+    # the trained refiner refuses an index built with another encoder
+    from tiny_models import make_tiny_clap
+
+    other = make_tiny_clap(tmp_path / "other", seed=5)
+    assert (
+        main(
+            [
+                "eval",
+                "-q",
+                "--pairs",
+                str(captioned / "pairs.csv"),
+                "--split",
+                "train",
+                "--test-split",
+                "test",
+                "--encoder",
+                f"clap:{other}",
+                "--refiner",
+                str(tmp_path / "ref"),
+                "--iterations",
+                "5",
+                "--mapper-iterations",
+                "5",
+            ]
+        )
+        == 1
+    )
+
+
+def test_search_command_uses_the_refiner(captioned, tiny_clap, tmp_path, capsys):
+    enc = f"clap:{tiny_clap}"
+    index = tmp_path / "idx"
+    assert main(["build", str(captioned), "-o", str(index), "--encoder", enc, "-q"]) == 0
+    assert (
+        main(
+            [
+                "train-refiner",
+                "-q",
+                "--pairs",
+                str(captioned / "pairs.csv"),
+                "--index",
+                str(index),
+                "--iterations",
+                "20",
+            ]
+        )
+        == 0
+    )
+    assert (index / "refiner-text" / "refiner.json").exists()
+    capsys.readouterr()
+    assert main(["search", str(index), "--text", "high beep", "--refine", "--steps", "5", "--json", "-k", "3"]) == 0
+    refined = json.loads(capsys.readouterr().out)
+    assert main(["search", str(index), "--text", "high beep", "--json", "-k", "3"]) == 0
+    direct = json.loads(capsys.readouterr().out)
+    assert len(refined) == len(direct) == 3 and [h["score"] for h in refined] != [h["score"] for h in direct]
