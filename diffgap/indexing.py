@@ -59,15 +59,20 @@ def scan_folder(root: str | Path, extensions: frozenset[str] = INDEXABLE_EXTENSI
     return found
 
 
-def scan_list(csv_path: str | Path, column: str = "audio") -> tuple[Path, list[SourceFile]]:
-    """Files named in a CSV column (paths relative to the CSV); returns the root they are relative to."""
+def scan_list(csv_path: str | Path, column: str = "audio", split: str | None = None) -> tuple[Path, list[SourceFile]]:
+    """Files named in a CSV column (paths relative to the CSV), optionally only rows of one `split`.
+
+    Returns the root the paths are relative to, and the files."""
     csv_path = Path(csv_path).resolve()
     root = csv_path.parent
     with open(csv_path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         if reader.fieldnames is None or column not in reader.fieldnames:
             raise ValueError(f"{csv_path}: no {column!r} column (columns: {reader.fieldnames})")
-        rels = sorted({row[column].strip() for row in reader if row.get(column, "").strip()})
+        if split is not None and "split" not in reader.fieldnames:
+            raise ValueError(f"{csv_path}: a split was asked for but there is no 'split' column")
+        rels = sorted({row[column].strip() for row in reader
+                       if row.get(column, "").strip() and (split is None or row.get("split") == split)})
     found = []
     for rel in rels:
         path = (root / rel).resolve()

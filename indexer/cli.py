@@ -19,7 +19,7 @@ from diffgap.pairs import PairsError
 from diffgap.refiner import Refiner, RefinerError
 from diffgap.search import Searcher
 from diffgap.store import IndexStore, IndexStoreError
-from indexer import train
+from indexer import demo, train
 
 log = logging.getLogger("diffgap.index")
 
@@ -40,7 +40,7 @@ def setup_logging(verbose: int) -> None:
 # ---- build / update ----------------------------------------------------------------------------------
 def cmd_build(args: argparse.Namespace) -> int:
     if args.manifest:
-        root, files = scan_list(args.manifest, column=args.column)
+        root, files = scan_list(args.manifest, column=args.column, split=args.split)
     elif args.corpus:
         root, files = Path(args.corpus).resolve(), scan_folder(args.corpus)
     else:
@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--index", required=True, help="index directory to create or resume")
     p.add_argument("--manifest", help="CSV whose --column names the files (relative to the CSV)")
     p.add_argument("--column", default="audio", help="CSV column with file paths (default: audio)")
+    p.add_argument("--split", help="with --manifest: only rows whose 'split' column has this value")
     p.add_argument("--encoder", default="clap", help="clap[:ID|DIR] or compact:DIR (default: clap)")
     p.add_argument(
         "--index-type", default="Flat", help="faiss factory string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32"
@@ -256,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     train.register(sub)
+    train.register_encoders(sub)
+    demo.register(sub)
     return parser
 
 

@@ -193,3 +193,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refiner", help="score this trained refiner as the full model instead of training one")
     p.add_argument("--json", help="also write the table and all numbers as JSON here")
     p.set_defaults(func=cmd_eval)
+
+
+def cmd_train_encoders(args: argparse.Namespace) -> int:
+    from diffgap.train_encoders import EncoderTrainConfig, train_compact_encoders
+
+    pairs = read_pairs(args.pairs, layout=args.layout, split=args.split, audio_dir=args.audio_dir)
+    cfg = EncoderTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             max_minutes=args.max_minutes)
+    log.info("training compact encoders on %d pairs from %s", len(pairs), args.pairs)
+    with logging_redirect_tqdm():
+        with tqdm(unit="clip", desc="decoding", disable=args.quiet or None) as load_bar:
+            bar = tqdm(unit="step", desc="training", disable=args.quiet or None)
+
+            def progress(step: int, total: int, loss: float) -> None:
+                bar.total = total
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+
+            stats = train_compact_encoders(pairs, args.out, cfg, use_video=not args.no_video, progress=progress,
+                                           load_progress=load_bar.update)
+            bar.close()
+    log.info("saved compact encoders to %s (%s)", args.out, ", ".join(f"{k}={v:.3g}" for k, v in stats.items()))
+    return 0
+
+
+def register_encoders(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-encoders", help="train the compact audio/text/video encoders contrastively")
+    p.add_argument("--pairs", required=True, help="paired CSV with audio and text and/or video")
+    p.add_argument("--layout", default="auto", choices=["auto", "csv", "audiocaps", "clotho"])
+    p.add_argument("--split", help="only rows of this split")
+    p.add_argument("--audio-dir", help="audio folder for AudioCaps/Clotho layouts")
+    p.add_argument("--out", required=True, help="output folder (use it as --encoder compact:OUT)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this much training time")
+    p.add_argument("--no-video", action="store_true", help="ignore the video column")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_encoders)

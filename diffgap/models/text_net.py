@@ -13,7 +13,7 @@ from torch import nn
 class TextNetConfig:
     vocab_size: int = 4000  # a captioned sound library rarely needs more distinct word pieces
     max_tokens: int = 64  # longer captions are truncated; typical captions use 10-30
-    d_model: int = 192
+    d_model: int = 192  # wider than the audio side: captions carry many attribute words
     n_layers: int = 3  # word order ("A then B") needs context, not just a bag of words
     n_heads: int = 4
     dim: int = 256  # shared embedding size

@@ -12,8 +12,8 @@ from torch import nn
 @dataclass
 class VideoNetConfig:
     fps: float = 8.0  # frames per second sampled from any source rate
-    size: int = 64  # frames are resized to size x size: sounds' glyphs, not fine texture
-    channels: tuple[int, ...] = (32, 64, 128)  # per-frame CNN widths, each block halves resolution
+    size: int = 32  # frames are resized to size x size: what is seen and when, not fine texture
+    channels: tuple[int, ...] = (16, 32, 64)  # per-frame CNN widths, each block halves resolution
     d_model: int = 128
     n_layers: int = 2
     n_heads: int = 4
