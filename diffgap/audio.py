@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -37,7 +38,7 @@ class DecodedAudio:
 
 
 def decode_audio(
-    path: str | Path,
+    path: str | Path | BinaryIO,
     sample_rate: int,
     *,
     max_seconds: float | None = None,
@@ -48,8 +49,8 @@ def decode_audio(
     Raises AudioDecodeError for unreadable, audio-less, empty or (unless `allow_silent`) silent input.
     """
     try:
-        container = av.open(str(path), metadata_errors="ignore")
-    except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
+        container = av.open(str(path) if isinstance(path, str | Path) else path, mode="r", metadata_errors="ignore")
+    except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
         raise AudioDecodeError(f"cannot open: {exc}") from exc
     with container:
         if not container.streams.audio:

@@ -75,8 +75,10 @@ def _caption(events: list[Event], rng: np.random.Generator) -> str:
     for ev in sorted(events, key=lambda e: POSITIONS[e.position]):
         words = SOURCES[ev.source][0]
         name = words[rng.integers(len(words))]
-        where = {"start": ["at the start", "early on", "at the beginning"],
-                 "end": ["at the end", "near the end", "late in the clip"]}[ev.position]
+        where = {
+            "start": ["at the start", "early on", "at the beginning"],
+            "end": ["at the end", "near the end", "late in the clip"],
+        }[ev.position]
         parts.append(f"a {ev.pitch} {name} {ev.count} {where[rng.integers(3)]}")
     joiner = [", then ", " followed by ", " and later "][rng.integers(3)]
     text = joiner.join(parts)
@@ -106,8 +108,10 @@ def generate_demo_corpus(out: str | Path, n_clips: int = 240, *, seed: int = 0, 
     for i in range(n_clips):
         n_events = 1 + int(rng.random() < 0.5)
         positions = ["start", "end"] if n_events == 2 else [list(POSITIONS)[rng.integers(2)]]
-        events = [Event(names[rng.integers(len(names))], list(PITCH_HZ)[rng.integers(2)], pos,
-                        list(COUNTS)[rng.integers(3)]) for pos in positions]
+        events = [
+            Event(names[rng.integers(len(names))], list(PITCH_HZ)[rng.integers(2)], pos, list(COUNTS)[rng.integers(3)])
+            for pos in positions
+        ]
         wave = sum(_render_event(ev, rng) for ev in events) + 0.003 * rng.standard_normal(int(SR * SECONDS))
         clip_id = f"demo_{i:04d}"
         audio_rel = f"audio/{clip_id}{FORMATS[i % len(FORMATS)]}"
@@ -116,8 +120,15 @@ def generate_demo_corpus(out: str | Path, n_clips: int = 240, *, seed: int = 0, 
         write_video(out / video_rel, _frames(events), FPS)
         split = "test" if rng.random() < test_share else "train"
         for _ in range(2 if split == "train" else 1):
-            rows.append({"id": clip_id, "split": split, "audio": audio_rel, "video": video_rel,
-                         "caption": _caption(events, rng)})
+            rows.append(
+                {
+                    "id": clip_id,
+                    "split": split,
+                    "audio": audio_rel,
+                    "video": video_rel,
+                    "caption": _caption(events, rng),
+                }
+            )
     tmp = out / "captions.csv.tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=["id", "split", "audio", "video", "caption"])

@@ -77,6 +77,8 @@ def embed_pairs(
     if query_encoder is None:
         raise ValueError(f"no {modality} encoder is loaded")
     usable = [p for p in pairs if (p.text if modality == "text" else p.video)]
+    if modality == "video":  # caption rows repeat the same clip's video: one query per video
+        usable = list({(p.key, p.video): p for p in usable}.values())
     if not usable:
         raise ValueError(f"no pairs have a {modality} side")
     cache: Path | None = None

@@ -71,8 +71,13 @@ def scan_list(csv_path: str | Path, column: str = "audio", split: str | None = N
             raise ValueError(f"{csv_path}: no {column!r} column (columns: {reader.fieldnames})")
         if split is not None and "split" not in reader.fieldnames:
             raise ValueError(f"{csv_path}: a split was asked for but there is no 'split' column")
-        rels = sorted({row[column].strip() for row in reader
-                       if row.get(column, "").strip() and (split is None or row.get("split") == split)})
+        rels = sorted(
+            {
+                row[column].strip()
+                for row in reader
+                if row.get(column, "").strip() and (split is None or row.get("split") == split)
+            }
+        )
     found = []
     for rel in rels:
         path = (root / rel).resolve()

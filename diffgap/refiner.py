@@ -152,7 +152,8 @@ class Refiner:
         generator = torch.Generator().manual_seed(seed)
         total = torch.zeros(b, target_dim)
         for _ in range(max(1, n_samples)):
-            noise = torch.randn(b, target_dim, generator=generator)  # (B, d)
+            # One draw shared by every row: a query's result must not depend on its neighbours in a batch.
+            noise = torch.randn(1, target_dim, generator=generator).expand(b, target_dim)  # (B, d)
             if mode == "sample":
                 sampler.set_timesteps(steps)
                 z = noise

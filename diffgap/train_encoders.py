@@ -57,8 +57,9 @@ class Clip:
     frames: np.ndarray | None  # uint8 (T, H, W, 3)
 
 
-def load_clips(pairs: Sequence[Pair], cfg: EncoderTrainConfig, use_video: bool,
-               progress: Callable[[int], None] | None = None) -> list[Clip]:
+def load_clips(
+    pairs: Sequence[Pair], cfg: EncoderTrainConfig, use_video: bool, progress: Callable[[int], None] | None = None
+) -> list[Clip]:
     by_key: dict[str, Clip] = {}
     broken: set[str] = set()
     for p in pairs:
@@ -100,9 +101,15 @@ def segment_pool(seq: torch.Tensor, mask: torch.Tensor, segments: int) -> torch.
     return F.normalize(pooled, dim=-1)
 
 
-def train_compact_encoders(pairs: Sequence[Pair], out: str | Path, cfg: EncoderTrainConfig | None = None, *,
-                           use_video: bool = True, progress: Callable[[int, int, float], None] | None = None,
-                           load_progress: Callable[[int], None] | None = None) -> dict[str, float]:
+def train_compact_encoders(
+    pairs: Sequence[Pair],
+    out: str | Path,
+    cfg: EncoderTrainConfig | None = None,
+    *,
+    use_video: bool = True,
+    progress: Callable[[int, int, float], None] | None = None,
+    load_progress: Callable[[int], None] | None = None,
+) -> dict[str, float]:
     """Train, save to `out` (safetensors + JSON + tokenizer) and return final training stats."""
     import time
 
@@ -142,8 +149,9 @@ def train_compact_encoders(pairs: Sequence[Pair], out: str | Path, cfg: EncoderT
         for s in range(steps_per_epoch):
             batch = [clips[i] for i in order[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
             gains = 10 ** (rng.uniform(-cfg.gain_jitter_db, cfg.gain_jitter_db, len(batch)) / 20)
-            wave, lengths = _pad_waves([c.wave.astype(np.float32) * g for c, g in zip(batch, gains, strict=True)],
-                                       audio_cfg.n_fft)
+            wave, lengths = _pad_waves(
+                [c.wave.astype(np.float32) * g for c, g in zip(batch, gains, strict=True)], audio_cfg.n_fft
+            )
             a_clip, a_seq, a_mask = model.audio(wave, lengths)
             loss = torch.zeros(())
             if has_text:
@@ -180,6 +188,8 @@ def train_compact_encoders(pairs: Sequence[Pair], out: str | Path, cfg: EncoderT
             continue
         break
     stats.update(steps=step, clips=len(clips), seconds=time.monotonic() - start)
-    model.eval().save(out, extra={"training": {**{k: v for k, v in asdict(cfg).items()
-                                                  if k not in ("audio", "text", "video")}, **stats}})
+    model.eval().save(
+        out,
+        extra={"training": {**{k: v for k, v in asdict(cfg).items() if k not in ("audio", "text", "video")}, **stats}},
+    )
     return stats

@@ -149,7 +149,7 @@ def train_refiner(
         if val is not None and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations):
             history.val_loss.append(validation_loss(net, schedule, val, cfg))
         if progress:
-            progress(it, float(loss))
+            progress(it, float(loss.detach()))
     config = RefinerConfig(
         net=net_cfg,
         schedule=schedule.cfg,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -14,7 +15,7 @@ class VideoDecodeError(ValueError):
 
 
 def decode_video(
-    path: str | Path,
+    path: str | Path | BinaryIO,
     fps: float,
     *,
     size: int | None = None,
@@ -28,8 +29,8 @@ def decode_video(
     """
     assert fps > 0, f"fps must be positive, got {fps}"
     try:
-        container = av.open(str(path), metadata_errors="ignore")
-    except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
+        container = av.open(str(path) if isinstance(path, str | Path) else path, mode="r", metadata_errors="ignore")
+    except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
         raise VideoDecodeError(f"cannot open: {exc}") from exc
     frames: list[np.ndarray] = []
     with container:

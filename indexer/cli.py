@@ -159,7 +159,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         refiner_dir = Path(args.refiner or Path(args.index) / "refiner-text")
         refiner = Refiner.load(refiner_dir)
         refiner.check_encoders(encoders.audio.fingerprint, encoders.text.fingerprint if encoders.text else None)
-    searcher = Searcher(store, encoders, refiner)
+    searcher = Searcher(store, encoders, {"text": refiner} if refiner else None)
     if args.text is not None:
         result = searcher.search_text(
             [args.text], args.k, refine=args.refine, refine_options={"steps": args.steps, "mode": args.mode}

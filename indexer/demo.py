@@ -28,9 +28,22 @@ def pick_encoder(workdir: Path, corpus: Path, args: argparse.Namespace) -> tuple
     if not (encoders / "config.json").exists():
         from indexer.cli import main
 
-        rc = main(["-q" if args.quiet else "-v", "train-encoders", "--pairs", str(corpus / "captions.csv"),
-                   "--split", "train", "--out", str(encoders), "--epochs", str(args.epochs),
-                   "--batch-size", "32"])
+        rc = main(
+            [
+                "-q" if args.quiet else "-v",
+                "train-encoders",
+                "--pairs",
+                str(corpus / "captions.csv"),
+                "--split",
+                "train",
+                "--out",
+                str(encoders),
+                "--epochs",
+                str(args.epochs),
+                "--batch-size",
+                "32",
+            ]
+        )
         if rc:
             raise SystemExit(rc)
     return f"compact:{encoders}", f"compact:{encoders}"
@@ -49,13 +62,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     quiet = ["-q"] if args.quiet else []
     steps = [
         ["build", str(corpus / "audio"), "-o", str(index), "--encoder", spec, "-j", str(args.num_jobs)],
-        ["train-refiner", "--pairs", str(corpus / "captions.csv"), "--split", "train", "--index", str(index),
-         "--iterations", str(args.refiner_iterations)],
+        [
+            "train-refiner",
+            "--pairs",
+            str(corpus / "captions.csv"),
+            "--split",
+            "train",
+            "--index",
+            str(index),
+            "--iterations",
+            str(args.refiner_iterations),
+        ],
     ]
     if video_spec:
-        steps.append(["train-refiner", "--pairs", str(corpus / "captions.csv"), "--split", "train", "--index",
-                      str(index), "--modality", "video", "--video-encoder", video_spec, "--iterations",
-                      str(args.refiner_iterations)])
+        steps.append(
+            [
+                "train-refiner",
+                "--pairs",
+                str(corpus / "captions.csv"),
+                "--split",
+                "train",
+                "--index",
+                str(index),
+                "--modality",
+                "video",
+                "--video-encoder",
+                video_spec,
+                "--iterations",
+                str(args.refiner_iterations),
+            ]
+        )
     for step in steps:
         if step[0] == "train-refiner" and (index / f"refiner-{'video' if 'video' in step else 'text'}").exists():
             continue

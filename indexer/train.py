@@ -199,21 +199,22 @@ def cmd_train_encoders(args: argparse.Namespace) -> int:
     from diffgap.train_encoders import EncoderTrainConfig, train_compact_encoders
 
     pairs = read_pairs(args.pairs, layout=args.layout, split=args.split, audio_dir=args.audio_dir)
-    cfg = EncoderTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             max_minutes=args.max_minutes)
+    cfg = EncoderTrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes
+    )
     log.info("training compact encoders on %d pairs from %s", len(pairs), args.pairs)
-    with logging_redirect_tqdm():
-        with tqdm(unit="clip", desc="decoding", disable=args.quiet or None) as load_bar:
-            bar = tqdm(unit="step", desc="training", disable=args.quiet or None)
+    with logging_redirect_tqdm(), tqdm(unit="clip", desc="decoding", disable=args.quiet or None) as load_bar:
+        bar = tqdm(unit="step", desc="training", disable=args.quiet or None)
 
-            def progress(step: int, total: int, loss: float) -> None:
-                bar.total = total
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
+        def progress(step: int, total: int, loss: float) -> None:
+            bar.total = total
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
 
-            stats = train_compact_encoders(pairs, args.out, cfg, use_video=not args.no_video, progress=progress,
-                                           load_progress=load_bar.update)
-            bar.close()
+        stats = train_compact_encoders(
+            pairs, args.out, cfg, use_video=not args.no_video, progress=progress, load_progress=load_bar.update
+        )
+        bar.close()
     log.info("saved compact encoders to %s (%s)", args.out, ", ".join(f"{k}={v:.3g}" for k, v in stats.items()))
     return 0
 

@@ -56,3 +56,113 @@ def mixed_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     frames[:, 8:24, 8:24] = 200
     write_video(root / "clip.mp4", frames, 8, audio=tone(600, 2.0, 16000), sample_rate=16000)
     return root
+
+
+# ---- a served index and a real uvicorn server ---------------------------------------------------------
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import httpx  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def served_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo corpus indexed with compact encoders trained for a few real steps, with both refiners."""
+    from diffgap.demo import generate_demo_corpus
+    from diffgap.models.audio_net import AudioNetConfig
+    from diffgap.models.text_net import TextNetConfig
+    from diffgap.models.video_net import VideoNetConfig
+    from diffgap.pairs import read_pairs
+    from diffgap.train_encoders import EncoderTrainConfig, train_compact_encoders
+    from indexer.cli import main
+
+    work = tmp_path_factory.mktemp("served")
+    corpus = generate_demo_corpus(work / "corpus", 30, seed=2)
+    cfg = EncoderTrainConfig(
+        epochs=2,
+        batch_size=10,
+        warmup_steps=2,
+        audio=AudioNetConfig(channels=(8, 8, 16, 16), d_model=32, n_layers=1, n_heads=2, dim=32),
+        text=TextNetConfig(vocab_size=200, d_model=32, n_layers=1, n_heads=2, dim=32),
+        video=VideoNetConfig(channels=(8, 16), d_model=32, n_layers=1, n_heads=2, dim=32),
+    )
+    train_compact_encoders(read_pairs(corpus / "captions.csv"), work / "enc", cfg)
+    spec = f"compact:{work / 'enc'}"
+    index = work / "index"
+    assert main(["build", str(corpus / "audio"), "-o", str(index), "--encoder", spec, "-q"]) == 0
+    for modality in ("text", "video"):
+        assert (
+            main(
+                [
+                    "train-refiner",
+                    "-q",
+                    "--pairs",
+                    str(corpus / "captions.csv"),
+                    "--index",
+                    str(index),
+                    "--modality",
+                    modality,
+                    "--video-encoder",
+                    spec,
+                    "--iterations",
+                    "30",
+                ]
+            )
+            == 0
+        )
+    return index
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, index: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "DIFFGAP_THREADS": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service.app",
+                "--index",
+                str(index),
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=REPO,
+            env=full_env,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "server exited during start-up"
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(served_index: Path):
+    srv = Server(served_index, {"DIFFGAP_MAX_UPLOAD_BYTES": str(2 * 1024 * 1024), "DIFFGAP_MAX_K": "50"})
+    yield srv
+    srv.stop()

@@ -97,3 +97,11 @@ def test_compact_without_video_and_bad_dir(tmp_path):
     assert enc.video is None
     with pytest.raises(EncoderLoadError, match="train-encoders"):
         load_encoders(f"compact:{tmp_path / 'missing'}")
+
+
+def test_compact_audio_is_the_same_alone_or_padded_in_a_batch(tmp_path):
+    enc = load_encoders(f"compact:{_tiny_compact(tmp_path)}")
+    short, long = tone(500, 1.0, 16000), tone(900, 2.3, 16000)
+    alone = enc.audio.encode([short])[0]
+    batched = enc.audio.encode([short, long])[0]
+    assert float(alone @ batched) > 0.99999

@@ -323,3 +323,13 @@ def test_search_command_uses_the_refiner(captioned, tiny_clap, tmp_path, capsys)
     assert main(["search", str(index), "--text", "high beep", "--json", "-k", "3"]) == 0
     direct = json.loads(capsys.readouterr().out)
     assert len(refined) == len(direct) == 3 and [h["score"] for h in refined] != [h["score"] for h in direct]
+
+
+def test_refinement_does_not_depend_on_batch_neighbours(trained):
+    refiner, _, test = trained
+    for mode in ("sample", "bridge"):
+        together = refiner.refine(test.query[:6], steps=5, mode=mode, n_samples=2)
+        alone = np.concatenate(
+            [refiner.refine(test.query[i : i + 1], steps=5, mode=mode, n_samples=2) for i in range(6)]
+        )
+        np.testing.assert_allclose(together, alone, atol=1e-5)

@@ -97,7 +97,15 @@ class AudioNet(nn.Module):
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """wave (B, S) zero-padded, lengths (B,) in samples -> (clip (B, dim), steps (B, T, dim), mask (B, T))."""
         x = self.log_mel(wave)  # (B, M, frames)
-        x = (x - x.mean(dim=(1, 2), keepdim=True)) / (x.std(dim=(1, 2), keepdim=True) + 1e-5)  # gain invariance
+        # Normalise each clip over its own frames only, then zero the padding: a clip encodes the same
+        # alone or next to longer ones in a batch (zeros are what the convolutions pad with anyway).
+        frames = x.shape[-1]
+        real = torch.arange(frames, device=x.device)[None] <= lengths[:, None] // self.cfg.hop  # (B, frames)
+        w = real[:, None, :].float()  # (B, 1, frames)
+        count = w.sum(dim=2, keepdim=True) * x.shape[1]  # (B, 1, 1)
+        mean = (x * w).sum(dim=(1, 2), keepdim=True) / count
+        std = (((x - mean) ** 2 * w).sum(dim=(1, 2), keepdim=True) / count).sqrt()
+        x = (x - mean) / (std + 1e-5) * w  # gain invariance; padding -> 0
         x = x.unsqueeze(1)  # (B, 1, M, frames)
         for block in self.blocks:
             x = block(x)

@@ -1,0 +1,56 @@
+"""Insert the SynthCaps eval tables into BENCHMARKS.md between marker lines (idempotent)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+BEGIN, END = "<!-- synthcaps:begin -->", "<!-- synthcaps:end -->"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--elapsed", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    work = Path(args.work)
+    enc = json.loads((work / "encoders" / "config.json").read_text())["training"]
+    parts = [
+        BEGIN,
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"whole run {args.elapsed / 60:.1f} min. Compact encoders: {enc['steps']} steps on "
+        f"{enc['clips']} pretrain clips in {enc['seconds'] / 60:.1f} min.",
+        "",
+    ]
+    for modality in ("text", "video"):
+        path = work / f"eval-{modality}.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        parts += [
+            f"### {modality} -> audio (test split: {data['test_queries']} queries, {data['test_audio']} clips; "
+            f"refiner and mapper trained on {data['train_pairs']} adapt pairs)",
+            "",
+            data["table"],
+            "",
+        ]
+    parts.append(END)
+    block = "\n".join(parts)
+    out = Path(args.out)
+    text = out.read_text() if out.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip() + "\n\n## SynthCaps retrieval\n\n" + block + "\n"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+
+
+if __name__ == "__main__":
+    main()

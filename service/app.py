@@ -1,0 +1,196 @@
+"""`diffgap-serve`: the FastAPI application and its command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
+from service.routers import admin, health, items, search, ui
+from service.settings import Settings
+from service.state import StateHolder
+
+log = logging.getLogger("diffgap.serve")
+UPLOAD_PATHS = ("/v1/search/video", "/v1/search/audio")
+
+
+class UploadLimit:
+    """Refuse upload bodies over the limit as they stream in, before they are parsed or stored."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in UPLOAD_PATHS:
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes + 64 * 1024:
+            await self._reject(send)
+            return
+        seen = 0
+        started = rejected = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes + 64 * 1024 and not started:  # the multipart envelope may add a little
+                    # Answer now and tell the app the client left, so it stops reading and storing the body.
+                    rejected = True
+                    await self._reject(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if rejected:
+                return  # the 413 has been sent; drop whatever the app says after the disconnect
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except Exception:
+            if not rejected:
+                raise
+
+    async def _reject(self, send: Send) -> None:
+        response = JSONResponse({"detail": f"upload is larger than {self.max_bytes} bytes"}, status_code=413)
+        await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        holder = StateHolder(settings)
+        app.state.holder = holder
+        # Load in a thread: /healthz answers at once and /readyz says 503 until this is done.
+        loader = threading.Thread(target=_load_quietly, args=(holder,), name="index-loader", daemon=True)
+        loader.start()
+        _install_sighup(holder)
+        yield
+        holder.close()
+
+    app = FastAPI(
+        title="diffgap",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Text/video/audio-to-audio retrieval with DiffGAP query refinement.",
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Range"],
+        )
+    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's signature
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        metrics: Metrics = request.app.state.metrics
+        metrics.requests.labels(name, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(name).observe(time.perf_counter() - t0)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Echoing the input back could fail (NaN is not JSON) and would reflect huge bodies: send messages only.
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    for router in (health.router, search.router, items.router, admin.router, ui.router):
+        app.include_router(router)
+    return app
+
+
+def _load_quietly(holder: StateHolder) -> None:
+    try:
+        holder.load()
+    except Exception:  # reported by /readyz; the process stays up for diagnosis
+        pass
+
+
+def _install_sighup(holder: StateHolder) -> None:
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
+        return
+
+    def on_hup(signum: int, frame: object) -> None:
+        threading.Thread(target=_load_quietly, args=(holder,), name="index-reload", daemon=True).start()
+
+    signal.signal(signal.SIGHUP, on_hup)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="diffgap-serve", description="Serve an index over HTTP.")
+    parser.add_argument("--index", help="index directory (env DIFFGAP_INDEX_DIR)")
+    parser.add_argument("--host", help="bind address (env DIFFGAP_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (env DIFFGAP_PORT, default 8000)")
+    parser.add_argument("--threads", type=int, help="torch/FAISS threads (env DIFFGAP_THREADS)")
+    parser.add_argument("--video-encoder", help="video encoder spec, e.g. clip (env DIFFGAP_VIDEO_ENCODER)")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    overrides = {
+        k: v
+        for k, v in {
+            "index_dir": args.index,
+            "host": args.host,
+            "port": args.port,
+            "threads": args.threads,
+            "video_encoder": args.video_encoder,
+        }.items()
+        if v is not None
+    }
+    settings = Settings(**overrides)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not (settings.index_dir / "manifest.json").exists():
+        log.error(
+            "%s is not an index directory; build one with `diffgap-index build` or `make demo`", settings.index_dir
+        )
+        return 2
+    log.info("serving %s on http://%s:%d", settings.index_dir, settings.host, settings.port)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        workers=1,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

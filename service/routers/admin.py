@@ -1,0 +1,21 @@
+"""Administration: swap in a rebuilt index without dropping requests."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, HTTPException, status
+
+from service.deps import HolderDep, require_api_key
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_api_key)])
+
+
+@router.post("/reload")
+def reload(holder: HolderDep) -> dict[str, object]:
+    """Reload the index directory (after `diffgap-index update`); the old one serves until the swap."""
+    try:
+        holder.load()
+    except Exception as exc:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"reload failed, still serving the previous index: {exc}"
+        ) from exc
+    return {"reloaded": True, "items": int(holder.state.store.load_faiss().ntotal)}

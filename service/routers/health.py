@@ -1,0 +1,53 @@
+"""Liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response, status
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import HolderDep, MetricsDep
+from service.schemas import ReadyOut
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up (does no work)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=ReadyOut, responses={503: {"description": "not loaded yet"}})
+def readyz(holder: HolderDep, response: Response) -> ReadyOut:
+    """Ready only when the index, encoders and refiners are loaded; reports what was loaded."""
+    state = holder.state
+    if state is None:
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        return ReadyOut(
+            ready=False, items=0, dim=0, encoder=holder.error or "loading", index_type="", refiners={}, video=False
+        )
+    manifest = state.store.manifest
+    refiners = {
+        m: {
+            "bytes": r.num_bytes,
+            "prediction": r.config.prediction_type,
+            "trained_pairs": r.config.training.get("pairs"),
+        }
+        for m, r in state.searcher.refiners.items()
+    }
+    return ReadyOut(
+        ready=True,
+        items=int(state.store.load_faiss().ntotal),
+        dim=manifest.dim,
+        encoder=manifest.encoder_spec,
+        index_type=manifest.index_type,
+        refiners=refiners,
+        video=state.encoders.video is not None,
+    )
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(metrics: MetricsDep, holder: HolderDep) -> Response:
+    if holder.state is not None:
+        metrics.index_items.set(holder.state.store.load_faiss().ntotal)
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

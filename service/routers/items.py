@@ -1,0 +1,106 @@
+"""Item metadata and audio playback (the indexed window as WAV, or the original file), with ranges."""
+
+from __future__ import annotations
+
+import io
+import re
+import wave
+from pathlib import Path
+
+import numpy as np
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from fastapi.responses import FileResponse
+
+from diffgap.audio import AudioDecodeError, decode_audio
+from diffgap.store import Item
+from service.deps import StateDep, require_api_key
+from service.routers.search import hits_out
+from service.schemas import ItemOut
+from service.state import ServiceState
+
+router = APIRouter(prefix="/v1/items", tags=["items"], dependencies=[Depends(require_api_key)])
+
+PLAYBACK_RATE = 44100
+RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)$")
+
+
+def get_item(state: ServiceState, item_id: int) -> Item:
+    items = state.store.items([item_id])
+    if item_id not in items:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no item with id {item_id}")
+    return items[item_id]
+
+
+def safe_path(state: ServiceState, item: Item) -> Path:
+    """The item's file, resolved; refused unless it lies inside the corpus root (symlinks included)."""
+    root = state.corpus_root
+    path = (root / item.path).resolve()
+    if not path.is_relative_to(root):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "the item's file lies outside the corpus")
+    if not path.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "the item's file is no longer in the corpus")
+    return path
+
+
+@router.get("/{item_id}", response_model=ItemOut)
+def item(item_id: int, state: StateDep) -> ItemOut:
+    from diffgap.search import Hit
+
+    hit = hits_out([Hit(get_item(state, item_id), 0.0)])[0]
+    return ItemOut(**hit.model_dump(exclude={"score", "rank"}))
+
+
+@router.get("/{item_id}/audio", responses={200: {"content": {"audio/wav": {}}}, 206: {"description": "a byte range"}})
+def item_audio(
+    item_id: int,
+    state: StateDep,
+    request: Request,
+    full: bool = Query(False, description="the whole original file instead of the window"),
+) -> Response:
+    it = get_item(state, item_id)
+    path = safe_path(state, it)
+    if full:
+        return FileResponse(path, filename=path.name)  # Starlette answers Range requests itself
+    try:
+        audio = decode_audio(path, PLAYBACK_RATE, max_seconds=it.end + 0.01, allow_silent=True)
+    except AudioDecodeError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"cannot decode the item's audio: {exc}") from exc
+    window = audio.wave[int(it.start * PLAYBACK_RATE) : int(it.end * PLAYBACK_RATE)]
+    return ranged(wav_bytes(window, PLAYBACK_RATE), request.headers.get("range"), "audio/wav")
+
+
+def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def ranged(data: bytes, range_header: str | None, media_type: str) -> Response:
+    headers = {"Accept-Ranges": "bytes"}
+    size = len(data)
+    if not range_header:
+        return Response(data, media_type=media_type, headers=headers)
+    m = RANGE_RE.match(range_header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        raise HTTPException(
+            status.HTTP_416_REQUESTED_RANGE_NOT_SATISFIABLE,
+            "malformed Range header",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    if m.group(1):
+        start = int(m.group(1))
+        end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+    else:  # suffix range: the last N bytes
+        start, end = max(0, size - int(m.group(2))), size - 1
+    if start >= size or start > end:
+        raise HTTPException(
+            status.HTTP_416_REQUESTED_RANGE_NOT_SATISFIABLE,
+            "range outside the file",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    return Response(data[start : end + 1], status_code=206, media_type=media_type, headers=headers)

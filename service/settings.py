@@ -1,0 +1,29 @@
+"""Service settings: environment variables (DIFFGAP_*) or `diffgap-serve` flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DIFFGAP_", env_file=None, extra="ignore")
+
+    index_dir: Path = Field(Path("demo/index"), description="index directory built by diffgap-index")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    threads: int = Field(2, ge=1, le=64, description="torch and FAISS threads")
+    video_encoder: str | None = Field(None, description="video encoder spec (default: the index's own, if any)")
+    api_key: str | None = Field(None, description="bearer token required on everything but health checks")
+    cors_origins: list[str] = Field(default_factory=list)
+    max_k: int = Field(100, ge=1, le=10_000)
+    max_text_chars: int = Field(1000, ge=1)
+    max_batch_queries: int = Field(64, ge=1)
+    max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="largest accepted upload")
+    max_media_seconds: float = Field(60.0, gt=0, description="longest decoded video/audio query")
+    batch_wait_ms: float = Field(2.0, ge=0, le=100, description="how long the micro-batcher waits for company")
+    batch_max: int = Field(32, ge=1, le=1024, description="most queries run through the models at once")
+    default_steps: int = Field(5, ge=1, le=200)
+    mmap: bool = Field(True, description="open the FAISS index memory-mapped")

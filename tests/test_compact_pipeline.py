@@ -1,0 +1,89 @@
+"""Compact encoders trained for a few real steps, then used for indexing, refining and searching."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffgap.demo import generate_demo_corpus
+from diffgap.encoders import load_encoders
+from diffgap.models.audio_net import AudioNetConfig
+from diffgap.models.text_net import TextNetConfig
+from diffgap.models.video_net import VideoNetConfig
+from diffgap.pairs import read_pairs
+from diffgap.train_encoders import EncoderTrainConfig, info_nce, segment_pool, train_compact_encoders
+from indexer.cli import main
+
+TINY = dict(
+    audio=AudioNetConfig(channels=(8, 8, 16, 16), d_model=32, n_layers=1, n_heads=2, dim=32),
+    text=TextNetConfig(vocab_size=200, d_model=32, n_layers=1, n_heads=2, dim=32),
+    video=VideoNetConfig(channels=(8, 16), d_model=32, n_layers=1, n_heads=2, dim=32),
+)
+
+
+@pytest.fixture(scope="module")
+def demo_corpus(tmp_path_factory):
+    return generate_demo_corpus(tmp_path_factory.mktemp("demo"), 24, seed=1)
+
+
+def test_demo_corpus_is_well_formed(demo_corpus):
+    pairs = read_pairs(demo_corpus / "captions.csv")
+    assert len({p.key for p in pairs}) == 24
+    assert {p.audio.suffix for p in pairs} == {".wav", ".flac", ".ogg", ".mp3", ".m4a"}
+    assert all(p.video and p.video.exists() and p.audio.exists() for p in pairs)
+
+
+def test_segment_pool_and_info_nce():
+    seq = torch.arange(8.0).reshape(1, 8, 1).repeat(1, 1, 2)  # (1, 8, 2)
+    mask = torch.tensor([[True] * 6 + [False] * 2])
+    pooled = segment_pool(seq, mask, 2)  # means over steps 0-2 and 3-5, then unit-normalised
+    assert pooled.shape == (1, 2, 2) and torch.allclose(pooled.norm(dim=-1), torch.ones(1, 2))
+    a = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
+    assert float(info_nce(a, a, torch.tensor(3.0))) < float(info_nce(a, a.roll(1, 0), torch.tensor(3.0)))
+
+
+def test_train_index_refine_search(demo_corpus, tmp_path, capsys):
+    pairs = read_pairs(demo_corpus / "captions.csv")
+    cfg = EncoderTrainConfig(epochs=3, batch_size=8, warmup_steps=2, **TINY)
+    losses = []
+    stats = train_compact_encoders(pairs, tmp_path / "enc", cfg, progress=lambda s, t, loss: losses.append(loss))
+    assert stats["steps"] == 9 and np.isfinite(losses).all()
+    saved = json.loads((tmp_path / "enc" / "config.json").read_text())
+    assert saved["format"] == "diffgap-compact" and saved["video"] is not None
+    enc = load_encoders(f"compact:{tmp_path / 'enc'}")
+    assert enc.text.dim == enc.audio.dim == enc.video.dim == 32
+    spec = f"compact:{tmp_path / 'enc'}"
+    index = tmp_path / "idx"
+    assert main(["build", str(demo_corpus / "audio"), "-o", str(index), "--encoder", spec, "-q"]) == 0
+    for modality in ("text", "video"):
+        assert (
+            main(
+                [
+                    "train-refiner",
+                    "-q",
+                    "--pairs",
+                    str(demo_corpus / "captions.csv"),
+                    "--index",
+                    str(index),
+                    "--modality",
+                    modality,
+                    "--video-encoder",
+                    spec,
+                    "--iterations",
+                    "30",
+                ]
+            )
+            == 0
+        )
+        assert (index / f"refiner-{modality}" / "refiner.json").exists()
+    capsys.readouterr()
+    assert main(["search", str(index), "--text", "a high beep twice at the start", "--refine", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 10 and all(h["path"].startswith("demo_") for h in hits)
+    # query by example with a compact encoder finds the clip itself
+    clip = sorted((demo_corpus / "audio").iterdir())[0]
+    assert main(["search", str(index), "--audio", str(clip), "--json", "-k", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["path"] == clip.name
