@@ -36,10 +36,7 @@ class ItemFilter:
             return False
         if self.max_duration is not None and duration > self.max_duration:
             return False
-        for key, needle in self.tags:
-            if needle.lower() not in str(item.tags.get(key, "")).lower():
-                return False
-        return True
+        return all(needle.lower() in str(item.tags.get(key, "")).lower() for key, needle in self.tags)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import threading
@@ -135,10 +136,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _load_quietly(holder: StateHolder) -> None:
-    try:
+    with contextlib.suppress(Exception):  # reported by /readyz; the process stays up for diagnosis
         holder.load()
-    except Exception:  # reported by /readyz; the process stays up for diagnosis
-        pass
 
 
 def _install_sighup(holder: StateHolder) -> None:

@@ -126,7 +126,7 @@ def search_batch(
 
 def _spool(upload: UploadFile, settings: Settings) -> tempfile.SpooledTemporaryFile:
     """Copy the upload in chunks, refusing it as soon as it passes the size limit."""
-    spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
+    spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)  # noqa: SIM115 - the caller closes it
     total = 0
     while chunk := upload.file.read(1024 * 1024):
         total += len(chunk)
