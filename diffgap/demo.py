@@ -136,3 +136,24 @@ def generate_demo_corpus(out: str | Path, n_clips: int = 240, *, seed: int = 0, 
         writer.writerows(rows)
     tmp.replace(out / "captions.csv")
     return out
+
+
+def generate_named_library(out: str | Path, n_files: int = 120, *, seed: int = 0) -> Path:
+    """An uncaptioned 'sound library': one event per file, described only by a UCS-style file name
+    such as `BEEPHigh_Twice_Start_07.flac` (a stand-in for a real tagged library)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = list(SOURCES)
+    for i in range(n_files):
+        ev = Event(
+            names[rng.integers(len(names))],
+            list(PITCH_HZ)[rng.integers(2)],
+            list(POSITIONS)[rng.integers(2)],
+            list(COUNTS)[rng.integers(3)],
+        )
+        wave = _render_event(ev, rng) + 0.003 * rng.standard_normal(int(SR * SECONDS))
+        count = ev.count.title().replace(" ", "")
+        name = f"{ev.source.upper()}{ev.pitch.title()}_{count}_{ev.position.title()}_{i:02d}{FORMATS[i % len(FORMATS)]}"
+        write_audio(out / name, np.clip(wave, -1, 1).astype(np.float32), SR)
+    return out

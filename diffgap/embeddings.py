@@ -155,3 +155,30 @@ def embed_pairs(
         )
         tmp.replace(cache)
     return result
+
+
+def embed_index_pairs(store, encoders: EncoderSet, batch_size: int = 64) -> PairEmbeddings:
+    """(description, audio) pairs from an index itself: one per described file.
+
+    The audio target is the normalised mean of the file's window vectors already in the index, so
+    no audio is decoded again; the description is embedded with the text encoder.
+    """
+    if encoders.text is None:
+        raise ValueError("no text encoder is loaded")
+    rows = store.described_items()
+    if not rows:
+        raise ValueError(f"{store.root} has no item descriptions (tags or descriptive file names) to learn from")
+    by_file: dict[str, list[int]] = {}
+    descriptions: dict[str, str] = {}
+    for item_id, path, description in rows:
+        by_file.setdefault(path, []).append(item_id)
+        descriptions[path] = description
+    paths = sorted(by_file)
+    audio = np.zeros((len(paths), store.manifest.dim), np.float32)
+    for g, path in enumerate(paths):
+        _, xb = store.vectors(np.asarray(by_file[path], dtype=np.int64))
+        mean = xb.mean(axis=0)
+        audio[g] = mean / max(float(np.linalg.norm(mean)), 1e-12)
+    texts = [descriptions[p] for p in paths]
+    query = np.concatenate([encoders.text.encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
+    return PairEmbeddings(audio, query.astype(np.float32), np.arange(len(paths), dtype=np.int64), paths, "text")

@@ -23,6 +23,7 @@ import av
 import numpy as np
 
 from diffgap.audio import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, AudioDecodeError, cut_window, decode_audio, window_bounds
+from diffgap.descriptions import describe
 from diffgap.encoders.base import AudioEncoder
 from diffgap.store import FileRecord, IndexStore
 
@@ -165,6 +166,7 @@ def prepare_file(task: PrepareTask) -> Prepared:
     record.sample_rate = audio.source_rate
     record.channels = audio.source_channels
     record.tags = read_tags(src.path)
+    record.description = describe(src.rel, record.tags)
     record.windows = window_bounds(audio.duration, task.window_s, task.hop_s)
     waves = [cut_window(audio.wave, audio.sample_rate, s, e) for s, e in record.windows]
     return Prepared(record, waves)

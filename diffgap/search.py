@@ -27,6 +27,7 @@ class ItemFilter:
     min_duration: float | None = None
     max_duration: float | None = None
     tags: tuple[tuple[str, str], ...] = ()  # (key, substring), case-insensitive
+    description: str | None = None  # every word must occur in the item's description
 
     def matches(self, item: Item) -> bool:
         if self.path_prefix and not item.path.startswith(self.path_prefix):
@@ -35,6 +36,8 @@ class ItemFilter:
         if self.min_duration is not None and duration < self.min_duration:
             return False
         if self.max_duration is not None and duration > self.max_duration:
+            return False
+        if self.description and not all(w in item.description.lower() for w in self.description.lower().split()):
             return False
         return all(needle.lower() in str(item.tags.get(key, "")).lower() for key, needle in self.tags)
 

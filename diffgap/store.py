@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS files (
     duration REAL,
     sample_rate INTEGER,
     channels INTEGER,
-    tags TEXT NOT NULL DEFAULT '{}' -- JSON object
+    tags TEXT NOT NULL DEFAULT '{}', -- JSON object
+    description TEXT NOT NULL DEFAULT '' -- words from tags and file/folder names
 );
 CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, so ids stay stable across updates
@@ -101,6 +102,7 @@ class Item:
     duration: float | None
     sample_rate: int | None
     tags: dict[str, Any]
+    description: str = ""
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -148,6 +150,9 @@ class IndexStore:
         if not readonly:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.executescript(SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(files)")}
+            if "description" not in columns:  # indexes made before descriptions existed
+                self.db.execute("ALTER TABLE files ADD COLUMN description TEXT NOT NULL DEFAULT ''")
         self._faiss: faiss.Index | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -231,7 +236,7 @@ class IndexStore:
                 self.db.execute("DELETE FROM files WHERE path = ?", (rec.path,))  # cascades to old items
                 self.db.execute(
                     "INSERT INTO files(path, content_hash, size, mtime, status, reason, duration, sample_rate,"
-                    " channels, tags) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    " channels, tags, description) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         rec.path,
                         rec.content_hash,
@@ -243,6 +248,7 @@ class IndexStore:
                         rec.sample_rate,
                         rec.channels,
                         json.dumps(rec.tags, sort_keys=True),
+                        rec.description,
                     ),
                 )
                 if rec.vectors is not None:
@@ -285,11 +291,18 @@ class IndexStore:
             return {}
         marks = ",".join("?" * len(ids))
         rows = self.db.execute(
-            "SELECT i.id, i.path, i.start, i.end, f.duration, f.sample_rate, f.tags FROM items i "
+            "SELECT i.id, i.path, i.start, i.end, f.duration, f.sample_rate, f.tags, f.description FROM items i "
             f"JOIN files f ON f.path = i.path WHERE i.id IN ({marks})",
             ids,
         )
-        return {r[0]: Item(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in rows}
+        return {r[0]: Item(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7] or "") for r in rows}
+
+    def described_items(self) -> list[tuple[int, str, str]]:
+        """(item id, file path, description) of every item whose file has a description."""
+        return self.db.execute(
+            "SELECT i.id, i.path, f.description FROM items i JOIN files f ON f.path = i.path "
+            "WHERE f.description != '' ORDER BY i.id"
+        ).fetchall()
 
     def item_ids(self) -> np.ndarray:
         return np.fromiter((r[0] for r in self.db.execute("SELECT id FROM items ORDER BY id")), dtype=np.int64)
@@ -443,6 +456,7 @@ class FileRecord:
     sample_rate: int | None = None
     channels: int | None = None
     tags: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
     windows: list[tuple[float, float]] = field(default_factory=list)
     vectors: np.ndarray | None = None
 

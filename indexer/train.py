@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from diffgap.embeddings import PairEmbeddings, embed_pairs
+from diffgap.embeddings import PairEmbeddings, embed_index_pairs, embed_pairs
 from diffgap.encoders import EncoderSet, load_encoders
 from diffgap.evaluate import AblationConfig, format_table, rows_to_json, run_ablation, score_mapping
 from diffgap.mapper import MapperConfig
@@ -66,7 +66,16 @@ def _train_cfg(args: argparse.Namespace, **extra: object) -> RefinerTrainConfig:
 
 def cmd_train_refiner(args: argparse.Namespace) -> int:
     encoders, spec = _encoders(args)
-    data = _embed(args.pairs, args.split, args, encoders)
+    if args.from_index:
+        if not args.index or args.modality != "text":
+            raise ValueError("--from-index needs --index INDEX and text queries")
+        with IndexStore.open(args.index, readonly=True) as store:
+            data = embed_index_pairs(store, encoders)
+        log.info("%d (description, audio) pairs from %s, e.g. %r", len(data.query), args.index, data.audio_keys[0])
+    elif args.pairs:
+        data = _embed(args.pairs, args.split, args, encoders)
+    else:
+        raise ValueError("give --pairs CSV or --from-index")
     train, val = data.split(args.val_fraction, seed=args.seed)
     cfg = _train_cfg(args)
     net_cfg = RefinerNetConfig(
@@ -150,8 +159,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pairs", required=True, help="paired CSV (generic, AudioCaps or Clotho layout)")
+def _common(p: argparse.ArgumentParser, pairs_required: bool = True) -> None:
+    p.add_argument("--pairs", required=pairs_required, help="paired CSV (generic, AudioCaps or Clotho layout)")
     p.add_argument("--layout", default="auto", choices=["auto", "csv", "audiocaps", "clotho"])
     p.add_argument("--split", help="only rows of this split (generic CSV with a split column)")
     p.add_argument("--audio-dir", help="audio folder for AudioCaps/Clotho layouts (default: next to the CSV)")
@@ -173,7 +182,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-refiner", help="train a DiffGAP refiner on paired data")
-    _common(p)
+    _common(p, pairs_required=False)
+    p.add_argument(
+        "--from-index",
+        action="store_true",
+        help="learn from the index's own item descriptions (tags and file names) instead of --pairs",
+    )
     p.add_argument("--out", help="output folder (default: INDEX/refiner-MODALITY)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of audio targets held out")
     p.add_argument("--hidden", type=int, default=RefinerNetConfig.hidden)

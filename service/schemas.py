@@ -24,6 +24,7 @@ class Filters(BaseModel):
     min_duration: float | None = Field(None, ge=0)
     max_duration: float | None = Field(None, ge=0)
     tags: dict[str, str] | None = Field(None, description="tag key -> substring the tag value must contain")
+    description: str | None = Field(None, max_length=500, description="words the item description must contain")
 
 
 class SearchRequest(RefineOptions):
@@ -62,6 +63,7 @@ class ItemOut(BaseModel):
     duration: float | None
     sample_rate: int | None
     tags: dict[str, Any]
+    description: str = Field("", description="words from the file's tags and name")
     audio_url: str
 
 

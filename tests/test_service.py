@@ -62,6 +62,10 @@ def test_embedding_query_and_filters(client):
     assert filtered["results"] and all(r["path"].startswith(prefix) for r in filtered["results"])
     none = client.post("/v1/search", json={"text": "a buzz", "filters": {"min_duration": 100}}).json()
     assert none["results"] == []
+    described = client.post("/v1/search", json={"text": "a buzz", "k": 3, "filters": {"description": "demo"}}).json()
+    assert len(described["results"]) == 3 and all(r["description"] == "demo" for r in described["results"])
+    nothing = client.post("/v1/search", json={"text": "a buzz", "filters": {"description": "helicopter"}}).json()
+    assert nothing["results"] == []
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ def hits_out(hits: list[Hit]) -> list[HitOut]:
             duration=h.item.duration,
             sample_rate=h.item.sample_rate,
             tags=h.item.tags,
+            description=h.item.description,
             audio_url=f"/v1/items/{h.item.id}/audio",
             score=h.score,
             rank=r + 1,
@@ -45,7 +46,11 @@ def to_filter(filters: Filters | None) -> ItemFilter | None:
     if filters is None:
         return None
     return ItemFilter(
-        filters.path_prefix, filters.min_duration, filters.max_duration, tuple(sorted((filters.tags or {}).items()))
+        filters.path_prefix,
+        filters.min_duration,
+        filters.max_duration,
+        tuple(sorted((filters.tags or {}).items())),
+        filters.description,
     )
 
 

@@ -1,0 +1,85 @@
+"""Short text descriptions of library files from their embedded tags and their file/folder names.
+
+Sound libraries rarely have captions, but they do have words: UCS-style names such as
+`DOORWood_Creak_Slow_01.wav`, folders like `Weather/Rain`, and tags (Vorbis comments, ID3, RIFF
+INFO / BWF description, MP4 atoms). These become descriptions like "door wood creak slow", which
+are enough to teach the refiner the library's own vocabulary.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import PurePosixPath
+
+# Tag keys that describe the sound (as PyAV reports them, lower-cased), most specific first.
+DESCRIPTIVE_TAGS = (
+    "description",
+    "comment",
+    "title",
+    "subject",
+    "keywords",
+    "icmt",
+    "inam",
+    "isbj",
+    "ikey",
+    "bext_description",
+    "genre",
+    "category",
+    "subcategory",
+)
+
+# Words that say nothing about the sound: versions, takes, formats, library bookkeeping.
+NOISE_TOKENS = frozenset(
+    ["take", "takes", "tk", "version", "ver", "v", "final", "finals", "edit", "edited", "edits", "mix", "mixed", "master", "mastered", "copy", "new", "old", "untitled", "audio", "sound", "sounds", "sfx", "fx", "sample", "samples", "clip", "track", "file", "rec", "recording", "wav", "wave", "flac", "ogg", "mp3", "m4a", "aiff", "aif", "opus", "mono", "stereo", "ms", "lr", "bit", "bits", "khz", "hz", "kbps", "k", "bwf", "ixml", "alt", "alternate", "var", "variation", "sel", "select", "selects", "the", "and", "of", "processed", "raw", "orig", "original"]
+)
+
+_CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+_SPLIT = re.compile(r"[\s_\-.,;:+&/\\()\[\]{}#@!?'\"]+")
+_NUMERIC = re.compile(r"^(\d+|\d+[a-z]{0,3}|[a-z]\d+|\d+k\d*|\d+(bit|khz|hz|ch)?)$")
+
+
+def words_of(text: str) -> list[str]:
+    """Split names like 'DOORWood_Creak-Slow01' into ['door', 'wood', 'creak', 'slow']."""
+    out: list[str] = []
+    for chunk in _SPLIT.split(text):
+        chunk = re.sub(r"(?<=[A-Za-z])(?=\d)|(?<=\d)(?=[A-Za-z])", " ", chunk)  # Slow01 -> Slow 01
+        for part in chunk.split():
+            for word in _CAMEL.split(part):
+                w = word.lower()
+                if not w or _NUMERIC.match(w) or w in NOISE_TOKENS or len(w) == 1:
+                    continue
+                out.append(w)
+    return out
+
+
+def describe_name(rel_path: str, *, max_folders: int = 2) -> str:
+    """Words from the file name and its nearest folders (the folder words go first: they are broader)."""
+    p = PurePosixPath(rel_path)
+    folders = [f for f in p.parent.parts if f not in ("", ".", "/")][-max_folders:]
+    words = [w for f in folders for w in words_of(f)] + words_of(p.stem)
+    return " ".join(_dedupe(words))
+
+
+def describe_tags(tags: Mapping[str, str]) -> str:
+    phrases = []
+    for key in DESCRIPTIVE_TAGS:
+        value = str(tags.get(key, "")).strip()
+        if value and value.lower() not in (p.lower() for p in phrases):
+            phrases.append(value)
+    return "; ".join(phrases)
+
+
+def describe(rel_path: str, tags: Mapping[str, str], *, max_words: int = 32) -> str:
+    """Tags when they say something, plus the name's words they do not already contain."""
+    from_tags = describe_tags(tags)
+    tag_words = set(words_of(from_tags))
+    extra = [w for w in describe_name(rel_path).split() if w not in tag_words]
+    text = "; ".join(t for t in (from_tags, " ".join(extra)) if t)
+    words = text.split()
+    return " ".join(words[:max_words])
+
+
+def _dedupe(words: list[str]) -> list[str]:
+    seen: set[str] = set()
+    return [w for w in words if not (w in seen or seen.add(w))]
