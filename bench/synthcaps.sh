@@ -5,7 +5,8 @@
 #   bench/synthcaps.sh SYNTHCAPS_DIR [WORK_DIR]
 #
 # SYNTHCAPS_DIR is generated first if it has no captions.csv (needs ../shared/bench/synthcaps.py or
-# SYNTHCAPS_PY). Knobs: ENC_MINUTES (encoder training budget, default 25), REFINER_ITERS (6000).
+# SYNTHCAPS_PY). Knobs: ENC_MINUTES (encoder training budget, default 25), REFINER_ITERS (6000),
+# ENC_SPLITS (splits the encoders train on: "pretrain", the protocol, or e.g. "pretrain,adapt").
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 data="$(realpath -m "${1:?usage: bench/synthcaps.sh SYNTHCAPS_DIR [WORK_DIR]}")"
@@ -13,6 +14,7 @@ work="$(realpath -m "${2:-$here/runs/synthcaps}")"
 py="${PYTHON:-$here/.venv/bin/python}"
 enc_minutes="${ENC_MINUTES:-25}"
 iters="${REFINER_ITERS:-6000}"
+enc_splits="${ENC_SPLITS:-pretrain}"
 mkdir -p "$work"
 start=$(date +%s)
 
@@ -22,7 +24,7 @@ if [ ! -f "$data/captions.csv" ]; then
 fi
 cli=("$py" -m indexer.cli -q)
 if [ ! -f "$work/encoders/config.json" ]; then
-  "${cli[@]}" train-encoders --pairs "$data/captions.csv" --split pretrain --out "$work/encoders" \
+  "${cli[@]}" train-encoders --pairs "$data/captions.csv" --split "$enc_splits" --out "$work/encoders" \
     --epochs 40 --max-minutes "$enc_minutes"
 fi
 enc="compact:$work/encoders"
@@ -33,4 +35,5 @@ for modality in text video; do
     --json "$work/eval-$modality.json" | tee "$work/eval-$modality.md"
 done
 elapsed=$(( $(date +%s) - start ))
-"$py" "$here/bench/write_benchmarks.py" --work "$work" --elapsed "$elapsed" --out "$here/BENCHMARKS.md"
+"$py" "$here/bench/write_benchmarks.py" --work "$work" --elapsed "$elapsed" --out "$here/BENCHMARKS.md" \
+  --label "encoders trained on: $enc_splits"

@@ -8,16 +8,17 @@ import os
 import platform
 from pathlib import Path
 
-BEGIN, END = "<!-- synthcaps:begin -->", "<!-- synthcaps:end -->"
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", required=True)
     ap.add_argument("--elapsed", type=int, required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--label", default="encoders trained on: pretrain")
     args = ap.parse_args()
     work = Path(args.work)
+    slug = "".join(c if c.isalnum() else "-" for c in args.label.lower())
+    BEGIN, END = f"<!-- synthcaps:{slug}:begin -->", f"<!-- synthcaps:{slug}:end -->"
     enc = json.loads((work / "encoders" / "config.json").read_text())["training"]
     parts = [
         BEGIN,
@@ -46,7 +47,7 @@ def main() -> None:
     if BEGIN in text and END in text:
         text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
     else:
-        text = text.rstrip() + "\n\n## SynthCaps retrieval\n\n" + block + "\n"
+        text = text.rstrip() + "\n\n" + block + "\n"
     tmp = out.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(out)

@@ -131,6 +131,7 @@ class PrepareTask:
     sample_rate: int
     window_s: float
     hop_s: float
+    max_seconds: float | None = None  # longer recordings are indexed up to here (memory stays bounded)
 
 
 @dataclass
@@ -154,7 +155,7 @@ def prepare_file(task: PrepareTask) -> Prepared:
         record.reason = f"unsupported extension {src.path.suffix!r}"
         return Prepared(record)
     try:
-        audio = decode_audio(src.path, task.sample_rate)
+        audio = decode_audio(src.path, task.sample_rate, max_seconds=task.max_seconds)
     except AudioDecodeError as exc:
         record.reason = str(exc)
         return Prepared(record)
@@ -166,6 +167,8 @@ def prepare_file(task: PrepareTask) -> Prepared:
     record.sample_rate = audio.source_rate
     record.channels = audio.source_channels
     record.tags = read_tags(src.path)
+    if task.max_seconds is not None and audio.duration >= task.max_seconds - 1e-3:
+        record.tags["diffgap_truncated_at_s"] = f"{task.max_seconds:g}"
     record.description = describe(src.rel, record.tags)
     record.windows = window_bounds(audio.duration, task.window_s, task.hop_s)
     waves = [cut_window(audio.wave, audio.sample_rate, s, e) for s, e in record.windows]
@@ -210,6 +213,8 @@ def build_index(
     chunk_files: int = 32,
     remove_missing: bool = False,
     progress: ProgressFn | None = None,
+    file_timeout: float | None = 120.0,
+    max_file_seconds: float | None = 4 * 3600.0,
 ) -> BuildReport:
     """Bring `store` in line with `files`: add new and changed files, optionally drop vanished ones."""
     t0 = time.perf_counter()
@@ -225,10 +230,13 @@ def build_index(
     window_s = min(store.manifest.window_s, encoder.max_seconds)
     hop_s = min(store.manifest.hop_s, window_s)
     tasks = [
-        PrepareTask(f, state[f.rel][0] if f.rel in state else None, encoder.sample_rate, window_s, hop_s) for f in files
+        PrepareTask(
+            f, state[f.rel][0] if f.rel in state else None, encoder.sample_rate, window_s, hop_s, max_file_seconds
+        )
+        for f in files
     ]
     try:
-        for chunk in _prepared_chunks(tasks, num_jobs, chunk_files):
+        for chunk in _prepared_chunks(tasks, num_jobs, chunk_files, file_timeout):
             records = []
             for prepared in chunk:
                 if prepared.unchanged:
@@ -271,20 +279,80 @@ def _encode_records(encoder: AudioEncoder, records: list[Prepared], batch_size: 
         p.waves = []  # free the audio as soon as it is encoded
 
 
-def _prepared_chunks(tasks: list[PrepareTask], num_jobs: int, chunk_files: int) -> Iterator[list[Prepared]]:
-    """Decode chunk i+1 in workers while the caller encodes chunk i."""
+def _prepared_chunks(
+    tasks: list[PrepareTask], num_jobs: int, chunk_files: int, file_timeout: float | None = None
+) -> Iterator[list[Prepared]]:
+    """Decode chunk i+1 in workers while the caller encodes chunk i; a file that takes longer than
+    `file_timeout` seconds (a hung decoder, a FIFO, a dead network mount) is skipped and its
+    worker pool replaced, and the chunk's unfinished files are retried on the new pool."""
     chunks = [tasks[i : i + chunk_files] for i in range(0, len(tasks), chunk_files)]
-    if num_jobs <= 1:
+    if num_jobs <= 1 and not file_timeout:
         for chunk in chunks:
             yield [prepare_file(t) for t in chunk]
         return
-    # fork keeps start-up cheap; workers only touch PyAV and numpy, never torch.
-    with mp.get_context("fork").Pool(num_jobs) as pool:
-        pending: Any = None
-        for chunk in chunks:
-            nxt = pool.map_async(prepare_file, chunk)
-            if pending is not None:
-                yield pending.get()
-            pending = nxt
-        if pending is not None:
-            yield pending.get()
+    workers = _Workers(max(1, num_jobs))
+    try:
+        submitted = workers.submit(chunks[0]) if chunks else None
+        for i, chunk in enumerate(chunks):
+            current = submitted
+            submitted = workers.submit(chunks[i + 1]) if i + 1 < len(chunks) else None
+            results, restarted = workers.collect(chunk, current, file_timeout)
+            if restarted and submitted is not None:
+                submitted = workers.submit(chunks[i + 1])  # the prefetched work died with the old pool
+            yield results
+    finally:
+        workers.close()
+
+
+class _Workers:
+    """A fork pool that can be thrown away when one of its workers hangs."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.generation = 0
+        self.pool = mp.get_context("fork").Pool(n)  # fork: cheap start; workers touch PyAV and numpy only
+
+    def submit(self, chunk: list[PrepareTask]) -> tuple[int, list[Any]]:
+        return self.generation, [self.pool.apply_async(prepare_file, (t,)) for t in chunk]
+
+    def restart(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+        self.pool = mp.get_context("fork").Pool(self.n)
+        self.generation += 1
+
+    def collect(
+        self, chunk: list[PrepareTask], submitted: tuple[int, list[Any]] | None, timeout: float | None
+    ) -> tuple[list[Prepared], bool]:
+        results: list[Prepared | None] = [None] * len(chunk)
+        restarted = False
+        todo = list(range(len(chunk)))
+        handles = dict(enumerate(submitted[1])) if submitted and submitted[0] == self.generation else {}
+        while todo:
+            handles = handles or {i: self.pool.apply_async(prepare_file, (chunk[i],)) for i in todo}
+            hung = None
+            for i in todo:
+                try:
+                    results[i] = handles[i].get(timeout)
+                except mp.TimeoutError:
+                    hung = i
+                    break
+            if hung is None:
+                break
+            src = chunk[hung].source
+            log.warning("%s: gave up after %.0f s", src.rel, timeout)
+            results[hung] = Prepared(
+                FileRecord(src.rel, "", src.size, src.mtime, "skipped", f"timed out after {timeout:.0f} s")
+            )
+            for j in todo:  # keep what finished meanwhile
+                if results[j] is None and handles[j].ready():
+                    results[j] = handles[j].get()
+            self.restart()
+            restarted = True
+            todo = [j for j in todo if results[j] is None]
+            handles = {}
+        return [r for r in results if r is not None], restarted
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()

@@ -73,9 +73,10 @@ def _generic(path: Path, columns: Sequence[str], rows: list[dict[str, str]], spl
     if split is not None and "split" not in columns:
         raise PairsError(f"{path}: --split given but the file has no 'split' column")
     root = path.parent
+    splits = None if split is None else {s.strip() for s in split.split(",")}  # "pretrain,adapt" takes both
     pairs = []
     for row in rows:
-        if split is not None and row.get("split") != split:
+        if splits is not None and row.get("split") not in splits:
             continue
         if not row.get("audio"):
             continue

@@ -150,10 +150,15 @@ class IndexStore:
         if not readonly:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.executescript(SCHEMA)
+            for stale in root.glob(".*.tmp"):  # left by a writer killed mid-write; the real file is intact
+                stale.unlink(missing_ok=True)
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(files)")}
             if "description" not in columns:  # indexes made before descriptions existed
                 self.db.execute("ALTER TABLE files ADD COLUMN description TEXT NOT NULL DEFAULT ''")
         self._faiss: faiss.Index | None = None
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(files)")}
+        # Indexes from before descriptions existed still open read-only (a writer adds the column).
+        self._description_sql = "f.description" if "description" in columns else "''"
 
     # ---- lifecycle -------------------------------------------------------------------------------
     @classmethod
@@ -291,7 +296,7 @@ class IndexStore:
             return {}
         marks = ",".join("?" * len(ids))
         rows = self.db.execute(
-            "SELECT i.id, i.path, i.start, i.end, f.duration, f.sample_rate, f.tags, f.description FROM items i "
+            f"SELECT i.id, i.path, i.start, i.end, f.duration, f.sample_rate, f.tags, {self._description_sql} FROM items i "
             f"JOIN files f ON f.path = i.path WHERE i.id IN ({marks})",
             ids,
         )
@@ -300,8 +305,8 @@ class IndexStore:
     def described_items(self) -> list[tuple[int, str, str]]:
         """(item id, file path, description) of every item whose file has a description."""
         return self.db.execute(
-            "SELECT i.id, i.path, f.description FROM items i JOIN files f ON f.path = i.path "
-            "WHERE f.description != '' ORDER BY i.id"
+            f"SELECT i.id, i.path, {self._description_sql} AS d FROM items i JOIN files f ON f.path = i.path "
+            "WHERE d != '' ORDER BY i.id"
         ).fetchall()
 
     def item_ids(self) -> np.ndarray:

@@ -133,11 +133,13 @@ def train_compact_encoders(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(clips) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
+    budget = {"total": total}  # shrinks once the time budget shows how many steps fit
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
+        span = max(1, budget["total"] - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     rng = np.random.default_rng(cfg.seed)
@@ -179,9 +181,12 @@ def train_compact_encoders(
             sched.step()
             step += 1
             stats["loss"] = float(loss.detach())
+            if cfg.max_minutes and step == 20:  # the cosine decay must end when the time budget does
+                per_step = (time.monotonic() - start) / step
+                budget["total"] = min(total, max(step + 1, int(cfg.max_minutes * 60 / per_step)))
             if progress:
-                progress(step, total, stats["loss"])
-            if cfg.max_minutes and time.monotonic() - start > cfg.max_minutes * 60:
+                progress(step, budget["total"], stats["loss"])
+            if step >= budget["total"] or (cfg.max_minutes and time.monotonic() - start > cfg.max_minutes * 60):
                 log.info("stopping after %.1f minutes (epoch %d, step %d)", cfg.max_minutes, epoch, step)
                 break
         else:

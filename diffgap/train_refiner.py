@@ -9,13 +9,17 @@ and a CMMD-style contrastive term on the denoised estimate.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from diffgap.diffusion import NoiseSchedule, ScheduleConfig
 from diffgap.embeddings import PairEmbeddings
@@ -120,7 +124,12 @@ def train_refiner(
     net_cfg: RefinerNetConfig | None = None,
     schedule_cfg: ScheduleConfig | None = None,
     progress: Callable[[int, float], None] | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 500,
 ) -> tuple[Refiner, TrainHistory]:
+    """Algorithm 1. With `checkpoint`, the full training state (weights, Adam moments, random
+    generator, history) is saved atomically every `checkpoint_every` iterations and picked up again
+    by the next call with the same settings, which then ends bit-identical to an uninterrupted run."""
     cfg = cfg or RefinerTrainConfig()
     torch.manual_seed(cfg.seed)
     net_cfg = net_cfg or RefinerNetConfig(audio_dim=train.audio.shape[1], query_dim=train.query.shape[1])
@@ -134,7 +143,18 @@ def train_refiner(
     generator = torch.Generator().manual_seed(cfg.seed)
     history = TrainHistory([], [], [])
     groups = torch.from_numpy(train.query_group)
-    for it in range(cfg.iterations):
+    identity = {
+        "cfg": asdict(cfg),
+        "net": asdict(net_cfg),
+        "pairs": int(len(train.query)),
+        "data": float(np.float64(train.query.sum()) + np.float64(train.audio.sum())),
+    }
+    first = 0
+    if checkpoint is not None:
+        first = _load_checkpoint(Path(checkpoint), identity, net, opt, generator, history)
+        if first:
+            log.info("resuming refiner training at iteration %d from %s", first, checkpoint)
+    for it in range(first, cfg.iterations):
         direction = direction_at(it, cfg)
         idx = torch.randint(0, len(train.query), (min(cfg.batch_size, len(train.query)),), generator=generator)
         audio, query = _scaled(train, idx)
@@ -148,6 +168,8 @@ def train_refiner(
         history.directions.append(direction)
         if val is not None and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations):
             history.val_loss.append(validation_loss(net, schedule, val, cfg))
+        if checkpoint is not None and (it + 1) % checkpoint_every == 0 and it + 1 < cfg.iterations:
+            _save_checkpoint(Path(checkpoint), identity, it + 1, net, opt, generator, history)
         if progress:
             progress(it, float(loss.detach()))
     config = RefinerConfig(
@@ -158,3 +180,66 @@ def train_refiner(
         training={**asdict(cfg), "pairs": int(len(train.query))},
     )
     return Refiner(config, net.eval()), history
+
+
+def _save_checkpoint(
+    path: Path,
+    identity: dict,
+    iteration: int,
+    net: RefinerNet,
+    opt: torch.optim.Optimizer,
+    generator: torch.Generator,
+    history: TrainHistory,
+) -> None:
+    """Tensors in safetensors, the rest in JSON; the JSON is replaced last, so it always names a complete set."""
+    path.mkdir(parents=True, exist_ok=True)
+    opt_state = opt.state_dict()
+    tensors = {f"net.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
+    for pid, state in opt_state["state"].items():
+        for name, value in state.items():
+            tensors[f"opt.{pid}.{name}"] = torch.as_tensor(value).contiguous()
+    tensors["generator"] = generator.get_state()
+    weights = path / f"state-{iteration}.safetensors"
+    save_file(tensors, str(weights.with_suffix(".tmp")))
+    weights.with_suffix(".tmp").replace(weights)
+    meta = {
+        "identity": identity,
+        "iteration": iteration,
+        "weights": weights.name,
+        "param_groups": opt_state["param_groups"],
+        "history": asdict(history),
+    }
+    (path / "checkpoint.json.tmp").write_text(json.dumps(meta))
+    (path / "checkpoint.json.tmp").replace(path / "checkpoint.json")
+    for old in path.glob("state-*.safetensors"):
+        if old.name != weights.name:
+            old.unlink(missing_ok=True)
+
+
+def _load_checkpoint(
+    path: Path,
+    identity: dict,
+    net: RefinerNet,
+    opt: torch.optim.Optimizer,
+    generator: torch.Generator,
+    history: TrainHistory,
+) -> int:
+    meta_path = path / "checkpoint.json"
+    if not meta_path.exists():
+        return 0
+    meta = json.loads(meta_path.read_text())
+    if meta.get("identity") != json.loads(json.dumps(identity)):
+        log.warning("ignoring checkpoint %s: it was made with other settings or data", path)
+        return 0
+    tensors = load_file(str(path / meta["weights"]))
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    generator.set_state(tensors["generator"])
+    for name, values in meta["history"].items():
+        getattr(history, name).extend(values)
+    return int(meta["iteration"])

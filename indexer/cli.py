@@ -88,6 +88,8 @@ def _run_build(store: IndexStore, audio_encoder, files, args: argparse.Namespace
             chunk_files=args.chunk_files,
             remove_missing=remove_missing,
             progress=bar.update,
+            file_timeout=args.file_timeout or None,
+            max_file_seconds=args.max_file_seconds or None,
         )
     log.info("%s", report.summary())
     store.close()
@@ -211,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-j", "--num-jobs", type=int, default=1, help="decoding worker processes")
         p.add_argument("--batch-size", type=int, default=32, help="windows per encoder call")
         p.add_argument("--chunk-files", type=int, default=32, help="files per committed chunk (resume granularity)")
+        p.add_argument("--file-timeout", type=float, default=120.0, help="skip a file whose decoding takes longer (s)")
+        p.add_argument(
+            "--max-file-seconds", type=float, default=4 * 3600.0, help="index at most this much of one recording (s)"
+        )
 
     p = sub.add_parser("build", help="index a folder (or the audio named in a CSV); resumes if interrupted")
     p.add_argument("corpus", nargs="?", help="folder of audio/video files")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def cmd_train_refiner(args: argparse.Namespace) -> int:
         raise ValueError("give --pairs CSV or --from-index")
     train, val = data.split(args.val_fraction, seed=args.seed)
     cfg = _train_cfg(args)
+    out = Path(args.out or (Path(args.index) / f"refiner-{args.modality}" if args.index else "refiner"))
+    checkpoint = out.parent / f".{out.name}.checkpoint"  # beside, not inside: the service reads `out`
     net_cfg = RefinerNetConfig(
         audio_dim=data.audio.shape[1], query_dim=data.query.shape[1], hidden=args.hidden, n_blocks=args.blocks
     )
@@ -89,14 +92,19 @@ def cmd_train_refiner(args: argparse.Namespace) -> int:
                 bar.set_postfix(loss=f"{loss:.4f}")
 
         refiner, history = train_refiner(
-            train, val if len(val.query) else None, cfg=cfg, net_cfg=net_cfg, progress=progress
+            train,
+            val if len(val.query) else None,
+            cfg=cfg,
+            net_cfg=net_cfg,
+            progress=progress,
+            checkpoint=checkpoint if args.checkpoint_every else None,
+            checkpoint_every=args.checkpoint_every or 1,
         )
     query_encoder = encoders.text if args.modality == "text" else encoders.video
     refiner.config.audio_fingerprint = encoders.audio.fingerprint.to_dict()
     refiner.config.query_fingerprint = query_encoder.fingerprint.to_dict()
     refiner.config.training["encoder_spec"] = spec
     refiner.config.training["video_encoder_spec"] = args.video_encoder
-    out = Path(args.out or (Path(args.index) / f"refiner-{args.modality}" if args.index else "refiner"))
     report: dict[str, object] = {
         "val_loss": history.val_loss[-1] if history.val_loss else None,
         "bytes": refiner.num_bytes,
@@ -120,6 +128,7 @@ def cmd_train_refiner(args: argparse.Namespace) -> int:
             refined["n"],
         )
     refiner.save(out)
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the finished model supersedes it
     log.info("saved refiner (%d bytes of weights) to %s", refiner.num_bytes, out)
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return 0
@@ -193,6 +202,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=RefinerNetConfig.hidden)
     p.add_argument("--blocks", type=int, default=RefinerNetConfig.n_blocks)
     p.add_argument("--steps", type=int, default=5, help="sampling steps for the held-out check")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=500,
+        help="save resumable training state every N iterations (0: never); a rerun resumes",
+    )
     p.set_defaults(func=cmd_train_refiner)
 
     p = sub.add_parser("eval", help="retrieval table: direct, regression mapper, refiner ablations")

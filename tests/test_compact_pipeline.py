@@ -85,5 +85,8 @@ def test_train_index_refine_search(demo_corpus, tmp_path, capsys):
     assert len(hits) == 10 and all(h["path"].startswith("demo_") for h in hits)
     # query by example with a compact encoder finds the clip itself
     clip = sorted((demo_corpus / "audio").iterdir())[0]
-    assert main(["search", str(index), "--audio", str(clip), "--json", "-k", "1"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["path"] == clip.name
+    assert main(["search", str(index), "--audio", str(clip), "--json", "-k", "24"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    own = [h for h in hits if h["path"] == clip.name]
+    # its own vector scores 1; a barely trained encoder may tie others with it, so no rank is asserted
+    assert own and own[0]["score"] > 0.9999 and own[0]["score"] >= hits[0]["score"] - 1e-4

@@ -62,3 +62,8 @@ def test_clotho_layout(tmp_path):
     )
     pairs = read_pairs(tmp_path / "clotho_captions_development.csv", audio_dir=tmp_path / "development")
     assert len(pairs) == 5 and {p.key for p in pairs} == {"birds.wav"}
+
+
+def test_several_splits_at_once(tmp_path):
+    (tmp_path / "p.csv").write_text("split,audio,text\na,1.wav,x\nb,2.wav,y\nc,3.wav,z\n")
+    assert [p.text for p in read_pairs(tmp_path / "p.csv", split="a,c")] == ["x", "z"]

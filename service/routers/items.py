@@ -6,9 +6,11 @@ import io
 import re
 import wave
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
 from diffgap.audio import AudioDecodeError, decode_audio
@@ -22,6 +24,7 @@ router = APIRouter(prefix="/v1/items", tags=["items"], dependencies=[Depends(req
 
 PLAYBACK_RATE = 44100
 RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)$")
+ItemId = Annotated[int, PathParam(ge=0, le=2**63 - 1, description="item id from a search result")]
 
 
 def get_item(state: ServiceState, item_id: int) -> Item:
@@ -43,7 +46,7 @@ def safe_path(state: ServiceState, item: Item) -> Path:
 
 
 @router.get("/{item_id}", response_model=ItemOut)
-def item(item_id: int, state: StateDep) -> ItemOut:
+def item(item_id: ItemId, state: StateDep) -> ItemOut:
     from diffgap.search import Hit
 
     hit = hits_out([Hit(get_item(state, item_id), 0.0)])[0]
@@ -52,7 +55,7 @@ def item(item_id: int, state: StateDep) -> ItemOut:
 
 @router.get("/{item_id}/audio", responses={200: {"content": {"audio/wav": {}}}, 206: {"description": "a byte range"}})
 def item_audio(
-    item_id: int,
+    item_id: ItemId,
     state: StateDep,
     request: Request,
     full: bool = Query(False, description="the whole original file instead of the window"),
