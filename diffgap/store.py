@@ -296,8 +296,8 @@ class IndexStore:
             return {}
         marks = ",".join("?" * len(ids))
         rows = self.db.execute(
-            f"SELECT i.id, i.path, i.start, i.end, f.duration, f.sample_rate, f.tags, {self._description_sql} FROM items i "
-            f"JOIN files f ON f.path = i.path WHERE i.id IN ({marks})",
+            "SELECT i.id, i.path, i.start, i.end, f.duration, f.sample_rate, f.tags, "
+            f"{self._description_sql} FROM items i JOIN files f ON f.path = i.path WHERE i.id IN ({marks})",
             ids,
         )
         return {r[0]: Item(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7] or "") for r in rows}

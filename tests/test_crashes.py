@@ -94,7 +94,7 @@ def test_indexer_survives_random_sigkills(corpus, tiny_clap, tmp_path):
     kills = 0
     for _ in range(TRIALS):
         threshold = rng.randint(1, 78)
-        kills += _kill_when(cmd, lambda: _count(index / "meta.sqlite", "SELECT COUNT(*) FROM files") >= threshold)
+        kills += _kill_when(cmd, lambda t=threshold: _count(index / "meta.sqlite", "SELECT COUNT(*) FROM files") >= t)
         # whatever state the kill left, it opens, and SQLite has no duplicates
         if (index / "manifest.json").exists():
             with IndexStore.open(index, readonly=True) as store:
