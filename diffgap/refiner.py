@@ -156,7 +156,7 @@ class Refiner:
             noise = torch.randn(1, target_dim, generator=generator).expand(b, target_dim)  # (B, d)
             if mode == "sample":
                 sampler.set_timesteps(steps)
-                z = noise
+                z = noise * start_noise  # start_noise=0: from the prior's mean, the conditional-mean path
             elif mode == "bridge":
                 if target_dim != cond_dim:
                     raise RefinerError("bridge mode needs the query and target spaces to have one size")

@@ -35,7 +35,7 @@ class RefinerTrainConfig:
     batch_size: int = 128
     lr: float = 2e-4  # the paper's Adam learning rate
     bidirectional: bool = True  # BST on/off (Table V ablation)
-    switch_every: int = 0  # m; 0 = iterations // 4, the paper's ratio (m = 5000 of ~21k iterations)
+    switch_every: int = 0  # m; 0 = iterations // 5: five phases, ending on query->audio as the paper does
     cond_dropout: float = 0.0  # > 0 trains the unconditional branch for guidance
     contrastive_weight: float = 0.0  # CMMD-style InfoNCE on the denoised estimate
     contrastive_temperature: float = 0.07
@@ -45,7 +45,7 @@ class RefinerTrainConfig:
     eval_every: int = 500
 
     def interval(self) -> int:
-        return self.switch_every or max(1, self.iterations // 4)
+        return self.switch_every or max(1, self.iterations // 5)
 
 
 @dataclass

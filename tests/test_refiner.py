@@ -95,7 +95,7 @@ def test_bst_switches_direction_every_m_iterations():
     cfg = RefinerTrainConfig(iterations=12, switch_every=3)
     assert [direction_at(i, cfg) for i in range(12)] == [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1]
     assert all(direction_at(i, RefinerTrainConfig(bidirectional=False, switch_every=3)) == 0 for i in range(12))
-    assert RefinerTrainConfig(iterations=20000).interval() == 5000  # the paper's m at the paper's scale
+    assert RefinerTrainConfig(iterations=25000).interval() == 5000  # the paper's m, five phases ending on query->audio
     _, history = train_refiner(
         _toy_pairs(),
         cfg=RefinerTrainConfig(iterations=12, switch_every=3, batch_size=16),
