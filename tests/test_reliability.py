@@ -1,7 +1,7 @@
 """Schema fuzzing and sustained concurrent load against a real server (marked slow; .ci/run runs them).
 
 Sizes can be raised for a longer soak: DIFFGAP_FUZZ_EXAMPLES (per operation and phase, default 150)
-and DIFFGAP_LOAD_SECONDS (default 120).
+and DIFFGAP_LOAD_SECONDS (default 180).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from conftest import REPO, Server
 
 pytestmark = pytest.mark.slow
 FUZZ_EXAMPLES = int(os.environ.get("DIFFGAP_FUZZ_EXAMPLES", "150"))
-LOAD_SECONDS = float(os.environ.get("DIFFGAP_LOAD_SECONDS", "120"))
+LOAD_SECONDS = float(os.environ.get("DIFFGAP_LOAD_SECONDS", "180"))
 
 
 def rss_mb(pid: int) -> float:

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import sqlite3
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -215,7 +216,7 @@ def private_index(served_index, tmp_path):
 
 
 def test_api_key_traversal_and_reload(private_index, tmp_path):
-    corpus = private_index.parent.parent / "served0" / "corpus"
+    corpus = Path(json.loads((private_index / "manifest.json").read_text())["corpus_root"])
     outside = tmp_path / "secret.wav"
     write_audio(outside, tone(440, 1.0, 16000), 16000)
     with sqlite3.connect(private_index / "meta.sqlite") as db:  # an item pointing outside the corpus
@@ -227,6 +228,18 @@ def test_api_key_traversal_and_reload(private_index, tmp_path):
             (np.zeros(32, "<f4").tobytes(),),
         )
         evil_id = db.execute("SELECT MAX(id) FROM items").fetchone()[0]
+        # a symlink inside the corpus that points outside it
+        link = corpus / "zz_link_out.wav"
+        link.unlink(missing_ok=True)
+        link.symlink_to(outside)
+        db.execute(
+            "INSERT INTO files(path, content_hash, size, mtime, status) VALUES ('zz_link_out.wav','y',1,0,'indexed')"
+        )
+        db.execute(
+            "INSERT INTO items(path, start, end, vector) VALUES ('zz_link_out.wav', 0, 1, ?)",
+            (np.zeros(32, "<f4").tobytes(),),
+        )
+        link_id = db.execute("SELECT MAX(id) FROM items").fetchone()[0]
     srv = Server(private_index, {"DIFFGAP_API_KEY": "s3cret"})
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
@@ -237,6 +250,8 @@ def test_api_key_traversal_and_reload(private_index, tmp_path):
             assert c.post("/v1/search", json={"text": "a"}, headers=auth).status_code == 200
             assert c.get(f"/v1/items/{evil_id}/audio", headers=auth).status_code == 403
             assert c.get(f"/v1/items/{evil_id}/audio", params={"full": "true"}, headers=auth).status_code == 403
+            for params in ({}, {"full": "true"}):
+                assert c.get(f"/v1/items/{link_id}/audio", params=params, headers=auth).status_code == 403
             assert c.post("/v1/admin/reload").status_code == 401
 
             def query(i: int) -> int:
@@ -250,4 +265,4 @@ def test_api_key_traversal_and_reload(private_index, tmp_path):
             assert codes.count(200) == len(codes)  # no request dropped during the swaps
     finally:
         srv.stop()
-    assert corpus.exists()
+    link.unlink()
