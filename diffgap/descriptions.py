@@ -124,8 +124,11 @@ def describe_name(rel_path: str, *, max_folders: int = 2) -> str:
     """Words from the file name and its nearest folders (the folder words go first: they are broader)."""
     p = PurePosixPath(rel_path)
     folders = [f for f in p.parent.parts if f not in ("", ".", "/")][-max_folders:]
-    words = [w for f in folders for w in words_of(f)] + words_of(p.stem)
-    return " ".join(_dedupe(words))
+    stem = words_of(p.stem)
+    # Folder words the name repeats ("Rain/Rain_Heavy") go; repeats inside the name stay: they carry
+    # meaning in names that describe several events ("..._Loud_Start_Then_..._Loud_End").
+    folder = [w for w in _dedupe([w for f in folders for w in words_of(f)]) if w not in set(stem)]
+    return " ".join(folder + stem)
 
 
 def describe_tags(tags: Mapping[str, str]) -> str:
