@@ -60,38 +60,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec, video_spec = pick_encoder(workdir, corpus, args)
     index = workdir / "index"
     quiet = ["-q"] if args.quiet else []
-    steps = [
-        ["build", str(corpus / "audio"), "-o", str(index), "--encoder", spec, "-j", str(args.num_jobs)],
-        [
-            "train-refiner",
-            "--pairs",
-            str(corpus / "captions.csv"),
-            "--split",
-            "train",
-            "--index",
-            str(index),
-            "--iterations",
-            str(args.refiner_iterations),
-        ],
-    ]
+    refine = ["train-refiner", "--pairs", str(corpus / "captions.csv"), "--split", "train", "--index", str(index),
+              "--iterations", str(args.refiner_iterations)]  # fmt: skip
+    steps = [["build", str(corpus / "audio"), "-o", str(index), "--encoder", spec, "-j", str(args.num_jobs)], refine]
     if video_spec:
-        steps.append(
-            [
-                "train-refiner",
-                "--pairs",
-                str(corpus / "captions.csv"),
-                "--split",
-                "train",
-                "--index",
-                str(index),
-                "--modality",
-                "video",
-                "--video-encoder",
-                video_spec,
-                "--iterations",
-                str(args.refiner_iterations),
-            ]
-        )
+        steps.append([*refine, "--modality", "video", "--video-encoder", video_spec])
     for step in steps:
         if step[0] == "train-refiner" and (index / f"refiner-{'video' if 'video' in step else 'text'}").exists():
             continue

@@ -90,3 +90,30 @@ def test_train_index_refine_search(demo_corpus, tmp_path, capsys):
     own = [h for h in hits if h["path"] == clip.name]
     # its own vector scores 1; a barely trained encoder may tie others with it, so no rank is asserted
     assert own and own[0]["score"] > 0.9999 and own[0]["score"] >= hits[0]["score"] - 1e-4
+
+
+def test_demo_command_end_to_end(tmp_path, caplog):
+    """`diffgap-index demo` (what `make demo` runs before serving), at toy sizes; a rerun skips finished steps."""
+    args = [
+        "demo",
+        "--workdir",
+        str(tmp_path / "demo"),
+        "--clips",
+        "12",
+        "--epochs",
+        "1",
+        "--refiner-iterations",
+        "5",
+        "--compact",
+        "-j",
+        "1",
+        "-q",
+    ]
+    assert main(args) == 0
+    index = tmp_path / "demo" / "index"
+    assert (index / "manifest.json").exists()
+    assert (index / "refiner-text" / "refiner.json").exists() and (index / "refiner-video" / "refiner.json").exists()
+    assert main(["verify", str(index)]) == 0
+    before = (index / "refiner-text" / "model.safetensors").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (index / "refiner-text" / "model.safetensors").stat().st_mtime_ns == before

@@ -14,6 +14,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
 from diffgap.audio import AudioDecodeError, decode_audio
+from diffgap.search import Hit
 from diffgap.store import Item
 from service.deps import StateDep, require_api_key
 from service.routers.search import hits_out
@@ -47,8 +48,6 @@ def safe_path(state: ServiceState, item: Item) -> Path:
 
 @router.get("/{item_id}", response_model=ItemOut)
 def item(item_id: ItemId, state: StateDep) -> ItemOut:
-    from diffgap.search import Hit
-
     hit = hits_out([Hit(get_item(state, item_id), 0.0)])[0]
     return ItemOut(**hit.model_dump(exclude={"score", "rank"}))
 
