@@ -25,7 +25,7 @@ def main() -> None:
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
         f"whole run {args.elapsed / 60:.1f} min. Compact encoders: {enc['steps']} steps on "
-        f"{enc['clips']} pretrain clips in {enc['seconds'] / 60:.1f} min.",
+        f"{enc['clips']} clips in {enc['seconds'] / 60:.1f} min.",
         "",
     ]
     for modality in ("text", "video"):
