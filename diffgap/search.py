@@ -49,9 +49,10 @@ class RefineSpec:
     steps: int = 5
     mode: str = "sample"
     blend: float = 0.0
+    start_noise: float = 1.0  # 0 samples from the prior's mean (see BENCHMARKS.md)
 
     def options(self) -> dict[str, Any]:
-        return {"steps": self.steps, "mode": self.mode, "blend": self.blend}
+        return {"steps": self.steps, "mode": self.mode, "blend": self.blend, "start_noise": self.start_noise}
 
 
 @dataclass

@@ -15,6 +15,7 @@ class RefineOptions(BaseModel):
     steps: int = Field(5, ge=1, le=200, description="DDIM sampling steps")
     mode: Literal["sample", "bridge"] = "sample"
     blend: float = Field(0.0, ge=0.0, le=1.0, description="weight of the direct similarity in the final score")
+    start_noise: float = Field(1.0, ge=0.0, le=1.0, description="scale of the starting noise (0: the prior's mean)")
 
 
 class Filters(BaseModel):

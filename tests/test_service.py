@@ -50,6 +50,9 @@ def test_text_search_refined_and_direct(client):
         "/v1/search", json={"text": "a low buzz", "k": 3, "mode": "bridge", "steps": 20, "blend": 0.3}
     ).json()
     assert len(bridge["results"]) == 3
+    mean_start = client.post("/v1/search", json={"text": "a low buzz", "k": 3, "start_noise": 0.0}).json()
+    assert len(mean_start["results"]) == 3
+    assert client.post("/v1/search", json={"text": "a", "start_noise": 2}).status_code == 422
     hit = refined["results"][0]
     assert hit["audio_url"] == f"/v1/items/{hit['id']}/audio" and hit["end"] > hit["start"]
 

@@ -54,8 +54,8 @@ def to_filter(filters: Filters | None) -> ItemFilter | None:
     )
 
 
-def refine_spec(refine: bool, steps: int, mode: str, blend: float) -> RefineSpec | None:
-    return RefineSpec(steps=steps, mode=mode, blend=blend) if refine else None
+def refine_spec(refine: bool, steps: int, mode: str, blend: float, start_noise: float = 1.0) -> RefineSpec | None:
+    return RefineSpec(steps=steps, mode=mode, blend=blend, start_noise=start_noise) if refine else None
 
 
 def check_k(k: int, settings: Settings) -> None:
@@ -81,7 +81,7 @@ def search(
 ) -> SearchResponse:
     """Search with a text query or a query vector (text encoder space unless the index says otherwise)."""
     check_k(body.k, settings)
-    spec = refine_spec(body.refine, body.steps, body.mode, body.blend)
+    spec = refine_spec(body.refine, body.steps, body.mode, body.blend, body.start_noise)
     if body.text is not None:
         if len(body.text) > settings.max_text_chars:
             raise HTTPException(
@@ -121,7 +121,9 @@ def search_batch(
             raise HTTPException(
                 status.HTTP_422_UNPROCESSABLE_ENTITY, f"texts[{i}] must be 1 to {settings.max_text_chars} characters"
             )
-    spec = refine_spec(body.refine and "text" in state.searcher.refiners, body.steps, body.mode, body.blend)
+    spec = refine_spec(
+        body.refine and "text" in state.searcher.refiners, body.steps, body.mode, body.blend, body.start_noise
+    )
     queries = [Query("text", body.k, text=t, refine=spec, filter=to_filter(body.filters)) for t in body.texts]
     results = run_queries(holder, metrics, queries)
     return BatchSearchResponse(
