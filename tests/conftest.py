@@ -77,7 +77,6 @@ def served_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from diffgap.models.video_net import VideoNetConfig
     from diffgap.pairs import read_pairs
     from diffgap.train_encoders import EncoderTrainConfig, train_compact_encoders
-    from indexer.cli import main
 
     work = tmp_path_factory.mktemp("served")
     corpus = generate_demo_corpus(work / "corpus", 30, seed=2)
@@ -92,28 +91,20 @@ def served_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train_compact_encoders(read_pairs(corpus / "captions.csv"), work / "enc", cfg)
     spec = f"compact:{work / 'enc'}"
     index = work / "index"
+    build_and_refine(corpus, index, spec)
+    return index
+
+
+def build_and_refine(corpus: Path, index: Path, spec: str, iterations: int = 30) -> None:
+    """Index corpus/audio with `spec` and train the text and video refiners for a few real steps."""
+    from indexer.cli import main
+
     assert main(["build", str(corpus / "audio"), "-o", str(index), "--encoder", spec, "-q"]) == 0
     for modality in ("text", "video"):
-        assert (
-            main(
-                [
-                    "train-refiner",
-                    "-q",
-                    "--pairs",
-                    str(corpus / "captions.csv"),
-                    "--index",
-                    str(index),
-                    "--modality",
-                    modality,
-                    "--video-encoder",
-                    spec,
-                    "--iterations",
-                    "30",
-                ]
-            )
-            == 0
-        )
-    return index
+        args = ["train-refiner", "-q", "--pairs", str(corpus / "captions.csv"), "--index", str(index),
+                "--modality", modality, "--video-encoder", spec, "--iterations", str(iterations)]  # fmt: skip
+        assert main(args) == 0
+        assert (index / f"refiner-{modality}" / "refiner.json").exists()
 
 
 def free_port() -> int:

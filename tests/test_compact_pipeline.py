@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import build_and_refine
 
 from diffgap.demo import generate_demo_corpus
 from diffgap.encoders import load_encoders
@@ -57,28 +58,7 @@ def test_train_index_refine_search(demo_corpus, tmp_path, capsys):
     assert enc.text.dim == enc.audio.dim == enc.video.dim == 32
     spec = f"compact:{tmp_path / 'enc'}"
     index = tmp_path / "idx"
-    assert main(["build", str(demo_corpus / "audio"), "-o", str(index), "--encoder", spec, "-q"]) == 0
-    for modality in ("text", "video"):
-        assert (
-            main(
-                [
-                    "train-refiner",
-                    "-q",
-                    "--pairs",
-                    str(demo_corpus / "captions.csv"),
-                    "--index",
-                    str(index),
-                    "--modality",
-                    modality,
-                    "--video-encoder",
-                    spec,
-                    "--iterations",
-                    "30",
-                ]
-            )
-            == 0
-        )
-        assert (index / f"refiner-{modality}" / "refiner.json").exists()
+    build_and_refine(demo_corpus, index, spec)
     capsys.readouterr()
     assert main(["search", str(index), "--text", "a high beep twice at the start", "--refine", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
