@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test lint demo serve bench-synthcaps clean-demo
+.PHONY: install test test-docker lint demo serve docker-demo docker-down bench-synthcaps clean-demo
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -14,6 +14,19 @@ install: .venv/bin/python
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
 	$(PY) -m pytest -q -p no:cacheprovider -m slow || [ $$? -eq 5 ]  # exit 5 = nothing selected, not a failure
+
+# The deployment for real (root): image, compose up, a search on 127.0.0.1, teardown. See deploy/.
+test-docker: install
+	$(PY) -m pytest -q -p no:cacheprovider -m docker
+
+# Bring the compose deployment up on this machine and leave it running; `make docker-down` ends it.
+docker-demo:
+	bash deploy/local-docker.sh setup
+	bash deploy/local-docker.sh up
+
+docker-down:
+	bash deploy/local-docker.sh down
+	bash deploy/local-docker.sh teardown
 
 lint: install
 	.venv/bin/ruff check .

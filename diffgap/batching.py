@@ -1,7 +1,8 @@
 """Micro-batching: concurrent callers' requests run through the models together.
 
 Callers (threads) `submit` one request and block on its result; a single worker thread takes
-whatever has queued (waiting up to `wait_ms` for company, at most `max_batch`), groups requests
+whatever has queued (at most `max_batch`; waiting up to `wait_ms` for company only when the
+previous batch had company, so a lone client never pays the wait), groups requests
 that can share one model call by `key(request)`, and runs `fn` once per group. On 2 cores one
 batched encoder/refiner/FAISS call costs little more than a single one, so throughput grows with
 concurrency instead of queueing.
@@ -37,6 +38,7 @@ class MicroBatcher(Generic[Req, Res]):
         self._thread.start()
         self.batches_run = 0
         self.largest_batch = 0
+        self._last_batch = 0
 
     def submit(self, request: Req, timeout: float | None = 60.0) -> Res:
         future: Future[Res] = Future()
@@ -53,7 +55,7 @@ class MicroBatcher(Generic[Req, Res]):
             if first is None:
                 return
             pending = [first]
-            deadline = time.monotonic() + self.wait_s
+            deadline = time.monotonic() + (self.wait_s if self._last_batch > 1 else 0.0)
             while len(pending) < self.max_batch:
                 remaining = deadline - time.monotonic()
                 try:
@@ -64,6 +66,7 @@ class MicroBatcher(Generic[Req, Res]):
                     self._queue.put(None)  # finish this batch, then stop
                     break
                 pending.append(nxt)
+            self._last_batch = len(pending)
             groups: dict[Hashable, list[tuple[Req, Future[Res]]]] = {}
             for req, fut in pending:
                 try:

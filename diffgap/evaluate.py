@@ -152,6 +152,17 @@ def run_ablation(
             )
         )
 
+        def from_noise(x: np.ndarray, d: int) -> np.ndarray:
+            return full.refine(x, direction=d, steps=s0, start_noise=1.0)
+
+        rows.append(
+            Row(
+                f"refiner with BST, sample {s0} steps from noise (start_noise=1)",
+                *score_mapping(test, lambda x: from_noise(x, 0), lambda x: from_noise(x, 1)),
+                {"mode": "sample", "start_noise": 1.0},
+            )
+        )
+
         def blended(x: np.ndarray, d: int) -> np.ndarray:
             return full.refine(x, direction=d, steps=s0, blend=cfg.blend)
 

@@ -246,7 +246,7 @@ def build_index(
                 if prepared.record.status == "skipped":
                     report.skipped.append((prepared.record.path, prepared.record.reason or "unknown"))
                     log.warning("skipped %s: %s", prepared.record.path, prepared.record.reason)
-            _encode_records(encoder, records, batch_size)
+            encode_records(encoder, records, batch_size)
             report.items_added += store.commit_files(p.record for p in records)
             report.files_indexed += sum(p.record.status == "indexed" for p in records)
             if progress:
@@ -260,7 +260,7 @@ def build_index(
     return report
 
 
-def _encode_records(encoder: AudioEncoder, records: list[Prepared], batch_size: int) -> None:
+def encode_records(encoder: AudioEncoder, records: list[Prepared], batch_size: int) -> None:
     waves = [(i, w) for i, p in enumerate(records) for w in p.waves]
     if not waves:
         return

@@ -54,7 +54,8 @@ class RefinerConfig:
         if data.get("format") != FORMAT:
             raise RefinerError(f"not a refiner config (format {data.get('format')!r})")
         return cls(
-            net=RefinerNetConfig(**data["net"]),
+            # checkpoints from before the trunk/skip condition paths existed were trained without them
+            net=RefinerNetConfig(**{"cond_in_trunk": False, "query_skip": False, **data["net"]}),
             schedule=ScheduleConfig(**data["schedule"]),
             prediction_type=data["prediction_type"],
             audio_fingerprint=data.get("audio_fingerprint"),
@@ -130,7 +131,7 @@ class Refiner:
         steps: int = 5,
         mode: str = "sample",
         start_step: int | None = None,
-        start_noise: float = 1.0,
+        start_noise: float | None = None,
         n_samples: int = 1,
         guidance: float = 1.0,
         blend: float = 0.0,
@@ -146,6 +147,10 @@ class Refiner:
             raise RefinerError(f"blend must be in [0, 1], got {blend}")
         if blend > 0 and target_dim != cond_dim:
             raise RefinerError("blend needs the query and target spaces to have one size")
+        if start_noise is None:
+            # sample: start from the prior's mean, the deterministic path to the conditional mean that
+            # cosine ranking rewards (BENCHMARKS.md); bridge: the noised query needs its noise
+            start_noise = 0.0 if mode == "sample" else 1.0
         cond = torch.from_numpy(xq) * math.sqrt(cond_dim)  # (B, c), same rescaling as in training
         b = cond.shape[0]
         sampler = DDIMSampler(self.schedule, self.config.prediction_type)

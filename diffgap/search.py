@@ -49,7 +49,7 @@ class RefineSpec:
     steps: int = 5
     mode: str = "sample"
     blend: float = 0.0
-    start_noise: float = 1.0  # 0 samples from the prior's mean (see BENCHMARKS.md)
+    start_noise: float | None = None  # None: 0 (the prior's mean) for sample, 1 for bridge
 
     def options(self) -> dict[str, Any]:
         return {"steps": self.steps, "mode": self.mode, "blend": self.blend, "start_noise": self.start_noise}

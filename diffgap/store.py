@@ -14,6 +14,7 @@ Layout:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -28,6 +29,7 @@ import faiss
 import numpy as np
 
 from diffgap.encoders.base import EncoderFingerprint
+from diffgap.flat_search import FlatView, is_flat
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -156,6 +158,9 @@ class IndexStore:
             if "description" not in columns:  # indexes made before descriptions existed
                 self.db.execute("ALTER TABLE files ADD COLUMN description TEXT NOT NULL DEFAULT ''")
         self._faiss: faiss.Index | None = None
+        self.exact_matmul = True  # Flat indexes: search by matmul + top-k (diffgap/flat_search.py says why)
+        self._flat_view: FlatView | None = None
+        self._flat_of: faiss.Index | None = None
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(files)")}
         # Indexes from before descriptions existed still open read-only (a writer adds the column).
         self._description_sql = "f.description" if "description" in columns else "''"
@@ -205,6 +210,11 @@ class IndexStore:
         return cls(root, Manifest.load(root / MANIFEST), readonly=readonly)
 
     def close(self) -> None:
+        if not self.readonly:
+            # Leave a self-contained file at rest: a WAL database cannot be read from a read-only
+            # mount unless its -shm file exists. Another open connection keeps WAL on; that is fine.
+            with contextlib.suppress(sqlite3.OperationalError):
+                self.db.execute("PRAGMA journal_mode = DELETE")
         self.db.close()
 
     def __enter__(self) -> IndexStore:
@@ -444,7 +454,14 @@ class IndexStore:
         """Top-k (scores, ids) for each query row; ids are -1 where fewer than k items exist."""
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         assert xq.ndim == 2 and xq.shape[1] == self.manifest.dim, f"query shape {xq.shape}, dim {self.manifest.dim}"
-        return self.load_faiss().search(xq, k)
+        index = self.load_faiss()
+        if self.exact_matmul and is_flat(index):
+            view = self._flat_view
+            if view is None or view.ntotal != index.ntotal or self._flat_of is not index:
+                view, self._flat_of = FlatView(index), index
+                self._flat_view = view
+            return view.search(xq, k)
+        return index.search(xq, k)
 
 
 @dataclass

@@ -37,8 +37,8 @@ class RefinerTrainConfig:
     bidirectional: bool = True  # BST on/off (Table V ablation)
     switch_every: int = 0  # m; 0 = iterations // 5: five phases, ending on query->audio as the paper does
     cond_dropout: float = 0.0  # > 0 trains the unconditional branch for guidance
-    contrastive_weight: float = 0.0  # CMMD-style InfoNCE on the denoised estimate
-    contrastive_temperature: float = 0.07
+    contrastive_weight: float = 0.2  # CMMD-style InfoNCE on the denoised estimate: ranks, not just regresses
+    contrastive_temperature: float = 0.05
     prediction_type: str = "sample"  # z_0-MSE (retrieves far better at few iterations); "epsilon" = the paper
     weight_decay: float = 0.0
     seed: int = 0

@@ -57,7 +57,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         corpus_root=str(root),
     )
     log.info("indexing %d files from %s into %s (%s)", len(files), root, args.index, args.encoder)
-    return _run_build(store, encoders.audio, files, args, remove_missing=args.prune)
+    return _run_build(store, encoders.audio, files, args, remove_missing=args.prune, encoder_spec=args.encoder)
 
 
 def cmd_update(args: argparse.Namespace) -> int:
@@ -71,10 +71,29 @@ def cmd_update(args: argparse.Namespace) -> int:
         store.manifest.corpus_root = str(root)
     files = scan_folder(root)
     log.info("updating %s from %s (%d files found)", args.index, root, len(files))
-    return _run_build(store, encoders.audio, files, args, remove_missing=True)
+    return _run_build(store, encoders.audio, files, args, remove_missing=True, encoder_spec=store.manifest.encoder_spec)
 
 
-def _run_build(store: IndexStore, audio_encoder, files, args: argparse.Namespace, *, remove_missing: bool) -> int:
+def _run_build(
+    store: IndexStore, audio_encoder, files, args: argparse.Namespace, *, remove_missing: bool, encoder_spec: str
+) -> int:
+    if args.ray:
+        from diffgap.distributed import build_index_ray
+
+        log.info("decoding and encoding on Ray (%s), %d actors", args.ray, args.num_jobs)
+        report = build_index_ray(
+            store,
+            encoder_spec,
+            files,
+            args.shard_dir or store.root / "shards",
+            num_actors=args.num_jobs,
+            remove_missing=remove_missing,
+            max_file_seconds=args.max_file_seconds or None,
+            address=None if args.ray == "local" else args.ray,
+        )
+        log.info("%s", report.summary())
+        store.close()
+        return EXIT_OK if report.total_items else EXIT_FAILED
     with (
         logging_redirect_tqdm(),
         tqdm(total=len(files), unit="file", disable=args.quiet or None, dynamic_ncols=True) as bar,
@@ -217,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--max-file-seconds", type=float, default=4 * 3600.0, help="index at most this much of one recording (s)"
         )
+        p.add_argument(
+            "--ray",
+            metavar="ADDRESS",
+            help="decode and encode on Ray: 'local' starts one here, 'auto' or ray://HOST:10001 joins a cluster "
+            "(-j = encoder actors; corpus and encoder must be at the same paths on every node)",
+        )
+        p.add_argument("--shard-dir", help="with --ray: where embedding shards go (default INDEX/shards)")
 
     p = sub.add_parser("build", help="index a folder (or the audio named in a CSV); resumes if interrupted")
     p.add_argument("corpus", nargs="?", help="folder of audio/video files")
@@ -268,9 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cap_threads() -> None:
+    """Inside a CPU-limited container torch would otherwise start one thread per host core."""
+    import torch
+
+    from diffgap.resources import available_cpus
+
+    torch.set_num_threads(min(torch.get_num_threads(), available_cpus()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(-1 if args.quiet else args.verbose)
+    cap_threads()
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -184,7 +184,9 @@ def _common(p: argparse.ArgumentParser, pairs_required: bool = True) -> None:
     p.add_argument("--switch-every", type=int, default=0, help="BST interval m (0: iterations/4, the paper's ratio)")
     p.add_argument("--no-bst", action="store_true", help="train direction query->audio only")
     p.add_argument("--cond-dropout", type=float, default=0.0, help="condition dropout for guidance")
-    p.add_argument("--contrastive-weight", type=float, default=0.0, help="CMMD-style contrastive term weight")
+    p.add_argument(
+        "--contrastive-weight", type=float, default=0.2, help="CMMD-style contrastive weight (0: off)"
+    )
     p.add_argument("--prediction", default=RefinerTrainConfig.prediction_type, choices=["sample", "epsilon"])
     p.add_argument("--seed", type=int, default=0)
 

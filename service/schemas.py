@@ -15,7 +15,9 @@ class RefineOptions(BaseModel):
     steps: int = Field(5, ge=1, le=200, description="DDIM sampling steps")
     mode: Literal["sample", "bridge"] = "sample"
     blend: float = Field(0.0, ge=0.0, le=1.0, description="weight of the direct similarity in the final score")
-    start_noise: float = Field(1.0, ge=0.0, le=1.0, description="scale of the starting noise (0: the prior's mean)")
+    start_noise: float | None = Field(
+        None, ge=0.0, le=1.0, description="starting noise scale; default 0 (prior mean) for sample, 1 for bridge"
+    )
 
 
 class Filters(BaseModel):

@@ -26,6 +26,8 @@ class RefinerNetConfig:
     mlp_ratio: int = 2  # MLP expansion inside each block
     time_freqs: int = 64  # sinusoidal features of the step n
     dropout: float = 0.0  # embeddings are few and clean; the diffusion noise already regularises
+    cond_in_trunk: bool = True  # add the condition to the trunk input too: adaLN alone only modulates
+    query_skip: bool = True  # a path condition -> output (a gain, 1 at init, when sizes match)
 
 
 def timestep_features(n: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -52,6 +54,21 @@ class AdaLNBlock(nn.Module):
         return h + gate * self.mlp(self.norm(h) * (1 + scale) + shift)
 
 
+class _Gain(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, d)
+        return x * self.weight
+
+
+class _ZeroLinear(nn.Linear):
+    def __init__(self, c: int, d: int) -> None:
+        super().__init__(c, d, bias=False)
+        nn.init.zeros_(self.weight)
+
+
 class RefinerNet(nn.Module):
     def __init__(self, cfg: RefinerNetConfig) -> None:
         super().__init__()
@@ -67,6 +84,16 @@ class RefinerNet(nn.Module):
         self.blocks = nn.ModuleList(AdaLNBlock(h, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.n_blocks))
         self.out_norm = nn.LayerNorm(h)
         self.z_out = nn.ModuleList(nn.Linear(h, d) for d in dims)
+        if cfg.cond_in_trunk:
+            self.cond_trunk = nn.ModuleList(nn.Linear(c, h) for c in conds)
+        if cfg.query_skip:
+            # At high noise the best z_0 guess is a map of the condition. Aligned encoders put query
+            # and audio in one space, so a per-coordinate gain (1 at init) carries the condition to
+            # the output for free and the trunk learns the correction; spaces of different sizes get
+            # a zero-initialised linear map instead. Cheap: 2*d weights, not d*d.
+            self.skip = nn.ModuleList(
+                _Gain(d) if d == c else _ZeroLinear(c, d) for d, c in zip(dims, conds, strict=True)
+            )
 
     def forward(
         self,
@@ -82,10 +109,17 @@ class RefinerNet(nn.Module):
             c = torch.where(cond_mask[:, None], c, self.null_cond[direction].expand_as(c))
         emb = self.time_mlp(timestep_features(n, self.cfg.time_freqs)) + c + self.direction.weight[direction]
         emb = F.silu(emb)  # (B, H)
+        # a dropped condition (classifier-free guidance) must not leak in through the other paths
+        cond_kept = cond if cond_mask is None else cond * cond_mask[:, None].to(cond.dtype)  # (B, c_dir)
         h = self.z_in[direction](z_n)  # (B, H)
+        if self.cfg.cond_in_trunk:
+            h = h + self.cond_trunk[direction](cond_kept)
         for block in self.blocks:
             h = block(h, emb)
-        return self.z_out[direction](self.out_norm(h))  # (B, d_dir)
+        out = self.z_out[direction](self.out_norm(h))  # (B, d_dir)
+        if self.cfg.query_skip:
+            out = out + self.skip[direction](cond_kept)  # (B, d_dir)
+        return out
 
     def num_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())

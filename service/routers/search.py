@@ -54,7 +54,9 @@ def to_filter(filters: Filters | None) -> ItemFilter | None:
     )
 
 
-def refine_spec(refine: bool, steps: int, mode: str, blend: float, start_noise: float = 1.0) -> RefineSpec | None:
+def refine_spec(
+    refine: bool, steps: int, mode: str, blend: float, start_noise: float | None = None
+) -> RefineSpec | None:
     return RefineSpec(steps=steps, mode=mode, blend=blend, start_noise=start_noise) if refine else None
 
 

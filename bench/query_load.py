@@ -1,0 +1,246 @@
+"""Query path under load: `/v1/search` latency and throughput over loopback, measured with wrk.
+
+    .venv/bin/python bench/query_load.py [--sizes 10000,100000,1000000] [--seconds 10] [--out runs/query_load.json]
+
+For each index size it builds an index directory of synthetic clustered vectors (the real store:
+SQLite + FAISS Flat + manifest), starts a real `diffgap-serve` on 127.0.0.1, and drives it with
+wrk (Debian's package; C, so the load generator takes little of the 2 cores) at 1, 8 and 32
+connections, cycling through 16 different text queries. Encoders have random weights, which cost
+what trained ones cost: the compact encoder as trained here, and a full-size CLAP (transformers'
+default ClapConfig, the size of LAION's HTSAT-unfused: ~150M parameters) at 100k items.
+Refiners are untrained, same size as trained ones. Each row is one wrk run; quote them side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from diffgap.encoders import load_encoders  # noqa: E402
+from diffgap.models.refiner_net import RefinerNetConfig  # noqa: E402
+from diffgap.refiner import Refiner, RefinerConfig  # noqa: E402
+from diffgap.store import FileRecord, IndexStore  # noqa: E402
+
+QUERIES = [
+    "a dog barks twice then a car passes",
+    "rain on a tin roof with distant thunder",
+    "a high beep twice at the start",
+    "a low buzz at the end",
+    "church bells ringing in the distance",
+    "footsteps on gravel while wind blows",
+    "a door slams and a man shouts",
+    "birds chirping in the morning",
+    "a faint hum throughout with clicks",
+    "water dripping into a bucket slowly",
+    "an engine starts and idles",
+    "crowd cheering after a goal",
+    "a kettle whistles loudly",
+    "typing on a mechanical keyboard",
+    "a gong struck once then fading",
+    "static noise bursts repeatedly",
+]
+
+LUA = """
+local bodies = {}
+local queries = %s
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local i = 0
+request = function()
+  i = i + 1
+  local q = queries[(i %% #queries) + 1]
+  return wrk.format(nil, "/v1/search", nil, '{"text": "' .. q .. '", "k": 10, %s}')
+end
+"""
+
+
+def make_compact(out: Path) -> str:
+    from diffgap.encoders.compact import CompactModel, train_tokenizer
+    from diffgap.models.audio_net import AudioNetConfig
+    from diffgap.models.text_net import TextNetConfig
+
+    tokenizer = train_tokenizer(QUERIES * 10, 4000)
+    text = TextNetConfig(vocab_size=tokenizer.get_vocab_size())
+    CompactModel(AudioNetConfig(), text, None, tokenizer).eval().save(out)
+    return f"compact:{out}"
+
+
+def make_full_clap(out: Path) -> str:
+    from tiny_models import _tokenizer
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor
+
+    tokenizer = _tokenizer(out / "_bpe")
+    ClapModel(ClapConfig()).eval().save_pretrained(out)
+    ClapProcessor(feature_extractor=ClapFeatureExtractor(), tokenizer=tokenizer).save_pretrained(out)
+    return f"clap:{out}"
+
+
+def clustered(n: int, dim: int, seed: int = 0, centres: int = 2000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mu = rng.standard_normal((centres, dim)).astype(np.float32)
+    mu /= np.linalg.norm(mu, axis=1, keepdims=True)
+    x = mu[rng.integers(0, centres, n)] + rng.standard_normal((n, dim)).astype(np.float32) / np.sqrt(dim)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def build_index(root: Path, spec: str, n: int) -> None:
+    """n one-window files with synthetic vectors, committed through the real store, plus a text refiner."""
+    encoders = load_encoders(spec)
+    dim = encoders.audio.dim
+    store = IndexStore.create(root, encoder_spec=spec, fingerprint=encoders.audio.fingerprint, dim=dim)
+    chunk = 20_000
+    for start in range(0, n, chunk):
+        xb = clustered(min(chunk, n - start), dim, seed=start)
+        store.commit_files(
+            FileRecord(f"synthetic/{start + i:07d}.wav", f"h{start + i}", 1, 0.0, "indexed", duration=10.0,
+                       sample_rate=16000, channels=1, windows=[(0.0, 10.0)], vectors=xb[i : i + 1])
+            for i in range(len(xb))
+        )  # fmt: skip
+    store.sync_faiss()
+    store.close()
+    assert encoders.text is not None
+    net = RefinerNetConfig(audio_dim=dim, query_dim=encoders.text.dim)
+    Refiner(
+        RefinerConfig(
+            net=net,
+            prediction_type="sample",
+            audio_fingerprint=encoders.audio.fingerprint.to_dict(),
+            query_fingerprint=encoders.text.fingerprint.to_dict(),
+            query_modality="text",
+        )
+    ).save(root / "refiner-text")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, index: Path, threads: int) -> None:
+        self.port = free_port()
+        self.log = open(index / "serve.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [str(ROOT / ".venv" / "bin" / "diffgap-serve"), "--index", str(index), "--port", str(self.port),
+             "--threads", str(threads)],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "DIFFGAP_LOG_LEVEL": "WARNING"},
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"server did not become ready; see {index / 'serve.log'}")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+def to_ms(value: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", value).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def run_wrk(port: int, clients: int, seconds: int, options: str, tmp: Path) -> dict:
+    script = tmp / "query.lua"
+    queries = "{" + ", ".join(json.dumps(q) for q in QUERIES) + "}"
+    script.write_text(LUA % (queries, options))
+    out = subprocess.run(
+        ["wrk", "-t", "1", "-c", str(clients), "-d", f"{seconds}s", "--timeout", "10s", "--latency",
+         "-s", str(script), f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    lat = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", out, re.M))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)$", out, re.M)
+    return {
+        "requests": requests,
+        "req_per_s": round(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), 1),  # type: ignore[union-attr]
+        "p50_ms": round(to_ms(lat["50"]), 2),
+        "p99_ms": round(to_ms(lat["99"]), 2),
+        "errors": (int(non2xx.group(1)) if non2xx else 0) + (1 if socket_errors else 0),
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clap-size", type=int, default=100_000, help="index size for the full-size CLAP rows (0: skip)")
+    ap.add_argument("--out", default="runs/query_load.json")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is missing: apt-get install wrk")
+    rows = []
+    configs = [("refine off", '"refine": false')] + [
+        (f"refine {s} steps", f'"refine": true, "steps": {s}') for s in (5, 20, 50)
+    ]
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        plans = [("compact", make_compact(tmp / "compact"), n) for n in (int(s) for s in args.sizes.split(","))]
+        if args.clap_size:
+            plans.append(("CLAP full size", make_full_clap(tmp / "clap"), args.clap_size))
+        for encoder, spec, n in plans:
+            index = tmp / f"index-{encoder.split()[0]}-{n}"
+            t = time.perf_counter()
+            build_index(index, spec, n)
+            print(f"built {index.name} in {time.perf_counter() - t:.0f} s", flush=True)
+            server = Server(index, args.threads)
+            try:
+                for label, options in configs:
+                    if encoder != "compact" and label.endswith(("20 steps", "50 steps")):
+                        continue
+                    for clients in (1, 8, 32):
+                        if label.endswith(("20 steps", "50 steps")) and n != 100_000:
+                            continue
+                        stats = run_wrk(server.port, clients, args.seconds, options, tmp)
+                        row = {"encoder": encoder, "items": n, "query": label, "clients": clients, **stats,
+                               "rss_mb": round(server.rss_mb(), 1)}  # fmt: skip
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+            finally:
+                server.stop()
+            shutil.rmtree(index)
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "seconds_per_run": args.seconds,
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

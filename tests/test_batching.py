@@ -1,0 +1,50 @@
+"""The micro-batcher: results go back to their own callers, groups share calls, a lone caller never waits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from diffgap.batching import MicroBatcher
+
+
+def test_concurrent_callers_share_calls_and_get_their_own_results() -> None:
+    calls: list[int] = []
+
+    def double(xs: Sequence[int]) -> list[int]:
+        calls.append(len(xs))
+        time.sleep(0.02)  # a model call: others queue up meanwhile
+        return [2 * x for x in xs]
+
+    batcher = MicroBatcher(double, key=lambda x: x % 2, max_batch=8, wait_ms=5)
+    results: dict[int, int] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, batcher.submit(i))) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    assert results == {i: 2 * i for i in range(40)}
+    assert sum(calls) == 40 and len(calls) < 40 and max(calls) <= 8
+
+
+def test_a_lone_caller_does_not_wait_for_company() -> None:
+    batcher = MicroBatcher(lambda xs: list(xs), wait_ms=100_000)  # waiting would blow the timeout below
+    assert [batcher.submit(i, timeout=5) for i in range(3)] == [0, 1, 2]
+    batcher.close()
+
+
+def test_a_failing_group_fails_alone() -> None:
+    def run(xs: Sequence[int]) -> list[int]:
+        if any(x < 0 for x in xs):
+            raise ValueError("negative")
+        return list(xs)
+
+    batcher = MicroBatcher(run, key=lambda x: x < 0)
+    with pytest.raises(ValueError, match="negative"):
+        batcher.submit(-1)
+    assert batcher.submit(3) == 3
+    batcher.close()
