@@ -50,8 +50,8 @@ RUN useradd --system --uid 10001 --user-group --home-dir /data --no-create-home 
     && mkdir -p /data /models && chown diffgap:diffgap /data /models
 COPY --from=build /opt/diffgap /opt/diffgap
 COPY deploy/indexer.sh /usr/local/bin/diffgap-indexer-job
-# Threads are sized from the container's CPU quota at start (diffgap.resources); HF_HOME is the
-# model-cache volume where real CLAP/CLIP weights go.
+# Thread pools never exceed the container's CPU quota (diffgap.resources reads the cgroup); HF_HOME
+# is the model-cache volume where real CLAP/CLIP weights go.
 ENV PATH=/opt/diffgap/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/models HF_HUB_OFFLINE=1 \
     DIFFGAP_HOST=0.0.0.0 DIFFGAP_PORT=8000 DIFFGAP_INDEX_DIR=/data/index

@@ -25,7 +25,7 @@ def main() -> None:
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
         f"this invocation of bench/synthcaps.sh {args.elapsed / 60:.1f} min (steps already done in WORK_DIR are "
-        "reused). Compact encoders: {enc['steps']} steps on "
+        f"reused). Compact encoders: {enc['steps']} steps on "
         f"{enc['clips']} clips in {enc['seconds'] / 60:.1f} min.",
         "",
     ]

@@ -35,6 +35,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SQLITE = "meta.sqlite"
 FAISS_FILE = "index.faiss"
+# Flat indexes only: the same vectors and ids as index.faiss, 64-byte aligned for memory-mapped BLAS
+VECTORS_FILE = "vectors.npy"
+IDS_FILE = "ids.npy"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -126,6 +129,19 @@ def write_faiss_atomic(index: faiss.Index, path: Path) -> None:
     try:
         faiss.write_index(index, tmp)
         with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_npy_atomic(array: np.ndarray, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array))  # .npy pads its header: the data starts 64-byte aligned
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -360,7 +376,8 @@ class IndexStore:
             if not self.faiss_path.exists():
                 self._faiss = new_faiss_index(self.manifest.dim, self.manifest.index_type)
             else:
-                flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+                # IO_FLAG_MMAP_IFC maps a flat index's vectors (IO_FLAG_MMAP alone still reads them in)
+                flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
                 try:
                     self._faiss = faiss.read_index(str(self.faiss_path), flags)
                 except RuntimeError as exc:
@@ -396,6 +413,13 @@ class IndexStore:
                 index.add_with_ids(xb, xids)
             added = len(missing)
         assert index.ntotal == len(want), f"faiss has {index.ntotal} vectors, SQLite {len(want)} items"
+        if is_flat(index):  # written first: a reader trusts them only if their ids match index.faiss
+            view = FlatView(index)
+            save_npy_atomic(view.xb, self.root / VECTORS_FILE)
+            save_npy_atomic(view.ids, self.root / IDS_FILE)
+        else:
+            for stale in (VECTORS_FILE, IDS_FILE):
+                (self.root / stale).unlink(missing_ok=True)
         write_faiss_atomic(index, self.faiss_path)
         self._faiss = index
         self.manifest.counts = self.counts()
@@ -450,6 +474,18 @@ class IndexStore:
             problems.append(f"{orphans} items have no file row")
         return problems
 
+    def _open_flat_view(self, index: faiss.Index) -> FlatView:
+        """The aligned, memory-mapped vectors.npy when it matches index.faiss, else a view into FAISS."""
+        view = FlatView(index)
+        try:
+            ids = np.load(self.root / IDS_FILE, mmap_mode="r")
+            xb = np.load(self.root / VECTORS_FILE, mmap_mode="r")
+        except (OSError, ValueError):
+            return view
+        if xb.shape == view.xb.shape and xb.dtype == np.float32 and np.array_equal(ids, view.ids):
+            return FlatView.from_arrays(np.asarray(ids), xb)
+        return view  # stale (a writer died between the two files): FAISS is the truth
+
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) for each query row; ids are -1 where fewer than k items exist."""
         xq = np.ascontiguousarray(xq, dtype=np.float32)
@@ -458,7 +494,7 @@ class IndexStore:
         if self.exact_matmul and is_flat(index):
             view = self._flat_view
             if view is None or view.ntotal != index.ntotal or self._flat_of is not index:
-                view, self._flat_of = FlatView(index), index
+                view, self._flat_of = self._open_flat_view(index), index
                 self._flat_view = view
             return view.search(xq, k)
         return index.search(xq, k)

@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--index", help="index directory (env DIFFGAP_INDEX_DIR)")
     parser.add_argument("--host", help="bind address (env DIFFGAP_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (env DIFFGAP_PORT, default 8000)")
-    parser.add_argument("--threads", type=int, help="torch/FAISS threads (env DIFFGAP_THREADS)")
+    parser.add_argument("--threads", type=int, help="torch/FAISS intra-op threads (env DIFFGAP_THREADS, default 1)")
     parser.add_argument("--video-encoder", help="video encoder spec, e.g. clip (env DIFFGAP_VIDEO_ENCODER)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)

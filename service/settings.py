@@ -7,8 +7,6 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from diffgap.resources import available_cpus
-
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DIFFGAP_", env_file=None, extra="ignore")
@@ -16,7 +14,10 @@ class Settings(BaseSettings):
     index_dir: Path = Field(Path("demo/index"), description="index directory built by diffgap-index")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    threads: int = Field(default_factory=available_cpus, ge=1, le=256, description="torch and FAISS threads")
+    # 1 by default: per-query models are tiny, and on 2 cores two intra-op threads spinning against
+    # the event loop doubled p50 (bench/query_load.py, BENCHMARKS.md); exact search uses numpy's BLAS
+    # threads regardless. Raise it for a full-size CLAP encoder on a many-core machine.
+    threads: int = Field(1, ge=1, le=256, description="torch and FAISS threads (intra-op)")
     video_encoder: str | None = Field(None, description="video encoder spec (default: the index's own, if any)")
     api_key: str | None = Field(None, description="bearer token required on everything but health checks")
     cors_origins: list[str] = Field(default_factory=list)

@@ -18,6 +18,7 @@ import torch
 from diffgap.batching import MicroBatcher
 from diffgap.encoders import EncoderSet, load_encoders
 from diffgap.refiner import Refiner
+from diffgap.resources import available_cpus
 from diffgap.search import Hit, Query, Searcher
 from diffgap.store import IndexStore
 from service.settings import Settings
@@ -74,8 +75,9 @@ class StateHolder:
         self.state: ServiceState | None = None
         self.error: str | None = None
         self._swap_lock = threading.Lock()
-        torch.set_num_threads(settings.threads)
-        faiss.omp_set_num_threads(settings.threads)
+        threads = min(settings.threads, available_cpus())  # never more than the container's CPU quota
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
         self.batcher: MicroBatcher[Query, tuple[list[Hit], dict[str, float]]] = MicroBatcher(
             self._run_batch, key=lambda q: q.batch_key, max_batch=settings.batch_max, wait_ms=settings.batch_wait_ms
         )

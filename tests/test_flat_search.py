@@ -38,7 +38,7 @@ def test_memory_mapped_index(tmp_path: Path) -> None:
     index = new_faiss_index(16, "Flat")
     index.add_with_ids(unit(rng, 500, 16), np.arange(500, dtype=np.int64) * 3)
     write_faiss_atomic(index, tmp_path / "index.faiss")
-    mapped = faiss.read_index(str(tmp_path / "index.faiss"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    mapped = faiss.read_index(str(tmp_path / "index.faiss"), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
     xq = unit(rng, 4, 16)
     np.testing.assert_array_equal(FlatView(mapped).search(xq, 5)[1], index.search(xq, 5)[1])
 
