@@ -179,7 +179,9 @@ def run_wrk(port: int, clients: int, seconds: int, options: str, tmp: Path) -> d
          "-s", str(script), f"http://127.0.0.1:{port}"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    lat = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", out, re.M))
+    lat = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)\s*$", out, re.M))
+    if "50" not in lat:
+        raise RuntimeError(f"wrk reported no latencies:\n{out}")
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)$", out, re.M)
@@ -209,7 +211,8 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        plans = [("compact", make_compact(tmp / "compact"), n) for n in (int(s) for s in args.sizes.split(","))]
+        sizes = [int(s) for s in args.sizes.split(",") if s]
+        plans = [("compact", make_compact(tmp / "compact"), n) for n in sizes]
         if args.clap_size:
             plans.append(("CLAP full size", make_full_clap(tmp / "clap"), args.clap_size))
         for encoder, spec, n in plans:

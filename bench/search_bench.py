@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffgap.flat_search import FlatView  # noqa: E402
-from diffgap.store import new_faiss_index, write_faiss_atomic  # noqa: E402
+from diffgap.store import new_faiss_index, save_npy_atomic, write_faiss_atomic  # noqa: E402
 
 
 def embedding_like(n: int, dim: int, seed: int, latent: int = 24) -> np.ndarray:
@@ -132,16 +132,25 @@ def mmap_memory(xb: np.ndarray, tmp: Path) -> list[dict]:
     time and its memory split into anonymous (private, unevictable without swap) and file-backed
     (page cache: shared by every process mapping the file, reclaimable) from /proc/self/status."""
     path = tmp / "flat.faiss"
-    write_faiss_atomic(_flat(xb), path)
+    flat = _flat(xb)
+    write_faiss_atomic(flat, path)
+    save_npy_atomic(xb, tmp / "vectors.npy")  # what the index store writes beside a Flat index
+    save_npy_atomic(FlatView(flat).ids, tmp / "ids.npy")
     rows = []
     for mmap in (False, True):
         code = (
             "import faiss, numpy as np, sys, time;"
             f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r});"
             "from diffgap.flat_search import FlatView;"
-            f"flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if {mmap} else 0;"
-            f"t = time.perf_counter(); index = faiss.read_index({str(path)!r}, flags); t = time.perf_counter() - t;"
-            "v = FlatView(index); q = np.random.default_rng(0).standard_normal((1, index.d)).astype('float32');"
+            "t = time.perf_counter();"
+            + (
+                f"v = FlatView.from_arrays(np.load({str(tmp / 'ids.npy')!r}), "
+                f"np.load({str(tmp / 'vectors.npy')!r}, mmap_mode='r'));"
+                if mmap
+                else f"v = FlatView(faiss.read_index({str(path)!r}));"
+            )
+            + "t = time.perf_counter() - t;"
+            "q = np.random.default_rng(0).standard_normal((1, v.xb.shape[1])).astype('float32');"
             "[v.search(q, 10) for _ in range(20)];"
             "st = dict(l.split(':', 1) for l in open('/proc/self/status'));"
             "print(t, *(int(st[k].split()[0]) for k in ('VmRSS', 'RssAnon', 'RssFile', 'VmHWM')))"
