@@ -6,7 +6,7 @@ Corpus: generated 30-second stereo FLAC files at 44.1 kHz (tones over noise), so
 decoding, down-mixing and resampling, and is cut into 5 windows (10 s, hop 5 s). Stages are timed
 in one process over the whole corpus (hash, decode at the source rate, decode + resample to the
 encoder's rate, encode, commit to SQLite + FAISS); end-to-end runs are real `diffgap-index build`
-processes with -j 1 and 2, whose peak RSS is read from the kernel. Encoders have random weights
+processes with -j 1 and 2, whose main process's peak RSS (VmHWM) is read from the kernel. Encoders have random weights
 (the cost of trained ones): the compact encoder, and a full-size CLAP (transformers' default
 ClapConfig, ~150M parameters) on a smaller corpus.
 """
@@ -90,18 +90,18 @@ def stage_times(corpus: Path, spec: str, index: Path) -> dict[str, float]:
 
 def end_to_end(corpus: Path, spec: str, index: Path, jobs: int) -> dict[str, float]:
     code = (
-        "import resource, sys, time;"
+        "import sys, time;"
         f"sys.argv = ['diffgap-index', '-q', 'build', {str(corpus)!r}, '-o', {str(index)!r}, '--encoder', {spec!r},"
         f" '-j', '{jobs}'];"
         "from indexer.cli import main; t = time.perf_counter(); rc = main(sys.argv[1:]);"
-        "print(time.perf_counter() - t, rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
-        " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        # VmHWM, not ru_maxrss: after exec, ru_maxrss still carries the (large) parent's size
+        "st = dict(l.split(':', 1) for l in open('/proc/self/status'));"
+        "print(time.perf_counter() - t, rc, int(st['VmHWM'].split()[0]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    seconds, rc, rss, child_rss = out.split()[-4:]
+    seconds, rc, rss = out.split()[-3:]
     assert rc == "0", out
-    return {"jobs": jobs, "seconds": round(float(seconds), 2), "peak_rss_mb": round(int(rss) / 1024, 1),
-            "worker_peak_rss_mb": round(int(child_rss) / 1024, 1)}  # fmt: skip
+    return {"jobs": jobs, "seconds": round(float(seconds), 2), "peak_rss_mb": round(int(rss) / 1024, 1)}
 
 
 def main() -> None:

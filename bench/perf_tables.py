@@ -48,7 +48,12 @@ def load_tables(data: dict) -> str:
     rows = [[r["encoder"], f"{r['items']:,}", r["query"], r["clients"], r["p50_ms"], r["p99_ms"], r["req_per_s"],
              r["errors"], r["rss_mb"]] for r in data["rows"]]  # fmt: skip
     head = ["encoder", "items", "query", "clients", "p50 ms", "p99 ms", "req/s", "errors", "server RSS MB"]
-    return f"Machine: {data['machine']}; {data['seconds_per_run']} s per row.\n\n" + table(head, rows)
+    text = f"Machine: {data['machine']}; {data['seconds_per_run']} s per row.\n\n" + table(head, rows)
+    if "in_process_100k" in data:
+        stages = [[k, v] for k, v in data["in_process_100k"].items()]
+        text += "\n\nOne query in process (no HTTP), compact encoder, 100k items, median ms:\n\n"
+        text += table(["stage", "ms"], stages)
+    return text
 
 
 def index_tables(data: dict) -> str:
@@ -61,9 +66,9 @@ def index_tables(data: dict) -> str:
         parts += ["", f"Where the time goes, {name}: {st['files']} files, {st['windows']} windows, one process "
                   f"(total without the source-rate decode, which is only there to split decode from resample: "
                   f"{total:.1f} s):", "", table(["stage", "seconds", "ms per file"], rows)]  # fmt: skip
-    rows = [[r["encoder"], r["files"], r["jobs"], r["seconds"], r["files_per_s"], r["peak_rss_mb"],
-             r["worker_peak_rss_mb"]] for r in data["end_to_end"]]  # fmt: skip
-    head = ["encoder", "files", "-j", "seconds", "files/s", "main peak RSS MB", "worker peak RSS MB"]
+    rows = [[r["encoder"], r["files"], r["jobs"], r["seconds"], r["files_per_s"], r["peak_rss_mb"]]
+            for r in data["end_to_end"]]  # fmt: skip
+    head = ["encoder", "files", "-j", "seconds", "files/s", "main process peak RSS MB"]
     parts += ["", "End to end, `diffgap-index build`:", "", table(head, rows)]
     return "\n".join(parts)
 

@@ -88,7 +88,9 @@ def make_full_clap(out: Path) -> str:
 
     tokenizer = _tokenizer(out / "_bpe")
     ClapModel(ClapConfig()).eval().save_pretrained(out)
-    ClapProcessor(feature_extractor=ClapFeatureExtractor(), tokenizer=tokenizer).save_pretrained(out)
+    # the unfused model (as laion/clap-htsat-unfused) takes one mel channel: no "fusion" truncation
+    extractor = ClapFeatureExtractor(truncation="rand_trunc")
+    ClapProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out)
     return f"clap:{out}"
 
 
@@ -126,6 +128,44 @@ def build_index(root: Path, spec: str, n: int) -> None:
             query_modality="text",
         )
     ).save(root / "refiner-text")
+
+
+def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]:
+    """Median ms of each stage for one query, in this process (no HTTP): where a request's time goes."""
+    import torch
+
+    from diffgap.search import Query, RefineSpec, Searcher
+
+    torch.set_num_threads(threads)
+    encoders = load_encoders(spec)
+    refiner = Refiner.load(index / "refiner-text")
+    store = IndexStore.open(index, readonly=True)
+    store.load_faiss(mmap=True)
+    searcher = Searcher(store, encoders, {"text": refiner})
+    assert encoders.text is not None
+    xq = encoders.text.encode([QUERIES[0]])
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(100):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return round(float(np.median(times)) * 1e3, 3)
+
+    stages = {
+        "encode text": median_ms(lambda: encoders.text.encode([QUERIES[1]])),
+        "refine, 1 step": median_ms(lambda: refiner.refine(xq, steps=1)),
+        "refine, 5 steps": median_ms(lambda: refiner.refine(xq, steps=5)),
+        "exact search + metadata (k=10)": median_ms(lambda: searcher._search(xq, [Query("text", 10, text="x")])),
+        "whole query, refine off": median_ms(lambda: searcher.run([Query("text", 10, text=QUERIES[2])])),
+        "whole query, refine 5 steps": median_ms(
+            lambda: searcher.run([Query("text", 10, text=QUERIES[2], refine=RefineSpec(steps=5))])
+        ),
+    }
+    store.close()
+    return stages
 
 
 def free_port() -> int:
@@ -202,7 +242,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clap-size", type=int, default=100_000, help="index size for the full-size CLAP rows (0: skip)")
     ap.add_argument("--out", default="runs/query_load.json")
+    ap.add_argument("--profile-only", action="store_true", help="only the in-process stage profile at 100k items")
     args = ap.parse_args()
+    if args.profile_only:
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
+            spec = make_compact(tmp / "compact")
+            build_index(tmp / "index", spec, 100_000)
+            stages = in_process_profile(tmp / "index", spec, args.threads)
+        print(json.dumps(stages))
+        out = Path(args.out)
+        data = json.loads(out.read_text()) if out.exists() else {"rows": []}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**data, "in_process_100k": stages}, indent=1))
+        return
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: apt-get install wrk")
     rows = []

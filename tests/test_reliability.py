@@ -37,33 +37,25 @@ def test_schema_fuzzing_finds_no_server_errors(served_index, tmp_path):
     if not Path(exe).exists():
         pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
     srv = Server(served_index, {"DIFFGAP_MAX_UPLOAD_BYTES": str(1024 * 1024)})
-    try:
+
+    def fuzz(workers: int) -> tuple[int, str]:
         proc = subprocess.run(
-            [
-                exe,
-                "run",
-                f"{srv.url}/openapi.json",
-                "--checks",
-                "not_a_server_error",
-                "-n",
-                str(FUZZ_EXAMPLES),
-                "--request-timeout",
-                "30",
-                "--seed",
-                "7",
-                "--workers",
-                "2",
-            ],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 0, out[-4000:]
+            [exe, "run", f"{srv.url}/openapi.json", "--checks", "not_a_server_error", "-n", str(FUZZ_EXAMPLES),
+             "--request-timeout", "30", "--seed", "7", "--workers", str(workers)],
+            cwd=tmp_path, capture_output=True, text=True, timeout=1800,
+        )  # fmt: skip
+        return proc.returncode, proc.stdout + proc.stderr
+
+    try:
+        returncode, out = fuzz(workers=2)
+        if returncode != 0 and "AST constructor recursion depth mismatch" in out and "Failures:" not in out:
+            # A CPython 3.11 bug inside hypothesis's own bookkeeping (ast.parse deep in recursion, seen
+            # with 2 worker threads), not a failed check against the server: run again single-threaded.
+            returncode, out = fuzz(workers=1)
+        assert returncode == 0, out[-4000:]
         generated = int(re.search(r"(\d+) generated", out).group(1))
         assert generated >= 1000, out[-2000:]
-        (REPO / ".fuzz-last.txt").write_text(f"{generated} requests, exit {proc.returncode}\n")
+        (REPO / ".fuzz-last.txt").write_text(f"{generated} requests, exit {returncode}\n")
         assert httpx.get(f"{srv.url}/healthz", timeout=5).status_code == 200
     finally:
         srv.stop()
