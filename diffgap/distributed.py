@@ -122,11 +122,16 @@ def encode_to_shards(
     address: str | None = None,
 ) -> list[Path]:
     """Steps 1-2: run the actors over `files` and write Parquet shards; returns the shard paths."""
-    import ray
-    import ray.data
-
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise ValueError("the Ray path needs Ray: pip install 'diffgap[ray]'") from exc
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"cannot reach a Ray cluster at {address!r}: {exc}") from exc
     items = [
         {"path": str(f.path), "rel": f.rel, "size": f.size, "mtime": f.mtime, "known_hash": known_hashes.get(f.rel, "")}
         for f in files

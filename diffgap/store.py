@@ -162,7 +162,6 @@ class IndexStore:
             if "description" not in columns:  # indexes made before descriptions existed
                 self.db.execute("ALTER TABLE files ADD COLUMN description TEXT NOT NULL DEFAULT ''")
         self._faiss: faiss.Index | None = None
-        self.exact_matmul = True  # Flat indexes: search by matmul + top-k (diffgap/flat_search.py says why)
         self._flat_view: FlatView | None = None
         self._flat_of: faiss.Index | None = None
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(files)")}
@@ -479,7 +478,7 @@ class IndexStore:
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         assert xq.ndim == 2 and xq.shape[1] == self.manifest.dim, f"query shape {xq.shape}, dim {self.manifest.dim}"
         index = self.load_faiss()
-        if self.exact_matmul and is_flat(index):
+        if is_flat(index):  # by matmul + top-k: diffgap/flat_search.py says why
             view = self._flat_view
             if view is None or view.ntotal != index.ntotal or self._flat_of is not index:
                 view, self._flat_of = self._open_flat_view(index), index

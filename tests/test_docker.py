@@ -50,7 +50,7 @@ def test_scripted_deployment_answers_a_search() -> None:
     assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == before_forward
 
 
-def run_indexer_job(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+def run_indexer_job(**env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["sh", str(ROOT / "deploy" / "indexer.sh")],
         env={"PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}", **env},
@@ -64,7 +64,7 @@ def test_indexer_job_requires_an_encoder_for_a_mounted_corpus(tmp_path: Path) ->
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.wav").write_bytes(b"")
-    run = run_indexer_job(tmp_path, DIFFGAP_CORPUS=str(corpus), DIFFGAP_INDEX_DIR=str(tmp_path / "index"))
+    run = run_indexer_job(DIFFGAP_CORPUS=str(corpus), DIFFGAP_INDEX_DIR=str(tmp_path / "index"))
     assert run.returncode == 2 and "DIFFGAP_ENCODER is required" in run.stderr
     assert not (tmp_path / "index").exists()
 
@@ -72,5 +72,5 @@ def test_indexer_job_requires_an_encoder_for_a_mounted_corpus(tmp_path: Path) ->
 def test_indexer_job_refuses_a_demo_index_path_it_cannot_honour(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / ".gitkeep").write_text("")  # dotfiles do not make a corpus
-    run = run_indexer_job(tmp_path, DIFFGAP_CORPUS=str(tmp_path / "empty"), DIFFGAP_INDEX_DIR=str(tmp_path / "idx"))
+    run = run_indexer_job(DIFFGAP_CORPUS=str(tmp_path / "empty"), DIFFGAP_INDEX_DIR=str(tmp_path / "idx"))
     assert run.returncode == 2 and "ending in /index" in run.stderr

@@ -222,27 +222,20 @@ def test_api_key_traversal_and_reload(private_index, tmp_path):
     corpus = Path(json.loads((private_index / "manifest.json").read_text())["corpus_root"])
     outside = tmp_path / "secret.wav"
     write_audio(outside, tone(440, 1.0, 16000), 16000)
-    with sqlite3.connect(private_index / "meta.sqlite") as db:  # an item pointing outside the corpus
+    def insert_item(db: sqlite3.Connection, path: str) -> int:
         db.execute(
-            "INSERT INTO files(path, content_hash, size, mtime, status) VALUES ('../../secret.wav','x',1,0,'indexed')"
+            "INSERT INTO files(path, content_hash, size, mtime, status) VALUES (?, ?, 1, 0, 'indexed')", (path, path)
         )
-        db.execute(
-            "INSERT INTO items(path, start, end, vector) VALUES ('../../secret.wav', 0, 1, ?)",
-            (np.zeros(32, "<f4").tobytes(),),
-        )
-        evil_id = db.execute("SELECT MAX(id) FROM items").fetchone()[0]
-        # a symlink inside the corpus that points outside it
-        link = corpus / "zz_link_out.wav"
+        vector = np.zeros(32, "<f4").tobytes()
+        db.execute("INSERT INTO items(path, start, end, vector) VALUES (?, 0, 1, ?)", (path, vector))
+        return db.execute("SELECT MAX(id) FROM items").fetchone()[0]
+
+    with sqlite3.connect(private_index / "meta.sqlite") as db:
+        evil_id = insert_item(db, "../../secret.wav")  # an item pointing outside the corpus
+        link = corpus / "zz_link_out.wav"  # a symlink inside the corpus that points outside it
         link.unlink(missing_ok=True)
         link.symlink_to(outside)
-        db.execute(
-            "INSERT INTO files(path, content_hash, size, mtime, status) VALUES ('zz_link_out.wav','y',1,0,'indexed')"
-        )
-        db.execute(
-            "INSERT INTO items(path, start, end, vector) VALUES ('zz_link_out.wav', 0, 1, ?)",
-            (np.zeros(32, "<f4").tobytes(),),
-        )
-        link_id = db.execute("SELECT MAX(id) FROM items").fetchone()[0]
+        link_id = insert_item(db, "zz_link_out.wav")
     srv = Server(private_index, {"DIFFGAP_API_KEY": "s3cret"})
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
