@@ -137,8 +137,10 @@ def run_ablation(
         bidirectional=True,
     )
     s0 = cfg.steps[0]
-    paper = train_one(bidirectional=True, prediction_type="epsilon")
-    refiner_rows(paper, "refiner with BST, eps-prediction (as in the paper)", (s0,), bidirectional=True)
+    other = "sample" if cfg.train.prediction_type == "epsilon" else "epsilon"
+    alternative = train_one(bidirectional=True, prediction_type=other)
+    label = "z_0-prediction" if other == "sample" else "eps-prediction (as in the paper)"
+    refiner_rows(alternative, f"refiner with BST, {label}", (s0,), bidirectional=True)
     if same_space:
 
         def bridge(x: np.ndarray, d: int) -> np.ndarray:

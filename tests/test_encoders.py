@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
 import pytest
+import torch
 from conftest import tone
 
 from diffgap.encoders import EncoderLoadError, load_encoders, parse_spec
@@ -105,3 +107,36 @@ def test_compact_audio_is_the_same_alone_or_padded_in_a_batch(tmp_path):
     alone = enc.audio.encode([short])[0]
     batched = enc.audio.encode([short, long])[0]
     assert float(alone @ batched) > 0.99999
+
+
+def test_compact_saved_before_strided_stem_loads_its_own_architecture(tmp_path):
+    """A config.json without the `strided_stem` fields (older checkpoints) keeps pooling blocks."""
+    tok = train_tokenizer(["a dog barks"] * 3, 60)
+    old = CompactModel(
+        AudioNetConfig(channels=(8, 8, 16, 16), d_model=16, n_layers=1, n_heads=2, dim=8, strided_stem=False),
+        None,
+        VideoNetConfig(channels=(8, 16), d_model=16, n_layers=1, n_heads=2, dim=8, size=32, strided_stem=False),
+        tok,
+    )
+    old.save(tmp_path / "old")
+    config_path = tmp_path / "old" / "config.json"
+    config = json.loads(config_path.read_text())
+    for tower in ("audio", "video"):
+        del config[tower]["strided_stem"]
+    config_path.write_text(json.dumps(config))
+    loaded = CompactModel.load(tmp_path / "old")
+    assert not loaded.audio.cfg.strided_stem and not loaded.video.cfg.strided_stem
+    wave = torch.from_numpy(tone(500, 1.0, 16000)).float()[None]
+    with torch.no_grad():
+        want = old.eval().audio(wave, torch.tensor([wave.shape[1]]))[0]
+        got = loaded.audio(wave, torch.tensor([wave.shape[1]]))[0]
+    torch.testing.assert_close(got, want)
+    # today's default is the strided stem, and its first block has no pooling layer
+    assert isinstance(CompactModel(AudioNetConfig(), None, None, None).audio.blocks[0].pool, torch.nn.Identity)
+
+
+def test_tokenizer_spells_words_it_never_saw():
+    tok = train_tokenizer(["loud high beep twice", "faint low buzz at end"], 500)
+    tokens = tok.encode("A quiet, low-pitched bleep (x2) - whoosh!").tokens
+    assert "[UNK]" not in tokens
+    assert "low" in tokens and "beep" not in tokens  # a known word stays whole; an unseen one is spelled

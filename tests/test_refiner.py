@@ -260,7 +260,7 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
         "20 steps",
         "50 steps",
         "m=10",
-        "eps-prediction",
+        "z_0-prediction",
         "bridge",
         "blend",
     ):

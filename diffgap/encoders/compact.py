@@ -6,7 +6,9 @@ prefixed `audio.`, `text.`, `video.`) and `tokenizer.json`. Nothing is pickled.
 
 from __future__ import annotations
 
+import itertools
 import json
+import string
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +34,9 @@ from diffgap.models.video_net import VideoNet, VideoNetConfig
 FORMAT = "diffgap-compact"
 VERSION = 1
 PAD, UNK = "[PAD]", "[UNK]"
+# Architecture fields added after models were first saved: a config without one was trained with
+# this value, whatever today's default is.
+LEGACY_FIELDS: dict[str, dict[str, Any]] = {"audio": {"strided_stem": False}, "video": {"strided_stem": False}}
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -40,8 +45,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK], min_frequency=1)
-    tok.train_from_iterator(texts, trainer)
+    # Every letter and digit, word-initial and as a "##" continuation, is in the vocabulary even if the
+    # training captions never use it, so an unseen word is spelled out in pieces instead of becoming
+    # [UNK]. The pseudo-words "aa ab ... a9" put each continuation piece in the training text once.
+    chars = string.ascii_lowercase + string.digits
+    spelled = " ".join(f"a{c}" for c in chars)
+    alphabet = list(chars + string.punctuation)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD, UNK], min_frequency=1, initial_alphabet=alphabet
+    )
+    tok.train_from_iterator(itertools.chain(texts, [spelled]), trainer)
     return tok
 
 
@@ -107,14 +120,15 @@ class CompactModel(torch.nn.Module):
         if config.get("format") != FORMAT:
             raise EncoderLoadError(f"{path} is not a compact encoder directory (format {config.get('format')!r})")
 
-        def tupled(d: dict[str, Any]) -> dict[str, Any]:
-            return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        def tupled(tower: str) -> dict[str, Any]:
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config[tower].items()}
+            return {**LEGACY_FIELDS.get(tower, {}), **fields}
 
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json")) if (path / "tokenizer.json").exists() else None
         model = cls(
-            AudioNetConfig(**tupled(config["audio"])),
-            TextNetConfig(**tupled(config["text"])) if config.get("text") else None,
-            VideoNetConfig(**tupled(config["video"])) if config.get("video") else None,
+            AudioNetConfig(**tupled("audio")),
+            TextNetConfig(**tupled("text")) if config.get("text") else None,
+            VideoNetConfig(**tupled("video")) if config.get("video") else None,
             tokenizer,
         )
         try:

