@@ -3,8 +3,8 @@
 For j = 1..M: draw a minibatch of (query, audio) pairs; with (condition, target) = (query, audio)
 in direction 0 or (audio, query) in direction 1, minimise ||eps - eps_theta(z_n, n, F^c)||^2;
 every m iterations switch the direction (BST). Without BST the direction stays 0.
-Extras the paper does not have, off by default: condition dropout (for classifier-free guidance)
-and a CMMD-style contrastive term on the denoised estimate.
+Extras the paper does not have: a CMMD-style contrastive term on the denoised estimate (on by
+default) and condition dropout for classifier-free guidance (off by default).
 """
 
 from __future__ import annotations

@@ -187,7 +187,12 @@ def _common(p: argparse.ArgumentParser, pairs_required: bool = True) -> None:
     p.add_argument(
         "--contrastive-weight", type=float, default=0.2, help="CMMD-style contrastive weight (0: off)"
     )
-    p.add_argument("--prediction", default=RefinerTrainConfig.prediction_type, choices=["sample", "epsilon"])
+    p.add_argument(
+        "--prediction",
+        default=RefinerTrainConfig.prediction_type,
+        choices=["sample", "epsilon"],
+        help="what the denoiser predicts: the noise (epsilon, the paper) or z_0 (sample)",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
