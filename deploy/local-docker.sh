@@ -13,6 +13,7 @@
 # compose venv, dockerd's log) lives in $DIFFGAP_DOCKER_STATE (default /var/tmp/diffgap-docker).
 set -euo pipefail
 
+started_dockerd=0
 here="$(cd "$(dirname "$0")/.." && pwd)"
 state="${DIFFGAP_DOCKER_STATE:-/var/tmp/diffgap-docker}"
 base_image="${DIFFGAP_BASE_IMAGE:-diffgap-base:bookworm}"
@@ -45,19 +46,37 @@ install_tools() {
   fi
 }
 
+ours_running() {
+  # A dockerd this script started (now or in an earlier run that never reached its teardown).
+  [ -f "$state/dockerd.pid" ] && [ "$(cat "/proc/$(cat "$state/dockerd.pid")/comm" 2>/dev/null)" = dockerd ]
+}
+
 start_dockerd() {
   if docker info >/dev/null 2>&1; then
-    log "dockerd already running (not started by this script; teardown will leave it)"
+    if ours_running; then
+      log "dockerd left running by an earlier run of this script: adopting it (teardown stops it)"
+      started_dockerd=1
+    else
+      log "dockerd already running (not started by this script; teardown will leave it)"
+    fi
     return
   fi
   mkdir -p "$state"
-  # What dockerd changes, saved so that teardown can put it back.
-  cat /proc/sys/net/ipv4/ip_forward >"$state/ip_forward.before"
-  iptables-save >"$state/iptables.before" 2>/dev/null || true
-  ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 >"$state/links.before"
+  # What dockerd changes, saved so that teardown can put it back. Saved once and removed by a
+  # finished teardown: after a run that died midway, the files still describe the machine as it
+  # was before docker, not the leftovers (bridges, iptables chains, ip_forward=1) of that run.
+  if [ -f "$state/links.before" ]; then
+    log "an earlier run did not finish its teardown: teardown will restore the network saved then"
+  else
+    cat /proc/sys/net/ipv4/ip_forward >"$state/ip_forward.before"
+    iptables-save >"$state/iptables.before" 2>/dev/null || true
+    ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 >"$state/links.before.tmp"
+    mv "$state/links.before.tmp" "$state/links.before"  # last: its presence marks a complete save
+  fi
   log "starting dockerd (log: $state/dockerd.log)"
   dockerd >"$state/dockerd.log" 2>&1 &
   echo $! >"$state/dockerd.pid"
+  started_dockerd=1
   for _ in $(seq 60); do
     docker info >/dev/null 2>&1 && return
     sleep 1
@@ -124,21 +143,31 @@ cmd_down() {
 }
 
 cmd_teardown() {
-  if [ ! -f "$state/dockerd.pid" ]; then
-    log "no dockerd started by this script"
+  if [ -f "$state/dockerd.pid" ]; then
+    local pid
+    pid="$(cat "$state/dockerd.pid")"
+    if ours_running; then
+      log "stopping dockerd ($pid)"
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$state/dockerd.pid"
+  fi
+  if docker info >/dev/null 2>&1; then
+    log "a dockerd not started by this script is running: leaving the network as it is"
     return
   fi
-  local pid
-  pid="$(cat "$state/dockerd.pid")"
-  log "stopping dockerd ($pid)"
-  kill "$pid" 2>/dev/null || true
-  for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-  kill -9 "$pid" 2>/dev/null || true
-  rm -f "$state/dockerd.pid"
-  # Bridges dockerd made (docker0, br-<id> of compose networks, veth pairs) that are still there.
-  ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | while read -r link; do
-    grep -qx "$link" "$state/links.before" || ip link delete "$link" 2>/dev/null || true
-  done
+  if [ ! -f "$state/links.before" ]; then
+    log "no saved network state: nothing to undo"
+    return
+  fi
+  # Links dockerd made (docker0, br-<id> of compose networks, veth pairs) that are still there;
+  # only docker's names, so that an interface added since the save is never touched.
+  ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | { grep -E '^(docker0|br-[0-9a-f]{12}|veth[0-9a-f]+)$' || true; } |
+    while read -r link; do
+      grep -qx "$link" "$state/links.before" || ip link delete "$link" 2>/dev/null || true
+    done
   for table in filter nat; do
     iptables -t "$table" -F 2>/dev/null || true
     iptables -t "$table" -X 2>/dev/null || true
@@ -148,11 +177,14 @@ cmd_teardown() {
     iptables-restore <"$state/iptables.before"
   fi
   cat "$state/ip_forward.before" >/proc/sys/net/ipv4/ip_forward
+  rm -f "$state/links.before" "$state/iptables.before" "$state/ip_forward.before"
   log "network restored: ip_forward=$(cat /proc/sys/net/ipv4/ip_forward), no docker links left"
 }
 
 cmd_test() {
-  trap 'cmd_down >/dev/null 2>&1 || true; cmd_teardown' EXIT
+  # Tear down only a dockerd this run started (or adopted): one that was already serving others stays.
+  started_dockerd=0
+  trap 'cmd_down >/dev/null 2>&1 || true; if [ "$started_dockerd" = 1 ]; then cmd_teardown; fi' EXIT
   cmd_setup
   cmd_up
   cmd_smoke
