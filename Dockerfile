@@ -28,7 +28,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_DEFAULT_TIMEOUT=120 \
 COPY deploy/wheels/ /wheels/
 RUN python3 -m venv /opt/diffgap
 # Dependencies first, in their own layer, so code edits do not reinstall torch.
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md LICENSE /src/
 RUN set -eux; \
     mkdir -p /src/diffgap /src/indexer /src/service; \
     /opt/diffgap/bin/pip install --find-links /wheels ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
