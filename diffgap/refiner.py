@@ -46,6 +46,10 @@ class RefinerConfig:
     audio_fingerprint: dict[str, Any] | None = None  # encoder of the index (target of direction 0)
     query_fingerprint: dict[str, Any] | None = None  # encoder of the queries (text or video)
     query_modality: str = "text"
+    # Weight of the direct similarity when a caller names none (query -> audio only). train-refiner
+    # picks it on held-out pairs: where the refined vector alone wins, 0; where queries are easy
+    # for the encoder already, mixing keeps what direct search gets right.
+    blend: float = 0.0
     training: dict[str, Any] = field(default_factory=dict)  # how it was trained, for the record
 
     def to_json(self) -> dict[str, Any]:
@@ -63,6 +67,7 @@ class RefinerConfig:
             audio_fingerprint=data.get("audio_fingerprint"),
             query_fingerprint=data.get("query_fingerprint"),
             query_modality=data.get("query_modality", "text"),
+            blend=float(data.get("blend", 0.0)),  # older checkpoints were served unblended
             training=data.get("training", {}),
         )
 
@@ -138,12 +143,16 @@ class Refiner:
         start_noise: float | None = None,
         n_samples: int = 1,
         guidance: float = 1.0,
-        blend: float = 0.0,
+        blend: float | None = None,
         seed: int = 0,
         **_: Any,
     ) -> np.ndarray:
-        """Map unit query vectors (B, c) to unit vectors in the target space (B, d)."""
+        """Map unit query vectors (B, c) to unit vectors in the target space (B, d).
+
+        `blend=None` takes the refiner's own weight (`config.blend`) for query -> audio, 0 otherwise."""
         target_dim, cond_dim = self.dims(direction)
+        if blend is None:
+            blend = self.config.blend if direction == 0 and target_dim == cond_dim else 0.0
         xq = np.asarray(xq, dtype=np.float32)
         if xq.ndim != 2 or xq.shape[1] != cond_dim:
             raise RefinerError(f"query vectors of shape {xq.shape}; this refiner expects (B, {cond_dim})")

@@ -48,7 +48,7 @@ class RefineSpec:
 
     steps: int = 5
     mode: str = "sample"
-    blend: float = 0.0
+    blend: float | None = None  # None: the refiner's own weight, chosen when it was trained
     start_noise: float | None = None  # None: 0 (the prior's mean) for sample, 1 for bridge
 
     def options(self) -> dict[str, Any]:

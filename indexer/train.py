@@ -14,7 +14,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from diffgap.embeddings import PairEmbeddings, embed_index_pairs, embed_pairs
 from diffgap.encoders import EncoderSet, load_encoders
-from diffgap.evaluate import AblationConfig, format_table, rows_to_json, run_ablation, score_mapping
+from diffgap.evaluate import (
+    AblationConfig,
+    choose_blend,
+    format_table,
+    rows_to_json,
+    run_ablation,
+    score_mapping,
+)
 from diffgap.mapper import MapperConfig
 from diffgap.models.refiner_net import RefinerNetConfig
 from diffgap.pairs import read_pairs
@@ -66,6 +73,8 @@ def _train_cfg(args: argparse.Namespace, **extra: object) -> RefinerTrainConfig:
 
 
 def cmd_train_refiner(args: argparse.Namespace) -> int:
+    if args.blend is not None and not 0.0 <= args.blend <= 1.0:
+        raise ValueError(f"--blend must be in [0, 1], got {args.blend}")
     encoders, spec = _encoders(args)
     if args.from_index:
         if not args.index or args.modality != "text":
@@ -113,10 +122,15 @@ def cmd_train_refiner(args: argparse.Namespace) -> int:
     }
     if len(val.query):
         same = data.audio.shape[1] == data.query.shape[1]
-        refined, _ = score_mapping(val, lambda x: refiner.refine(x, steps=args.steps), None)
+        refined, _ = score_mapping(val, lambda x: refiner.refine(x, steps=args.steps, blend=0.0), None)
         report["val_refined"] = refined
         if same:
             report["val_direct"] = score_mapping(val, lambda x: x, None)[0]
+        chosen, by_weight = choose_blend(refiner, val, steps=args.steps)
+        if by_weight:
+            report["val_MRR@10_by_blend"] = {str(w): round(v, 4) for w, v in by_weight.items()}
+            log.info("blend %.2f picked on the held-out pairs (MRR@10 by weight: %s)", chosen, by_weight)
+        refiner.config.blend = chosen
         refiner.config.training["validation"] = report
         direct = report.get("val_direct")
         log.info(
@@ -127,6 +141,9 @@ def cmd_train_refiner(args: argparse.Namespace) -> int:
             refined["R@10"],
             refined["n"],
         )
+    if args.blend is not None:
+        refiner.config.blend = args.blend
+    report["blend"] = refiner.config.blend
     refiner.save(out)
     shutil.rmtree(checkpoint, ignore_errors=True)  # the finished model supersedes it
     log.info("saved refiner (%d bytes of weights) to %s", refiner.num_bytes, out)
@@ -209,6 +226,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=RefinerNetConfig.hidden)
     p.add_argument("--blocks", type=int, default=RefinerNetConfig.n_blocks)
     p.add_argument("--steps", type=int, default=5, help="sampling steps for the held-out check")
+    p.add_argument(
+        "--blend",
+        type=float,
+        default=None,
+        help="weight of the direct similarity the refiner is served with (default: picked on the held-out pairs)",
+    )
     p.add_argument(
         "--checkpoint-every",
         type=int,

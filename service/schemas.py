@@ -14,7 +14,13 @@ class RefineOptions(BaseModel):
     refine: bool = Field(True, description="refine the query toward audio space with the DiffGAP refiner")
     steps: int = Field(5, ge=1, le=200, description="DDIM sampling steps")
     mode: Literal["sample", "bridge"] = "sample"
-    blend: float = Field(0.0, ge=0.0, le=1.0, description="weight of the direct similarity in the final score")
+    blend: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="weight of the direct similarity in the final score; default: the refiner's own, "
+        "picked on held-out pairs when it was trained",
+    )
     start_noise: float | None = Field(
         None, ge=0.0, le=1.0, description="starting noise scale; default 0 (prior mean) for sample, 1 for bridge"
     )

@@ -12,7 +12,7 @@ from diffgap.audio import write_audio
 from diffgap.diffusion import DDIMSampler, NoiseSchedule, ScheduleConfig
 from diffgap.embeddings import PairEmbeddings
 from diffgap.encoders.base import EncoderFingerprint
-from diffgap.evaluate import metrics, ranks_audio_to_query, ranks_query_to_audio
+from diffgap.evaluate import BLEND_GRID, choose_blend, metrics, ranks_audio_to_query, ranks_query_to_audio
 from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
 from diffgap.refiner import Refiner, RefinerError
 from diffgap.train_refiner import RefinerTrainConfig, diffusion_loss, direction_at, train_refiner
@@ -164,6 +164,37 @@ def test_checkpoint_round_trip_and_encoder_refusal(trained, tmp_path):
         Refiner.load(tmp_path / "r")
 
 
+def test_blend_weight_is_picked_on_held_out_pairs_and_served_by_default(trained, tmp_path):
+    refiner, _, test = trained
+    # Queries that are their audio's own vector: direct search is perfect, so blending in direct wins.
+    easy = PairEmbeddings(test.audio, test.audio[test.query_group], test.query_group, test.audio_keys, "text")
+    best, by_weight = choose_blend(refiner, easy)
+    assert by_weight[best] == max(by_weight.values()) > by_weight[0.0], by_weight
+    assert best == min(w for w in BLEND_GRID if by_weight[w] == by_weight[best])  # ties: the lighter blend
+    # Queries rotated away from audio (what the refiner was trained on): refinement alone wins.
+    best, by_weight = choose_blend(refiner, test)
+    assert best == 0.0 and by_weight[0.0] > by_weight[max(BLEND_GRID)], by_weight
+    # Other sizes cannot be blended.
+    other = PairEmbeddings(test.audio, test.query[:, :8], test.query_group, test.audio_keys, "text")
+    assert choose_blend(refiner, other) == (0.0, {})
+    # The stored weight is what refine() uses when the caller names none, and survives a save.
+    refiner.config.blend = 0.5
+    try:
+        refiner.save(tmp_path / "r")
+    finally:
+        refiner.config.blend = 0.0
+    loaded = Refiner.load(tmp_path / "r")
+    assert loaded.config.blend == 0.5
+    np.testing.assert_array_equal(loaded.refine(test.query), refiner.refine(test.query, blend=0.5))
+    assert not np.allclose(loaded.refine(test.query), refiner.refine(test.query))
+    np.testing.assert_array_equal(loaded.refine(test.audio, direction=1), refiner.refine(test.audio, direction=1))
+    # A refiner saved before the field existed was served unblended.
+    cfg = json.loads((tmp_path / "r" / "refiner.json").read_text())
+    del cfg["blend"]
+    (tmp_path / "r" / "refiner.json").write_text(json.dumps(cfg))
+    assert Refiner.load(tmp_path / "r").config.blend == 0.0
+
+
 def test_default_size_is_near_the_paper_budget():
     clap_sized = RefinerNet(RefinerNetConfig(audio_dim=512, query_dim=512))
     assert 4.0e6 < clap_sized.num_bytes() < 8.0e6  # the paper: 5.4 MB
@@ -219,6 +250,10 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
     assert "val_direct" in report
     cfg = json.loads((tmp_path / "ref" / "refiner.json").read_text())
     assert cfg["audio_fingerprint"]["family"] == "clap" and cfg["training"]["iterations"] == 40
+    # the served blend weight is the held-out winner among the weights it tried
+    by_weight = report["val_MRR@10_by_blend"]
+    assert set(by_weight) == {str(w) for w in BLEND_GRID} and cfg["blend"] == report["blend"]
+    assert by_weight[str(cfg["blend"])] == max(by_weight.values())
     assert list((tmp_path / "cache").glob("pairs-*.npz"))  # embeddings are cached
     out = tmp_path / "eval.json"
     assert (
@@ -262,7 +297,8 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
         "m=10",
         "z_0-prediction",
         "bridge",
-        "blend",
+        "blend 0.5",
+        "blend chosen on held-out pairs",
     ):
         assert any(expected in n for n in names), (expected, names)
     assert "| direct (no refiner) |" in table

@@ -46,6 +46,11 @@ def test_text_search_refined_and_direct(client):
     assert direct["refined"] is False and "refine" not in direct["timings_ms"]
     again = client.post("/v1/search", json={"text": "a high beep twice at the start", "k": 5}).json()
     assert again["results"] == refined["results"]  # deterministic refinement
+    # no blend named: the weight train-refiner picked, which /readyz reports
+    served = client.get("/readyz").json()["refiners"]["text"]["blend"]
+    assert 0.0 <= served <= 1.0
+    named = client.post("/v1/search", json={"text": "a high beep twice at the start", "k": 5, "blend": served}).json()
+    assert named["results"] == refined["results"]
     bridge = client.post(
         "/v1/search", json={"text": "a low buzz", "k": 3, "mode": "bridge", "steps": 20, "blend": 0.3}
     ).json()

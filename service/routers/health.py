@@ -31,6 +31,7 @@ def readyz(holder: HolderDep, response: Response) -> ReadyOut:
         m: {
             "bytes": r.num_bytes,
             "prediction": r.config.prediction_type,
+            "blend": r.config.blend,  # the weight a search gets when it names none
             "trained_pairs": r.config.training.get("pairs"),
         }
         for m, r in state.searcher.refiners.items()

@@ -55,7 +55,7 @@ def to_filter(filters: Filters | None) -> ItemFilter | None:
 
 
 def refine_spec(
-    refine: bool, steps: int, mode: str, blend: float, start_noise: float | None = None
+    refine: bool, steps: int, mode: str, blend: float | None = None, start_noise: float | None = None
 ) -> RefineSpec | None:
     return RefineSpec(steps=steps, mode=mode, blend=blend, start_noise=start_noise) if refine else None
 
@@ -190,7 +190,7 @@ def search_video(
         )
     vector = video_encoder.encode([frames])[0]
     decode_ms = (time.perf_counter() - t0) * 1e3
-    spec = refine_spec(refine, steps, "sample", 0.0)
+    spec = refine_spec(refine, steps, "sample")
     if spec is None and vector.shape[0] != state.store.manifest.dim:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "video search needs the refiner on this index")
     ((hits, timings),) = run_queries(holder, metrics, [Query("video", k, vector=vector, refine=spec)])
