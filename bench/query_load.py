@@ -156,8 +156,9 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
 
     stages = {
         "encode text": median_ms(lambda: encoders.text.encode([QUERIES[1]])),
-        "refine, 1 step": median_ms(lambda: refiner.refine(xq, steps=1)),
-        "refine, 5 steps": median_ms(lambda: refiner.refine(xq, steps=5)),
+        "refine, 1 step": median_ms(lambda: refiner.refine(xq, steps=1, blend=0.0)),
+        "refine, 5 steps": median_ms(lambda: refiner.refine(xq, steps=5, blend=0.0)),
+        "refine, 5 steps, blend 0.5": median_ms(lambda: refiner.refine(xq, steps=5, blend=0.5)),
         "exact search + metadata (k=10)": median_ms(lambda: searcher._search(xq, [Query("text", 10, text="x")])),
         "whole query, refine off": median_ms(lambda: searcher.run([Query("text", 10, text=QUERIES[2])])),
         "whole query, refine 5 steps": median_ms(

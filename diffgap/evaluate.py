@@ -14,9 +14,8 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from diffgap.embeddings import PairEmbeddings
-from diffgap.encoders.base import l2_normalize
 from diffgap.mapper import MapperConfig, train_mapper
-from diffgap.refiner import Refiner
+from diffgap.refiner import Refiner, blend_with_query
 from diffgap.train_refiner import RefinerTrainConfig, train_refiner
 
 log = logging.getLogger(__name__)
@@ -81,7 +80,7 @@ def choose_blend(
     refined = refiner.refine(val.query, steps=steps, blend=0.0)  # (Q, d), refined once for all weights
     scores: dict[float, float] = {}
     for w in grid:
-        mixed = refined if w == 0 else l2_normalize((1 - w) * refined + w * val.query)
+        mixed = blend_with_query(refined, val.query, w)
         scores[w] = metrics(ranks_query_to_audio(mixed, val.audio, val.query_group))["MRR@10"]
     best = max(grid, key=lambda w: (scores[w], -w))
     return best, scores

@@ -38,6 +38,11 @@ class RefinerError(ValueError):
     """A refiner cannot be loaded or does not fit the index/encoders; the message says why."""
 
 
+def blend_with_query(refined: np.ndarray, xq: np.ndarray, blend: float) -> np.ndarray:
+    """Unit vectors whose cosine with any unit xb is (1 - blend) * refined.xb + blend * xq.xb, rescaled."""
+    return refined if blend == 0 else l2_normalize((1 - blend) * refined + blend * xq)
+
+
 @dataclass
 class RefinerConfig:
     net: RefinerNetConfig
@@ -59,6 +64,9 @@ class RefinerConfig:
     def from_json(cls, data: dict[str, Any]) -> RefinerConfig:
         if data.get("format") != FORMAT:
             raise RefinerError(f"not a refiner config (format {data.get('format')!r})")
+        blend = float(data.get("blend", 0.0))  # older checkpoints were served unblended
+        if not 0.0 <= blend <= 1.0:
+            raise RefinerError(f"blend in refiner.json must be in [0, 1], got {blend}")
         return cls(
             # checkpoints from before the trunk/skip condition paths existed were trained without them
             net=RefinerNetConfig(**{"cond_in_trunk": False, "query_skip": False, **data["net"]}),
@@ -67,7 +75,7 @@ class RefinerConfig:
             audio_fingerprint=data.get("audio_fingerprint"),
             query_fingerprint=data.get("query_fingerprint"),
             query_modality=data.get("query_modality", "text"),
-            blend=float(data.get("blend", 0.0)),  # older checkpoints were served unblended
+            blend=blend,
             training=data.get("training", {}),
         )
 
@@ -188,10 +196,7 @@ class Refiner:
                 out = self._guided(z, int(n), cond, direction, guidance)
                 z = sampler.step(out, int(n), z)
             total += torch.nn.functional.normalize(z, dim=-1)
-        refined = l2_normalize(total.numpy())
-        if blend > 0:
-            refined = l2_normalize((1 - blend) * refined + blend * xq)
-        return refined
+        return blend_with_query(l2_normalize(total.numpy()), xq, blend)
 
     def _conditional(self, direction: int) -> torch.nn.Module:
         """The network for one direction, traced once: a step at batch 1 is op-dispatch bound, and

@@ -72,9 +72,15 @@ def _train_cfg(args: argparse.Namespace, **extra: object) -> RefinerTrainConfig:
     )
 
 
+def unit_interval(text: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def cmd_train_refiner(args: argparse.Namespace) -> int:
-    if args.blend is not None and not 0.0 <= args.blend <= 1.0:
-        raise ValueError(f"--blend must be in [0, 1], got {args.blend}")
     encoders, spec = _encoders(args)
     if args.from_index:
         if not args.index or args.modality != "text":
@@ -228,7 +234,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=5, help="sampling steps for the held-out check")
     p.add_argument(
         "--blend",
-        type=float,
+        type=unit_interval,
         default=None,
         help="weight of the direct similarity the refiner is served with (default: picked on the held-out pairs)",
     )

@@ -193,6 +193,9 @@ def test_blend_weight_is_picked_on_held_out_pairs_and_served_by_default(trained,
     del cfg["blend"]
     (tmp_path / "r" / "refiner.json").write_text(json.dumps(cfg))
     assert Refiner.load(tmp_path / "r").config.blend == 0.0
+    (tmp_path / "r" / "refiner.json").write_text(json.dumps({**cfg, "blend": 1.5}))
+    with pytest.raises(RefinerError, match=r"blend in refiner.json must be in \[0, 1\]"):
+        Refiner.load(tmp_path / "r")
 
 
 def test_default_size_is_near_the_paper_budget():
@@ -220,6 +223,14 @@ def captioned(tmp_path_factory) -> tuple:
         rows += [f"{freq},{split},{freq}.wav,{text}", f"{freq},{split},{freq}.wav,a {text} sound"]
     (root / "pairs.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def test_train_refiner_refuses_a_blend_outside_the_unit_interval(captioned, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-refiner", "--pairs", str(captioned / "pairs.csv"), "--out", str(tmp_path / "ref"), "--blend", "2"])
+    assert exit_info.value.code == 2
+    assert "--blend: must be in [0, 1], got 2" in capsys.readouterr().err
+    assert not (tmp_path / "ref").exists()
 
 
 def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys):
