@@ -31,10 +31,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from query_load import make_compact, make_full_clap  # noqa: E402
 
-from diffgap.audio import cut_window, decode_audio, window_bounds, write_audio  # noqa: E402
 from diffgap.encoders import load_encoders  # noqa: E402
-from diffgap.indexing import content_hash, scan_folder  # noqa: E402
-from diffgap.store import FileRecord, IndexStore  # noqa: E402
+from diffgap.index.build import content_hash, scan_folder  # noqa: E402
+from diffgap.index.faiss_sync import sync_faiss  # noqa: E402
+from diffgap.index.store import FileRecord, IndexStore  # noqa: E402
+from diffgap.media.audio import cut_window, decode_audio, window_bounds, write_audio  # noqa: E402
 
 
 def make_corpus(root: Path, n: int, seconds: float = 30.0, rate: int = 44100) -> None:
@@ -81,7 +82,7 @@ def stage_times(corpus: Path, spec: str, index: Path) -> dict[str, float]:
     store = IndexStore.create(index, encoder_spec=spec, fingerprint=enc.fingerprint, dim=enc.dim)
     for start in range(0, len(records), 32):
         store.commit_files(records[start : start + 32])
-    store.sync_faiss()
+    sync_faiss(store)
     store.close()
     totals["commit + faiss"] += time.perf_counter() - t
     counts = {"files": len(files), "windows": sum(len(r.windows) for r in records)}

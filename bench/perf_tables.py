@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from diffgap.atomic import atomic_write_text
+
 
 def table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -99,9 +101,7 @@ def main() -> None:
                 rows.sort(key=lambda r: (r["encoder"] != "compact", r["items"], order.get(r["query"], 9), r["clients"]))
                 data = {**data, "rows": rows}
             text = insert(text, name, render(data))
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    atomic_write_text(out, text)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from diffgap.diffusion.refiner import Refiner, RefinerConfig  # noqa: E402
 from diffgap.encoders import load_encoders  # noqa: E402
+from diffgap.index.faiss_sync import sync_faiss  # noqa: E402
+from diffgap.index.store import FileRecord, IndexStore  # noqa: E402
 from diffgap.models.refiner_net import RefinerNetConfig  # noqa: E402
-from diffgap.refiner import Refiner, RefinerConfig  # noqa: E402
-from diffgap.store import FileRecord, IndexStore  # noqa: E402
 
 QUERIES = [
     "a dog barks twice then a car passes",
@@ -115,7 +116,7 @@ def build_index(root: Path, spec: str, n: int) -> None:
                        sample_rate=16000, channels=1, windows=[(0.0, 10.0)], vectors=xb[i : i + 1])
             for i in range(len(xb))
         )  # fmt: skip
-    store.sync_faiss()
+    sync_faiss(store)
     store.close()
     assert encoders.text is not None
     net = RefinerNetConfig(audio_dim=dim, query_dim=encoders.text.dim)
@@ -134,13 +135,13 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
     """Median ms of each stage for one query, in this process (no HTTP): where a request's time goes."""
     import torch
 
-    from diffgap.search import Query, RefineSpec, Searcher
+    from diffgap.retrieval.search import Query, RefineSpec, Searcher
 
     torch.set_num_threads(threads)
     encoders = load_encoders(spec)
     refiner = Refiner.load(index / "refiner-text")
     store = IndexStore.open(index, readonly=True)
-    store.load_faiss(mmap=True)
+    store.vector_index(mmap=True)
     searcher = Searcher(store, encoders, {"text": refiner})
     assert encoders.text is not None
     xq = encoders.text.encode([QUERIES[0]])
@@ -159,7 +160,7 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
         "refine, 1 step": median_ms(lambda: refiner.refine(xq, steps=1, blend=0.0)),
         "refine, 5 steps": median_ms(lambda: refiner.refine(xq, steps=5, blend=0.0)),
         "refine, 5 steps, blend 0.5": median_ms(lambda: refiner.refine(xq, steps=5, blend=0.5)),
-        "exact search + metadata (k=10)": median_ms(lambda: searcher._search(xq, [Query("text", 10, text="x")])),
+        "exact search + metadata (k=10)": median_ms(lambda: searcher.search_vectors(xq, [Query("text", 10, text="x")])),
         "whole query, refine off": median_ms(lambda: searcher.run([Query("text", 10, text=QUERIES[2])])),
         "whole query, refine 5 steps": median_ms(
             lambda: searcher.run([Query("text", 10, text=QUERIES[2], refine=RefineSpec(steps=5))])

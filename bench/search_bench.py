@@ -25,8 +25,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffgap.flat_search import FlatView  # noqa: E402
-from diffgap.store import new_faiss_index, save_npy_atomic, write_faiss_atomic  # noqa: E402
+from diffgap.index.faiss_sync import save_npy_atomic, write_faiss_atomic  # noqa: E402
+from diffgap.index.vectors import (
+    FlatView,  # noqa: E402
+    new_faiss_index,  # noqa: E402
+)
 
 
 def embedding_like(n: int, dim: int, seed: int, latent: int = 24) -> np.ndarray:
@@ -141,7 +144,7 @@ def mmap_memory(xb: np.ndarray, tmp: Path) -> list[dict]:
         code = (
             "import faiss, numpy as np, sys, time;"
             f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r});"
-            "from diffgap.flat_search import FlatView;"
+            "from diffgap.index.vectors import FlatView;"
             "t = time.perf_counter();"
             + (
                 f"v = FlatView.from_arrays(np.load({str(tmp / 'ids.npy')!r}), "

@@ -24,13 +24,13 @@ if [ ! -f "$data/captions.csv" ]; then
 fi
 cli=("$py" -m indexer.cli -q)
 if [ ! -f "$work/encoders/config.json" ]; then
-  "${cli[@]}" train-encoders --pairs "$data/captions.csv" --split "$enc_splits" --out "$work/encoders" \
+  "${cli[@]}" encoders train --pairs "$data/captions.csv" --split "$enc_splits" --out "$work/encoders" \
     --epochs 40 --max-minutes "$enc_minutes"
 fi
 enc="compact:$work/encoders"
 "${cli[@]}" build --manifest "$data/captions.csv" --split test -o "$work/index" --encoder "$enc" -j 2
 for modality in text video; do
-  "${cli[@]}" eval --pairs "$data/captions.csv" --split adapt --test-split test --index "$work/index" \
+  "${cli[@]}" refiner eval --pairs "$data/captions.csv" --split adapt --test-split test --index "$work/index" \
     --modality "$modality" --video-encoder "$enc" --iterations "$iters" --steps 5,20,50 \
     --json "$work/eval-$modality.json" | tee "$work/eval-$modality.md"
 done

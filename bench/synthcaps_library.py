@@ -1,10 +1,10 @@
 """SynthCaps as an uncaptioned 'sound library': the test clips under UCS-style names made from their
 style-A facts (e.g. `BEEP_High_Loud_Twice_Slow_Start_Then_BUZZ_Low_End_0042.wav`), adapted with
-`train-refiner --from-index`, then searched with the style-B test captions.
+`refiner train --from-index`, then searched with the style-B test captions.
 
     python bench/synthcaps_library.py --synthcaps DIR --encoders compact:ENC_DIR --work WORK_DIR
 
-Prints and writes WORK_DIR/library.json: held-out (description) R@k from train-refiner, and
+Prints and writes WORK_DIR/library.json: held-out (description) R@k from `refiner train`, and
 style-B caption -> audio R@k over all test clips, direct and refined.
 """
 
@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from diffgap.diffusion.refiner import Refiner
 from diffgap.encoders import load_encoders
-from diffgap.evaluate import metrics, ranks_query_to_audio
-from diffgap.refiner import Refiner
-from diffgap.store import IndexStore
-from indexer.cli import main as cli
+from diffgap.index.store import IndexStore
+from diffgap.pipeline import BuildOptions, RefinerJob, build, train_refiner_job
+from diffgap.training.metrics import metrics, ranks_query_to_audio
+from diffgap.training.refiner import RefinerTrainConfig
 
 
 def camel(text: str) -> str:
@@ -59,19 +60,10 @@ def main() -> None:
         if not target.exists():
             os.link(data / "audio" / "test" / f"{meta['id']}.wav", target)  # same bytes, a library name
     index = work / "index"
-    assert cli(["-q", "build", str(library), "-o", str(index), "--encoder", args.encoders, "-j", "2"]) == 0
-    report_path = work / "from_index.json"
-    import contextlib
-    import io
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        assert (
-            cli(["-q", "train-refiner", "--from-index", "--index", str(index), "--iterations", str(args.iterations)])
-            == 0
-        )
-    held_out = json.loads(buf.getvalue())
-    report_path.write_text(json.dumps(held_out, indent=2))
+    assert build(index, args.encoders, corpus=library, options=BuildOptions(num_jobs=2)).total_items > 0
+    job = RefinerJob(index=index, from_index=True, train=RefinerTrainConfig(iterations=args.iterations))
+    _, held_out, _ = train_refiner_job(job)
+    (work / "from_index.json").write_text(json.dumps(held_out, indent=2))
     # style-B captions of the test clips against all 1000 library files
     with open(data / "captions.csv", newline="") as fh:
         captions = {r["id"]: r["caption"] for r in csv.DictReader(fh) if r["split"] == "test"}

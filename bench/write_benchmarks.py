@@ -8,6 +8,8 @@ import os
 import platform
 from pathlib import Path
 
+from diffgap.atomic import atomic_write_text
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -49,9 +51,7 @@ def main() -> None:
         text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    atomic_write_text(out, text)
 
 
 if __name__ == "__main__":

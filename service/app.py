@@ -26,19 +26,24 @@ log = logging.getLogger("diffgap.serve")
 UPLOAD_PATHS = ("/v1/search/video", "/v1/search/audio")
 
 
-class UploadLimit:
-    """Refuse upload bodies over the limit as they stream in, before they are parsed or stored."""
+class BodyLimit:
+    """Refuse request bodies over the limit as they stream in, before they are parsed or stored: uploads
+    (multipart) up to `max_upload_bytes`, every other body (JSON) up to `max_json_bytes`."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_upload_bytes: int, max_json_bytes: int) -> None:
+        self.app, self.max_upload_bytes, self.max_json_bytes = app, max_upload_bytes, max_json_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in UPLOAD_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        upload = scope["path"] in UPLOAD_PATHS
+        limit = self.max_upload_bytes if upload else self.max_json_bytes
+        allowed = limit + 64 * 1024 if upload else limit  # the multipart envelope may add a little
+        what = "upload" if upload else "request body"
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes + 64 * 1024:
-            await self._reject(send)
+        if length is not None and length.isdigit() and int(length) > allowed:
+            await self._reject(send, what, limit)
             return
         seen = 0
         started = rejected = False
@@ -50,10 +55,10 @@ class UploadLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes + 64 * 1024 and not started:  # the multipart envelope may add a little
+                if seen > allowed and not started:
                     # Answer now and tell the app the client left, so it stops reading and storing the body.
                     rejected = True
-                    await self._reject(send)
+                    await self._reject(send, what, limit)
                     return {"type": "http.disconnect"}
             return message
 
@@ -70,8 +75,8 @@ class UploadLimit:
             if not rejected:
                 raise
 
-    async def _reject(self, send: Send) -> None:
-        response = JSONResponse({"detail": f"upload is larger than {self.max_bytes} bytes"}, status_code=413)
+    async def _reject(self, send: Send, what: str, limit: int) -> None:
+        response = JSONResponse({"detail": f"{what} is larger than {limit} bytes"}, status_code=413)
         await response({"type": "http"}, _no_receive, send)
 
 
@@ -108,7 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Range"],
         )
-    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyLimit, max_upload_bytes=settings.max_upload_bytes, max_json_bytes=settings.max_json_bytes)
 
     @app.middleware("http")
     async def observe(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's signature

@@ -20,6 +20,10 @@ class Metrics:
             "diffgap_stage_seconds", "time per query stage", ["stage"], buckets=BUCKETS, registry=self.registry
         )
         self.index_items = Gauge("diffgap_index_items", "vectors in the loaded index", registry=self.registry)
+        self.batched = Gauge(
+            "diffgap_batcher_queries", "queries run through the micro-batcher since start", registry=self.registry
+        )
+        self.batches = Gauge("diffgap_batcher_batches", "model batches the micro-batcher ran", registry=self.registry)
 
     def observe_stages(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from diffgap.index.store import Item
+from diffgap.retrieval.search import Hit, ItemFilter, QueryInputError, RefineSpec, check_text
+
+REFINE_DESCRIPTION = (
+    "refine the query toward audio space with the index's DiffGAP refiner for its modality; an index "
+    "without one searches directly, and the response's `refined` says which happened"
+)
 
 
 class RefineOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    refine: bool = Field(True, description="refine the query toward audio space with the DiffGAP refiner")
-    steps: int = Field(5, ge=1, le=200, description="DDIM sampling steps")
+    refine: bool = Field(True, description=REFINE_DESCRIPTION)
+    steps: int | None = Field(
+        None, ge=1, le=200, description="DDIM sampling steps; default: the server's DIFFGAP_DEFAULT_STEPS (5)"
+    )
     mode: Literal["sample", "bridge"] = "sample"
     blend: float | None = Field(
         None,
@@ -25,6 +35,11 @@ class RefineOptions(BaseModel):
         None, ge=0.0, le=1.0, description="starting noise scale; default 0 (prior mean) for sample, 1 for bridge"
     )
 
+    def refine_spec(self, default_steps: int) -> RefineSpec | None:
+        if not self.refine:
+            return None
+        return RefineSpec(self.steps or default_steps, self.mode, self.blend, self.start_noise)
+
 
 class Filters(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -34,6 +49,13 @@ class Filters(BaseModel):
     max_duration: float | None = Field(None, ge=0)
     tags: dict[str, str] | None = Field(None, description="tag key -> substring the tag value must contain")
     description: str | None = Field(None, max_length=500, description="words the item description must contain")
+
+    @staticmethod
+    def to_item_filter(filters: Filters | None) -> ItemFilter | None:
+        if filters is None:
+            return None
+        tags = tuple(sorted((filters.tags or {}).items()))
+        return ItemFilter(filters.path_prefix, filters.min_duration, filters.max_duration, tags, filters.description)
 
 
 class SearchRequest(RefineOptions):
@@ -45,16 +67,20 @@ class SearchRequest(RefineOptions):
     @field_validator("embedding")
     @classmethod
     def finite(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None and not all(math.isfinite(x) for x in v):
-            raise ValueError("embedding must contain only finite numbers")
+        # checked as float32, the type they are searched in: 1e39 is finite in JSON, inf in float32
+        if v is not None and not np.isfinite(np.asarray(v, dtype=np.float64).astype(np.float32)).all():
+            raise ValueError("embedding must contain only finite numbers that fit in float32 (|x| < 3.4e38)")
         return v
+
+    @field_validator("text")
+    @classmethod
+    def readable_text(cls, v: str | None) -> str | None:
+        return v if v is None else check_text(v)  # its QueryInputError is a ValueError: a 422
 
     @model_validator(mode="after")
     def exactly_one(self) -> SearchRequest:
         if (self.text is None) == (self.embedding is None):
             raise ValueError("give exactly one of 'text' or 'embedding'")
-        if self.text is not None and not self.text.strip():
-            raise ValueError("text must not be empty")
         return self
 
 
@@ -62,6 +88,16 @@ class BatchSearchRequest(RefineOptions):
     texts: list[str] = Field(..., min_length=1)
     k: int = Field(10, ge=1, le=10_000)
     filters: Filters | None = None
+
+    @field_validator("texts")
+    @classmethod
+    def readable_texts(cls, v: list[str]) -> list[str]:
+        for i, text in enumerate(v):
+            try:
+                check_text(text)
+            except QueryInputError as exc:
+                raise ValueError(f"texts[{i}]: {exc}") from None
+        return v
 
 
 class ItemOut(BaseModel):
@@ -75,10 +111,29 @@ class ItemOut(BaseModel):
     description: str = Field("", description="words from the file's tags and name")
     audio_url: str
 
+    @classmethod
+    def from_item(cls, item: Item, **extra: Any) -> ItemOut:
+        return cls(
+            id=item.id,
+            path=item.path,
+            start=item.start,
+            end=item.end,
+            duration=item.duration,
+            sample_rate=item.sample_rate,
+            tags=item.tags,
+            description=item.description,
+            audio_url=f"/v1/items/{item.id}/audio",
+            **extra,
+        )
+
 
 class HitOut(ItemOut):
     score: float
     rank: int
+
+    @classmethod
+    def from_hits(cls, hits: list[Hit]) -> list[HitOut]:
+        return [cls.from_item(h.item, score=h.score, rank=r + 1) for r, h in enumerate(hits)]
 
 
 class SearchResponse(BaseModel):

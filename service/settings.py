@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from diffgap.diffusion.refiner import DEFAULT_STEPS
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DIFFGAP_", env_file=None, extra="ignore")
@@ -25,8 +27,12 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(1000, ge=1)
     max_batch_queries: int = Field(64, ge=1)
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="largest accepted upload")
+    # 64 texts of 1000 characters, or a 4096-d embedding, fit well inside 1 MiB
+    max_json_bytes: int = Field(1024 * 1024, ge=1024, description="largest accepted JSON body")
     max_media_seconds: float = Field(60.0, gt=0, description="longest decoded video/audio query")
     batch_wait_ms: float = Field(2.0, ge=0, le=100, description="how long the micro-batcher waits for company")
     batch_max: int = Field(32, ge=1, le=1024, description="most queries run through the models at once")
-    default_steps: int = Field(5, ge=1, le=200)
+    default_steps: int = Field(
+        DEFAULT_STEPS, ge=1, le=200, description="DDIM steps of a refined search that names none"
+    )
     mmap: bool = Field(True, description="open the FAISS index memory-mapped")

@@ -13,15 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
-import numpy as np
 import torch
 
-from diffgap.batching import MicroBatcher
-from diffgap.encoders import EncoderSet, load_encoders
-from diffgap.refiner import Refiner
+from diffgap.encoders import EncoderSet
+from diffgap.index.store import IndexStore
 from diffgap.resources import available_cpus
-from diffgap.search import Hit, Query, Searcher
-from diffgap.store import IndexStore
+from diffgap.retrieval.batching import MicroBatcher
+from diffgap.retrieval.search import Query, QueryResult, Searcher, open_searcher
 from service.settings import Settings
 
 log = logging.getLogger("diffgap.serve")
@@ -39,38 +37,21 @@ class ServiceState:
 
 
 def load_state(settings: Settings) -> ServiceState:
-    store = IndexStore.open(settings.index_dir, readonly=True)
-    manifest = store.manifest
-    video_spec = settings.video_encoder
-    encoders = load_encoders(manifest.encoder_spec, video_spec)
-    store.check_fingerprint(encoders.audio.fingerprint)
-    refiners: dict[str, Refiner] = {}
-    for modality in ("text", "video"):
-        path = Path(settings.index_dir) / f"refiner-{modality}"
-        if not (path / "refiner.json").exists():
-            continue
-        refiner = Refiner.load(path)
-        query_encoder = encoders.text if modality == "text" else encoders.video
-        if query_encoder is None and modality == "video" and refiner.config.training.get("video_encoder_spec"):
-            encoders.video = load_encoders(refiner.config.training["video_encoder_spec"], need_text=False).video
-            query_encoder = encoders.video
-        refiner.check_encoders(encoders.audio.fingerprint, query_encoder.fingerprint if query_encoder else None)
-        refiners[modality] = refiner
-    store.load_faiss(mmap=settings.mmap and manifest.index_type == "Flat")
-    root = Path(manifest.corpus_root or ".").resolve()
+    searcher = open_searcher(settings.index_dir, video_encoder=settings.video_encoder, mmap=settings.mmap)
+    manifest = searcher.store.manifest
     log.info(
         "loaded %s: %d items, %s, refiners: %s",
         settings.index_dir,
-        store.load_faiss().ntotal,
+        searcher.store.ntotal,
         manifest.encoder_spec,
-        ", ".join(refiners) or "none",
+        ", ".join(searcher.refiners) or "none",
     )
     # Warm up before /readyz says yes: the first refinement traces the network (~140 ms measured on
     # the demo), which belongs in startup, not in a user's first query.
-    for refiner in refiners.values():
-        cond_dim = refiner.dims(0)[1]
-        refiner.refine(np.full((1, cond_dim), cond_dim**-0.5, dtype=np.float32), steps=1)
-    return ServiceState(store, encoders, Searcher(store, encoders, refiners), root)
+    for refiner in searcher.refiners.values():
+        refiner.warm_up()
+    root = Path(manifest.corpus_root or ".").resolve()
+    return ServiceState(searcher.store, searcher.encoders, searcher, root)
 
 
 class StateHolder:
@@ -84,11 +65,11 @@ class StateHolder:
         threads = min(settings.threads, available_cpus())  # never more than the container's CPU quota
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)
-        self.batcher: MicroBatcher[Query, tuple[list[Hit], dict[str, float]]] = MicroBatcher(
+        self.batcher: MicroBatcher[Query, QueryResult] = MicroBatcher(
             self._run_batch, key=lambda q: q.batch_key, max_batch=settings.batch_max, wait_ms=settings.batch_wait_ms
         )
 
-    def _run_batch(self, queries: Sequence[Query]) -> list[tuple[list[Hit], dict[str, float]]]:
+    def _run_batch(self, queries: Sequence[Query]) -> list[QueryResult]:
         state = self.state
         if state is None:
             raise RuntimeError("index not loaded")

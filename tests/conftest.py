@@ -12,8 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
 from tiny_models import make_tiny_clap, make_tiny_clip_vision  # noqa: E402
 
-from diffgap.audio import write_audio  # noqa: E402
-from diffgap.video import write_video  # noqa: E402
+from diffgap.media.audio import write_audio  # noqa: E402
+from diffgap.media.video import write_video  # noqa: E402
 
 
 def tone(freq: float, seconds: float, sr: int, *, amp: float = 0.3, channels: int = 1) -> np.ndarray:
@@ -71,12 +71,12 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def served_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A demo corpus indexed with compact encoders trained for a few real steps, with both refiners."""
-    from diffgap.demo import generate_demo_corpus
+    from diffgap.media.synthetic import generate_demo_corpus
     from diffgap.models.audio_net import AudioNetConfig
     from diffgap.models.text_net import TextNetConfig
     from diffgap.models.video_net import VideoNetConfig
-    from diffgap.pairs import read_pairs
-    from diffgap.train_encoders import EncoderTrainConfig, train_compact_encoders
+    from diffgap.training.encoders import EncoderTrainConfig, train_compact_encoders
+    from diffgap.training.pairs import read_pairs
 
     work = tmp_path_factory.mktemp("served")
     corpus = generate_demo_corpus(work / "corpus", 30, seed=2)
@@ -101,7 +101,7 @@ def build_and_refine(corpus: Path, index: Path, spec: str, iterations: int = 30)
 
     assert main(["build", str(corpus / "audio"), "-o", str(index), "--encoder", spec, "-q"]) == 0
     for modality in ("text", "video"):
-        args = ["train-refiner", "-q", "--pairs", str(corpus / "captions.csv"), "--index", str(index),
+        args = ["refiner", "train", "-q", "--pairs", str(corpus / "captions.csv"), "--index", str(index),
                 "--modality", modality, "--video-encoder", spec, "--iterations", str(iterations)]  # fmt: skip
         assert main(args) == 0
         assert (index / f"refiner-{modality}" / "refiner.json").exists()

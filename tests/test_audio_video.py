@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from conftest import MIXED, tone
 
-from diffgap.audio import AudioDecodeError, decode_audio, window_bounds, write_audio
-from diffgap.video import VideoDecodeError, decode_video, write_video
+from diffgap.media.audio import AudioDecodeError, decode_audio, window_bounds, write_audio
+from diffgap.media.video import VideoDecodeError, decode_video, write_video
 
 
 @pytest.mark.parametrize(("rel", "freq", "seconds", "sr", "channels"), MIXED)

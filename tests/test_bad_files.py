@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import tone
 
-from diffgap.audio import write_audio
-from diffgap.indexing import build_index, scan_folder
-from diffgap.store import IndexStore
+from diffgap.index.build import build_index, scan_folder
+from diffgap.index.store import IndexStore
+from diffgap.media.audio import write_audio
 from indexer.cli import main
 
 

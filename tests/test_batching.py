@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from diffgap.batching import MicroBatcher
+from diffgap.retrieval.batching import MicroBatcher
 
 
 def test_concurrent_callers_share_calls_and_get_their_own_results() -> None:
@@ -48,3 +48,33 @@ def test_a_failing_group_fails_alone() -> None:
         batcher.submit(-1)
     assert batcher.submit(3) == 3
     batcher.close()
+
+
+def test_a_poisoned_request_fails_alone_and_its_batch_neighbours_succeed() -> None:
+    calls: list[int] = []
+
+    def run(xs: Sequence[int]) -> list[int]:
+        calls.append(len(xs))
+        time.sleep(0.01)
+        if any(x == 13 for x in xs):
+            raise ValueError("unlucky")
+        return [x + 1 for x in xs]
+
+    batcher = MicroBatcher(run, max_batch=64, wait_ms=20)
+    outcomes: dict[int, object] = {}
+
+    def call(i: int) -> None:
+        try:
+            outcomes[i] = batcher.submit(i)
+        except ValueError as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    assert isinstance(outcomes.pop(13), ValueError)
+    assert outcomes == {i: i + 1 for i in range(30) if i != 13}
+    assert batcher.isolated_retries >= 1 and max(calls) > 1  # it was batched, then isolated

@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import build_and_refine
 
-from diffgap.demo import generate_demo_corpus
 from diffgap.encoders import load_encoders
+from diffgap.media.synthetic import generate_demo_corpus
 from diffgap.models.audio_net import AudioNetConfig
 from diffgap.models.text_net import TextNetConfig
 from diffgap.models.video_net import VideoNetConfig
-from diffgap.pairs import read_pairs
-from diffgap.train_encoders import EncoderTrainConfig, info_nce, segment_pool, train_compact_encoders
+from diffgap.training.encoders import EncoderTrainConfig, info_nce, segment_pool, train_compact_encoders
+from diffgap.training.pairs import read_pairs
 from indexer.cli import main
 
 TINY = dict(

@@ -16,8 +16,8 @@ import pytest
 from conftest import REPO, tone
 from safetensors.numpy import load_file
 
-from diffgap.audio import write_audio
-from diffgap.store import IndexStore
+from diffgap.index.store import IndexStore
+from diffgap.media.audio import write_audio
 from indexer.cli import main
 
 pytestmark = pytest.mark.slow
@@ -122,7 +122,7 @@ def test_refiner_training_survives_random_sigkills(tmp_path, tiny_clap):
         "-m",
         "indexer.cli",
         "-q",
-        "train-refiner",
+        "refiner", "train",
         "--pairs",
         str(root / "pairs.csv"),
         "--encoder",

@@ -7,13 +7,13 @@ import json
 import pytest
 from conftest import tone
 
-from diffgap.audio import write_audio
-from diffgap.demo import generate_demo_corpus, generate_named_library
-from diffgap.descriptions import describe, describe_name, describe_tags, words_of
-from diffgap.embeddings import embed_index_pairs
 from diffgap.encoders import load_encoders
-from diffgap.indexing import read_tags
-from diffgap.store import IndexStore
+from diffgap.index.build import read_tags
+from diffgap.index.store import IndexStore
+from diffgap.media.audio import write_audio
+from diffgap.media.synthetic import generate_demo_corpus, generate_named_library
+from diffgap.media.tags import describe, describe_name, describe_tags, words_of
+from diffgap.training.embeddings import embed_index_pairs
 from indexer.cli import main
 
 
@@ -63,8 +63,8 @@ def adapt_setup(tmp_path_factory):
     """Compact encoders trained on captions of one corpus; a library described only by its names."""
     from diffgap.models.audio_net import AudioNetConfig
     from diffgap.models.text_net import TextNetConfig
-    from diffgap.pairs import read_pairs
-    from diffgap.train_encoders import EncoderTrainConfig, train_compact_encoders
+    from diffgap.training.encoders import EncoderTrainConfig, train_compact_encoders
+    from diffgap.training.pairs import read_pairs
 
     work = tmp_path_factory.mktemp("adapt")
     captions = generate_demo_corpus(work / "captioned", 120, seed=3)
@@ -102,7 +102,7 @@ def test_adapt_from_index_beats_direct_on_held_out_files(adapt_setup, capsys):
     assert (
         main(
             [
-                "train-refiner",
+                "refiner", "train",
                 "-q",
                 "--from-index",
                 "--index",
@@ -131,5 +131,5 @@ def test_from_index_without_descriptions_is_a_clear_error(tmp_path, tiny_clap, c
     for i in range(3):
         write_audio(corpus / f"{i:04d}.wav", tone(300 + 100 * i, 1.0, 16000), 16000)
     assert main(["build", str(corpus), "-o", str(tmp_path / "idx"), "--encoder", f"clap:{tiny_clap}", "-q"]) == 0
-    assert main(["train-refiner", "-q", "--from-index", "--index", str(tmp_path / "idx")]) == 1
+    assert main(["refiner", "train", "-q", "--from-index", "--index", str(tmp_path / "idx")]) == 1
     assert "no item descriptions" in caplog.text

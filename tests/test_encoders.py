@@ -97,7 +97,7 @@ def test_compact_round_trip(tmp_path):
 def test_compact_without_video_and_bad_dir(tmp_path):
     enc = load_encoders(f"compact:{_tiny_compact(tmp_path, with_video=False)}")
     assert enc.video is None
-    with pytest.raises(EncoderLoadError, match="train-encoders"):
+    with pytest.raises(EncoderLoadError, match="encoders train"):
         load_encoders(f"compact:{tmp_path / 'missing'}")
 
 

@@ -8,8 +8,8 @@ import faiss
 import numpy as np
 import pytest
 
-from diffgap.flat_search import FlatView, is_flat
-from diffgap.store import new_faiss_index, write_faiss_atomic
+from diffgap.index.faiss_sync import write_faiss_atomic
+from diffgap.index.vectors import FlatView, is_flat, new_faiss_index
 
 
 def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import MIXED, tone
 
-from diffgap.audio import write_audio
-from diffgap.store import IndexStore
+from diffgap.index.store import IndexStore
+from diffgap.media.audio import write_audio
 from indexer.cli import main
 
 
@@ -193,3 +193,24 @@ def test_interrupt_keeps_committed_work(many_files, tiny_clap, tmp_path):
     rc = proc.wait(timeout=60)
     assert rc in (0, 130)
     assert main(["verify", str(tmp_path / "idx")]) == 0  # Ctrl-C still syncs FAISS with what was committed
+
+
+def test_old_command_spellings_still_work_and_name_the_new_one(caplog):
+    from indexer.cli import build_parser, renamed
+    from indexer.commands import encoders, refiner
+
+    for old, new, func in (
+        (["-q", "train-refiner", "--pairs", "p.csv"], ["-q", "refiner", "train", "--pairs", "p.csv"],
+         refiner.cmd_train),
+        (["train-encoders", "--pairs", "p.csv", "--out", "o"], ["encoders", "train", "--pairs", "p.csv", "--out", "o"],
+         encoders.cmd_train),
+        (["eval", "--pairs", "p.csv"], ["refiner", "eval", "--pairs", "p.csv"], refiner.cmd_eval),
+    ):  # fmt: skip
+        argv, notice = renamed(old)
+        assert argv == new
+        assert notice is not None and "old spelling still works" in notice
+        assert build_parser().parse_args(argv).func is func
+    assert renamed(["build", "corpus", "-o", "eval"]) == (["build", "corpus", "-o", "eval"], None)
+    # through main: the notice is logged and the command runs (here: fails cleanly on a missing file)
+    assert main(["train-refiner", "--pairs", "/nonexistent/pairs.csv", "--encoder", "compact:/nonexistent"]) == 1
+    assert "`train-refiner` is now `refiner train`" in caplog.text

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from diffgap.pairs import PairsError, read_pairs
+from diffgap.training.pairs import PairsError, read_pairs
 
 
 def _touch(path):

@@ -41,7 +41,7 @@ def test_ray_build_matches_local_build(mixed_corpus: Path, tiny_clap: Path, tmp_
     assert list((tmp_path / "ray" / "shards").glob("*.parquet")), "embedding shards are kept"
     assert main(["-q", "verify", str(tmp_path / "ray")]) == 0
     # the IVF index was trained on a sample and filled from the shards: a search finds each item itself
-    from diffgap.store import IndexStore
+    from diffgap.index.store import IndexStore
 
     with IndexStore.open(tmp_path / "ray", readonly=True) as store:
         ids, xb = store.vectors()

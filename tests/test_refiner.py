@@ -8,14 +8,14 @@ import pytest
 import torch
 from conftest import tone
 
-from diffgap.audio import write_audio
-from diffgap.diffusion import DDIMSampler, NoiseSchedule, ScheduleConfig
-from diffgap.embeddings import PairEmbeddings
+from diffgap.diffusion.refiner import Refiner, RefinerError
+from diffgap.diffusion.schedule import DDIMSampler, NoiseSchedule, ScheduleConfig
 from diffgap.encoders.base import EncoderFingerprint
-from diffgap.evaluate import BLEND_GRID, choose_blend, metrics, ranks_audio_to_query, ranks_query_to_audio
+from diffgap.media.audio import write_audio
 from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
-from diffgap.refiner import Refiner, RefinerError
-from diffgap.train_refiner import RefinerTrainConfig, diffusion_loss, direction_at, train_refiner
+from diffgap.training.embeddings import PairEmbeddings
+from diffgap.training.metrics import BLEND_GRID, choose_blend, metrics, ranks_audio_to_query, ranks_query_to_audio
+from diffgap.training.refiner import RefinerTrainConfig, diffusion_loss, direction_at, train_refiner
 from indexer.cli import main
 
 
@@ -143,6 +143,8 @@ def test_bad_refine_arguments(trained):
         refiner.refine(test.query[:2], mode="teleport")
     with pytest.raises(RefinerError, match="blend"):
         refiner.refine(test.query[:2], blend=1.5)
+    with pytest.raises(TypeError, match="stpes"):  # a misspelt option is an error, not silently ignored
+        refiner.refine(test.query[:2], stpes=20)
 
 
 def test_checkpoint_round_trip_and_encoder_refusal(trained, tmp_path):
@@ -227,7 +229,8 @@ def captioned(tmp_path_factory) -> tuple:
 
 def test_train_refiner_refuses_a_blend_outside_the_unit_interval(captioned, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["train-refiner", "--pairs", str(captioned / "pairs.csv"), "--out", str(tmp_path / "ref"), "--blend", "2"])
+        main(["refiner", "train", "--pairs", str(captioned / "pairs.csv"), "--out", str(tmp_path / "ref"),
+              "--blend", "2"])  # fmt: skip
     assert exit_info.value.code == 2
     assert "--blend: must be in [0, 1], got 2" in capsys.readouterr().err
     assert not (tmp_path / "ref").exists()
@@ -238,7 +241,7 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
     assert (
         main(
             [
-                "train-refiner",
+                "refiner", "train",
                 "-q",
                 "--pairs",
                 str(captioned / "pairs.csv"),
@@ -270,6 +273,7 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
     assert (
         main(
             [
+                "refiner",
                 "eval",
                 "-q",
                 "--pairs",
@@ -322,6 +326,7 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
     assert (
         main(
             [
+                "refiner",
                 "eval",
                 "-q",
                 "--pairs",
@@ -351,7 +356,7 @@ def test_search_command_uses_the_refiner(captioned, tiny_clap, tmp_path, capsys)
     assert (
         main(
             [
-                "train-refiner",
+                "refiner", "train",
                 "-q",
                 "--pairs",
                 str(captioned / "pairs.csv"),
@@ -385,7 +390,7 @@ def test_refinement_does_not_depend_on_batch_neighbours(trained):
 def test_traced_network_matches_eager_at_any_batch_size():
     import torch
 
-    from diffgap.refiner import Refiner, RefinerConfig
+    from diffgap.diffusion.refiner import Refiner, RefinerConfig
 
     torch.manual_seed(0)
     refiner = Refiner(RefinerConfig(net=RefinerNetConfig(audio_dim=16, query_dim=12, hidden=32)))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import Server, tone
 
-from diffgap.audio import write_audio
+from diffgap.media.audio import write_audio
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +267,50 @@ def test_api_key_traversal_and_reload(private_index, tmp_path):
     finally:
         srv.stop()
     link.unlink()
+
+
+def test_every_query_kind_goes_through_the_micro_batcher(client, served_index):
+    def batched() -> float:
+        line = next(x for x in client.get("/metrics").text.splitlines() if x.startswith("diffgap_batcher_queries "))
+        return float(line.split()[1])
+
+    before = batched()
+    assert client.post("/v1/search/batch", json={"texts": ["a knock", "a beep", "a buzz"], "k": 2}).status_code == 200
+    corpus = served_index.parent / "corpus"
+    video = sorted((corpus / "video").iterdir())[0]
+    files = {"file": (video.name, video.read_bytes(), "video/mp4")}
+    assert client.post("/v1/search/video", files=files, data={"k": "2"}).status_code == 200
+    audio = sorted((corpus / "audio").iterdir())[0]
+    files = {"file": (audio.name, audio.read_bytes(), "audio/wav")}
+    assert client.post("/v1/search/audio", files=files, data={"k": "2"}).status_code == 200
+    assert batched() - before == 5
+
+
+def test_refinement_without_a_refiner_is_one_rule_everywhere(private_index, served_index, capsys):
+    """Asked-for refinement on an index without a refiner: searched directly, `refined: false`."""
+    for modality in ("text", "video"):
+        shutil.rmtree(private_index / f"refiner-{modality}")
+    srv = Server(private_index)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            assert c.get("/readyz").json()["refiners"] == {}
+            one = c.post("/v1/search", json={"text": "a high beep", "k": 3, "refine": True})
+            assert one.status_code == 200 and one.json()["refined"] is False
+            assert "refine" not in one.json()["timings_ms"]
+            direct = c.post("/v1/search", json={"text": "a high beep", "k": 3, "refine": False}).json()
+            assert one.json()["results"] == direct["results"]
+            batch = c.post("/v1/search/batch", json={"texts": ["a high beep", "a low buzz"], "k": 3}).json()
+            assert batch["refined"] is False
+            assert [h["id"] for h in batch["results"][0]] == [h["id"] for h in direct["results"]]
+            video = sorted((served_index.parent / "corpus" / "video").iterdir())[0]
+            files = {"file": (video.name, video.read_bytes(), "video/mp4")}
+            res = c.post("/v1/search/video", files=files, data={"k": "3", "refine": "true"})
+            # the compact video tower shares the audio tower's space: searched directly
+            assert res.status_code == 200 and res.json()["refined"] is False
+    finally:
+        srv.stop()
+    from indexer.cli import main
+
+    capsys.readouterr()
+    assert main(["search", str(private_index), "--text", "a high beep", "-k", "3", "--refine", "--json"]) == 0
+    assert [h["id"] for h in json.loads(capsys.readouterr().out)] == [h["id"] for h in direct["results"]]

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from diffgap.encoders.base import EncoderFingerprint
-from diffgap.store import FileRecord, IndexStore, IndexStoreError
+from diffgap.index.faiss_sync import sync_faiss
+from diffgap.index.store import FileRecord, IndexStore, IndexStoreError
 
 FP = EncoderFingerprint("compact", "x", "ab" * 32, "audio", {"sample_rate": 16000})
 
@@ -41,7 +42,7 @@ def test_search_finds_the_stored_vectors(tmp_path, index_type):
     xb = _unit(rng, 400, 16)
     store = IndexStore.create(tmp_path / "idx", encoder_spec="compact:x", fingerprint=FP, dim=16, index_type=index_type)
     _fill(store, xb)
-    assert store.sync_faiss()["total"] == 400
+    assert sync_faiss(store)["total"] == 400
     scores, ids = store.search(xb[:50], 5)
     top = ids[:, 0] - 1  # ids start at 1 in insertion order
     recall = float(np.mean(top == np.arange(50)))
@@ -49,20 +50,20 @@ def test_search_finds_the_stored_vectors(tmp_path, index_type):
     assert store.verify() == []
     store.close()
     reopened = IndexStore.open(tmp_path / "idx", readonly=True)
-    assert reopened.load_faiss().ntotal == 400 and reopened.manifest.counts["items"] == 400
+    assert reopened.ntotal == 400 and reopened.manifest.counts["items"] == 400
 
 
 def test_removal_and_stable_ids(tmp_path):
     rng = np.random.default_rng(1)
     store = IndexStore.create(tmp_path / "idx", encoder_spec="compact:x", fingerprint=FP, dim=8)
     _fill(store, _unit(rng, 40, 8))
-    store.sync_faiss()
+    sync_faiss(store)
     before = store.items(range(1, 41))
     assert store.remove_files(["f0.wav", "f3.wav"]) == 8
-    assert store.sync_faiss() == {"added": 0, "removed": 8, "total": 32}
+    assert sync_faiss(store) == {"added": 0, "removed": 8, "total": 32}
     after = store.items(store.item_ids())
     assert all(after[i] == before[i] for i in after)  # survivors keep their ids and metadata
-    assert set(store.faiss_ids()) == set(after)
+    assert set(store.vector_index().ids()) == set(after)
     # ids are never reused
     store.commit_files([FileRecord("new.wav", "hn", 1, 0.0, "indexed", windows=[(0.0, 1.0)], vectors=_unit(rng, 1, 8))])
     assert int(store.item_ids().max()) == 41
@@ -81,15 +82,14 @@ def test_verify_detects_out_of_step_and_sync_repairs(tmp_path):
     rng = np.random.default_rng(2)
     store = IndexStore.create(tmp_path / "idx", encoder_spec="compact:x", fingerprint=FP, dim=8)
     _fill(store, _unit(rng, 8, 8))
-    store.sync_faiss()
+    sync_faiss(store)
     _fill(store, _unit(rng, 8, 8))  # committed but not yet in FAISS: as after a crash
     assert any("out of step" in p for p in store.verify())
-    store.sync_faiss()
+    sync_faiss(store)
     assert store.verify() == []
     (tmp_path / "idx" / "index.faiss").write_bytes(b"garbage")
-    store._faiss = None
     assert any("corrupt" in p for p in store.verify())
-    store.sync_faiss()  # rebuilt from SQLite
+    sync_faiss(store)  # rebuilt from SQLite
     assert store.verify() == []
 
 
@@ -99,3 +99,17 @@ def test_bad_directories(tmp_path):
     with pytest.raises(RuntimeError):
         IndexStore.create(tmp_path / "x", encoder_spec="compact:x", fingerprint=FP, dim=8, index_type="Bogus99")
     assert not list(tmp_path.glob("*/*.tmp"))
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    root = tmp_path / "idx"
+    IndexStore.create(root, encoder_spec="compact:x", fingerprint=FP, dim=8, index_type="HNSW16", window_s=4.0).close()
+    # settings left out take the index's own: a resumed build keeps what the index was made with
+    with IndexStore.create(root, encoder_spec="compact:x", fingerprint=FP, dim=8) as store:
+        assert (store.manifest.index_type, store.manifest.window_s, store.manifest.hop_s) == ("HNSW16", 4.0, 5.0)
+    with IndexStore.create(root, encoder_spec="compact:x", fingerprint=FP, dim=8, index_type="HNSW16") as store:
+        assert store.manifest.index_type == "HNSW16"
+    for changed in ({"index_type": "Flat"}, {"window_s": 10.0}, {"hop_s": 2.5}):
+        with pytest.raises(IndexStoreError, match="already exists with other settings"):
+            IndexStore.create(root, encoder_spec="compact:x", fingerprint=FP, dim=8, **changed)
+    assert IndexStore.open(root).manifest.index_type == "HNSW16"  # nothing was changed by the refusals

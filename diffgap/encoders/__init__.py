@@ -24,6 +24,7 @@ __all__ = [
     "EncoderFingerprint",
     "EncoderLoadError",
     "EncoderSet",
+    "NoEncoderError",
     "TextEncoder",
     "VideoEncoder",
     "load_encoders",
@@ -42,6 +43,10 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return family, target or None
 
 
+class NoEncoderError(ValueError):
+    """A query or pair of a modality that no loaded encoder reads."""
+
+
 @dataclass
 class EncoderSet:
     """The encoders one index and its queries need; absent modalities are None."""
@@ -49,6 +54,17 @@ class EncoderSet:
     audio: AudioEncoder
     text: TextEncoder | None = None
     video: VideoEncoder | None = None
+
+    def get(self, modality: str) -> Encoder | None:
+        """The encoder that turns inputs of `modality` into vectors, or None: the one rule for which serves which."""
+        return {"audio": self.audio, "text": self.text, "video": self.video}.get(modality)
+
+    def for_modality(self, modality: str) -> Encoder:
+        """`get`, with a clear error when no encoder of that modality is loaded."""
+        encoder = self.get(modality)
+        if encoder is None:
+            raise NoEncoderError(f"no {modality} encoder is loaded for this index")
+        return encoder
 
 
 def load_encoders(spec: str, video_spec: str | None = None, *, need_text: bool = True) -> EncoderSet:

@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from diffgap.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from diffgap.encoders.base import (
     AudioEncoder,
     EncoderFingerprint,
@@ -98,14 +100,10 @@ class CompactModel(torch.nn.Module):
             **(extra or {}),
         }
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        tmp = out / "model.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(out / "model.safetensors")
+        atomic_write_bytes(out / "model.safetensors", safetensors_bytes(tensors))
         if self.tokenizer is not None:
-            self.tokenizer.save(str(out / "tokenizer.json.tmp"))
-            (out / "tokenizer.json.tmp").replace(out / "tokenizer.json")
-        (out / "config.json.tmp").write_text(json.dumps(config, indent=2))
-        (out / "config.json.tmp").replace(out / "config.json")
+            atomic_write_text(out / "tokenizer.json", self.tokenizer.to_str(pretty=True))
+        atomic_write_json(out / "config.json", config)  # last: it names a complete set
 
     @classmethod
     def load(cls, path: str | Path) -> CompactModel:
@@ -115,7 +113,7 @@ class CompactModel(torch.nn.Module):
         except (OSError, json.JSONDecodeError) as exc:
             raise EncoderLoadError(
                 f"compact encoders: cannot read {path / 'config.json'} ({exc}); train them with "
-                "`diffgap-index train-encoders --pairs PAIRS.csv --out DIR`"
+                "`diffgap-index encoders train --pairs PAIRS.csv --out DIR`"
             ) from exc
         if config.get("format") != FORMAT:
             raise EncoderLoadError(f"{path} is not a compact encoder directory (format {config.get('format')!r})")

@@ -18,4 +18,4 @@ def reload(holder: HolderDep) -> dict[str, object]:
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"reload failed, still serving the previous index: {exc}"
         ) from exc
-    return {"reloaded": True, "items": int(holder.state.store.load_faiss().ntotal)}
+    return {"reloaded": True, "items": int(holder.state.store.ntotal)}

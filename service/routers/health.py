@@ -38,7 +38,7 @@ def readyz(holder: HolderDep, response: Response) -> ReadyOut:
     }
     return ReadyOut(
         ready=True,
-        items=int(state.store.load_faiss().ntotal),
+        items=int(state.store.ntotal),
         dim=manifest.dim,
         encoder=manifest.encoder_spec,
         index_type=manifest.index_type,
@@ -50,5 +50,7 @@ def readyz(holder: HolderDep, response: Response) -> ReadyOut:
 @router.get("/metrics", include_in_schema=False)
 def metrics(metrics: MetricsDep, holder: HolderDep) -> Response:
     if holder.state is not None:
-        metrics.index_items.set(holder.state.store.load_faiss().ntotal)
+        metrics.index_items.set(holder.state.store.ntotal)
+    metrics.batched.set(holder.batcher.requests_run)
+    metrics.batches.set(holder.batcher.batches_run)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -13,11 +13,9 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response,
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
-from diffgap.audio import AudioDecodeError, decode_audio
-from diffgap.search import Hit
-from diffgap.store import Item
+from diffgap.index.store import Item
+from diffgap.media.audio import AudioDecodeError, decode_audio
 from service.deps import StateDep, require_api_key
-from service.routers.search import hits_out
 from service.schemas import ItemOut
 from service.state import ServiceState
 
@@ -48,8 +46,7 @@ def safe_path(state: ServiceState, item: Item) -> Path:
 
 @router.get("/{item_id}", response_model=ItemOut)
 def item(item_id: ItemId, state: StateDep) -> ItemOut:
-    hit = hits_out([Hit(get_item(state, item_id), 0.0)])[0]
-    return ItemOut(**hit.model_dump(exclude={"score", "rank"}))
+    return ItemOut.from_item(get_item(state, item_id))
 
 
 @router.get("/{item_id}/audio", responses={200: {"content": {"audio/wav": {}}}, 206: {"description": "a byte range"}})

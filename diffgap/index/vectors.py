@@ -10,13 +10,39 @@ memory-mapped); faiss still owns the file format, adds and removals.
 FAISS's file puts the vectors at an offset that is not a multiple of 4 bytes, and BLAS on a
 misaligned array falls back to a loop ~50x slower, so the index store also writes them as an
 aligned `vectors.npy` (+ `ids.npy`) that the service memory-maps (`FlatView.from_arrays`).
+
+`VectorIndex` is what a reader searches: the FAISS index of a directory, and for Flat indexes the
+flat view chosen once when it is opened (not per query).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import faiss
 import numpy as np
 import torch
+
+from diffgap.index.layout import FAISS_FILE, IDS_FILE, VECTORS_FILE, IndexStoreError
+
+
+def new_faiss_index(dim: int, index_type: str) -> faiss.Index:
+    """An empty IndexIDMap2 over `index_type` (a faiss factory string: Flat, HNSW32, IVF256,Flat, ...)."""
+    base = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+    return faiss.IndexIDMap2(base)
+
+
+def read_faiss(path: Path, *, mmap: bool = False) -> faiss.Index:
+    # IO_FLAG_MMAP_IFC maps a flat index's vectors (IO_FLAG_MMAP alone still reads them in)
+    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError as exc:
+        raise IndexStoreError(f"{path} is corrupt: {exc}") from exc
+
+
+def faiss_ids(index: faiss.Index) -> np.ndarray:
+    return faiss.vector_to_array(index.id_map).astype(np.int64) if index.ntotal else np.zeros(0, np.int64)
 
 
 class FlatView:
@@ -38,7 +64,7 @@ class FlatView:
         self.ntotal = n
         # rev_swig_ptr wraps the index's own buffer: no copy, and mmap'd pages load on demand
         self.xb = faiss.rev_swig_ptr(inner.get_xb(), n * d).reshape(n, d) if n else np.zeros((0, d), np.float32)
-        self.ids = faiss.vector_to_array(index.id_map).astype(np.int64) if n else np.zeros(0, np.int64)
+        self.ids = faiss_ids(index)
 
     def search(self, xq: np.ndarray, k: int, block: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores (Q, k), ids (Q, k)); ids -1 and scores -inf past the end, as faiss does."""
@@ -74,3 +100,45 @@ class FlatView:
 def is_flat(index: faiss.Index) -> bool:
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     return isinstance(inner, faiss.IndexFlat) and inner.metric_type == faiss.METRIC_INNER_PRODUCT
+
+
+def open_flat_view(root: Path, index: faiss.Index) -> FlatView:
+    """The aligned, memory-mapped vectors.npy when it matches index.faiss, else a view into FAISS."""
+    view = FlatView(index)
+    try:
+        ids = np.load(root / IDS_FILE, mmap_mode="r")
+        xb = np.load(root / VECTORS_FILE, mmap_mode="r")
+    except (OSError, ValueError):
+        return view
+    if xb.shape == view.xb.shape and xb.dtype == np.float32 and np.array_equal(ids, view.ids):
+        return FlatView.from_arrays(np.asarray(ids), xb)
+    return view  # stale (a writer died between the two files): FAISS is the truth
+
+
+class VectorIndex:
+    """The searchable vectors of one index directory, opened once."""
+
+    def __init__(self, index: faiss.Index, flat: FlatView | None = None) -> None:
+        self.faiss = index
+        self.flat = flat  # exact search by matmul when the index is Flat (see the module docstring)
+
+    @classmethod
+    def open(cls, root: Path, dim: int, index_type: str, *, mmap: bool = False) -> VectorIndex:
+        path = root / FAISS_FILE
+        index = read_faiss(path, mmap=mmap) if path.exists() else new_faiss_index(dim, index_type)
+        return cls(index, open_flat_view(root, index) if is_flat(index) else None)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.faiss.ntotal)
+
+    def ids(self) -> np.ndarray:
+        return faiss_ids(self.faiss)
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) for each query row; ids are -1 where fewer than k items exist."""
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        assert xq.ndim == 2 and xq.shape[1] == self.faiss.d, f"query shape {xq.shape}, dim {self.faiss.d}"
+        if self.flat is not None:
+            return self.flat.search(xq, k)
+        return self.faiss.search(xq, k)

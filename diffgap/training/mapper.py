@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffgap.embeddings import PairEmbeddings
+from diffgap.training.embeddings import PairEmbeddings
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Short text descriptions of library files from their embedded tags and their file/folder names.
+"""The words a library file carries: its embedded tags (`read_tags`) and short text descriptions made
+from those tags and its file/folder names (`describe`).
 
 Sound libraries rarely have captions, but they do have words: UCS-style names such as
 `DOORWood_Creak_Slow_01.wav`, folders like `Weather/Rain`, and tags (Vorbis comments, ID3, RIFF
@@ -10,7 +11,38 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
+
+import av
+
+# Muxer bookkeeping, not words about the sound.
+TECHNICAL_TAGS = frozenset(
+    {
+        "encoder",
+        "major_brand",
+        "minor_version",
+        "compatible_brands",
+        "handler_name",
+        "language",
+        "vendor_id",
+        "creation_time",
+        "encoded_by",
+        "duration",
+    }
+)
+
+
+def read_tags(path: Path) -> dict[str, str]:
+    """Container and stream metadata (Vorbis comments, ID3, RIFF INFO, MP4 atoms) as lower-case keys."""
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            tags = dict(container.metadata)
+            if container.streams.audio:
+                tags.update(container.streams.audio[0].metadata)
+    except (av.FFmpegError, OSError, UnicodeDecodeError):
+        return {}
+    return {k.lower(): str(v).strip() for k, v in tags.items() if str(v).strip() and k.lower() not in TECHNICAL_TAGS}
+
 
 # Tag keys that describe the sound (as PyAV reports them, lower-cased), most specific first.
 DESCRIPTIVE_TAGS = (

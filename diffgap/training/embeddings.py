@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from diffgap.audio import AudioDecodeError, decode_audio
+from diffgap.atomic import atomic_write
 from diffgap.encoders import EncoderSet
 from diffgap.encoders.base import Encoder
-from diffgap.pairs import Pair
-from diffgap.video import VideoDecodeError, decode_video
+from diffgap.index.store import IndexStore
+from diffgap.media.audio import AudioDecodeError, decode_audio
+from diffgap.media.video import VideoDecodeError, decode_video
+from diffgap.training.pairs import Pair
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,7 @@ def embed_pairs(
     progress: Callable[[int], None] | None = None,
 ) -> PairEmbeddings:
     """Encode each distinct audio once and each query once. Pairs whose files fail to decode are dropped."""
-    query_encoder = encoders.text if modality == "text" else encoders.video
-    if query_encoder is None:
-        raise ValueError(f"no {modality} encoder is loaded")
+    query_encoder = encoders.for_modality(modality)
     usable = [p for p in pairs if (p.text if modality == "text" else p.video)]
     if modality == "video":  # caption rows repeat the same clip's video: one query per video
         usable = list({(p.key, p.video): p for p in usable}.values())
@@ -144,27 +144,23 @@ def embed_pairs(
         modality,
     )
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(
-            tmp,
-            audio=result.audio,
-            query=result.query,
-            query_group=result.query_group,
-            audio_keys=np.array(result.audio_keys),
-        )
-        tmp.replace(cache)
+        arrays = {
+            "audio": result.audio,
+            "query": result.query,
+            "query_group": result.query_group,
+            "audio_keys": np.array(result.audio_keys),
+        }
+        atomic_write(cache, lambda fh: np.savez(fh, **arrays))
     return result
 
 
-def embed_index_pairs(store, encoders: EncoderSet, batch_size: int = 64) -> PairEmbeddings:
+def embed_index_pairs(store: IndexStore, encoders: EncoderSet, batch_size: int = 64) -> PairEmbeddings:
     """(description, audio) pairs from an index itself: one per described file.
 
     The audio target is the normalised mean of the file's window vectors already in the index, so
     no audio is decoded again; the description is embedded with the text encoder.
     """
-    if encoders.text is None:
-        raise ValueError("no text encoder is loaded")
+    text_encoder = encoders.for_modality("text")
     rows = store.described_items()
     if not rows:
         raise ValueError(f"{store.root} has no item descriptions (tags or descriptive file names) to learn from")
@@ -180,5 +176,5 @@ def embed_index_pairs(store, encoders: EncoderSet, batch_size: int = 64) -> Pair
         mean = xb.mean(axis=0)
         audio[g] = mean / max(float(np.linalg.norm(mean)), 1e-12)
     texts = [descriptions[p] for p in paths]
-    query = np.concatenate([encoders.text.encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
+    query = np.concatenate([text_encoder.encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
     return PairEmbeddings(audio, query.astype(np.float32), np.arange(len(paths), dtype=np.int64), paths, "text")

@@ -19,13 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 
-from diffgap.audio import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, AudioDecodeError, cut_window, decode_audio, window_bounds
-from diffgap.descriptions import describe
 from diffgap.encoders.base import AudioEncoder
-from diffgap.store import FileRecord, IndexStore
+from diffgap.index.faiss_sync import sync_faiss
+from diffgap.index.store import FileRecord, IndexStore
+from diffgap.media.audio import (
+    AUDIO_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    AudioDecodeError,
+    cut_window,
+    decode_audio,
+    window_bounds,
+)
+from diffgap.media.tags import describe, read_tags
 
 log = logging.getLogger(__name__)
 
@@ -93,35 +100,6 @@ def content_hash(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-# Muxer bookkeeping, not words about the sound.
-TECHNICAL_TAGS = frozenset(
-    {
-        "encoder",
-        "major_brand",
-        "minor_version",
-        "compatible_brands",
-        "handler_name",
-        "language",
-        "vendor_id",
-        "creation_time",
-        "encoded_by",
-        "duration",
-    }
-)
-
-
-def read_tags(path: Path) -> dict[str, str]:
-    """Container and stream metadata (Vorbis comments, ID3, RIFF INFO, MP4 atoms) as lower-case keys."""
-    try:
-        with av.open(str(path), metadata_errors="ignore") as container:
-            tags = dict(container.metadata)
-            if container.streams.audio:
-                tags.update(container.streams.audio[0].metadata)
-    except (av.FFmpegError, OSError, UnicodeDecodeError):
-        return {}
-    return {k.lower(): str(v).strip() for k, v in tags.items() if str(v).strip() and k.lower() not in TECHNICAL_TAGS}
 
 
 @dataclass(frozen=True)
@@ -254,7 +232,7 @@ def build_index(
     except KeyboardInterrupt:
         report.interrupted = True
     finally:
-        store.sync_faiss()
+        sync_faiss(store)
         report.total_items = store.count_items()
         report.seconds = time.perf_counter() - t0
     return report

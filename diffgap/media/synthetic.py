@@ -1,4 +1,5 @@
-"""A small captioned demo corpus of synthetic sounds, with silent videos, made from scratch.
+"""Synthetic corpora made from scratch: a small captioned demo corpus of synthetic sounds with silent
+videos, and an uncaptioned library described only by its file names.
 
 Each clip holds one or two events (a sound source, a pitch, a position in the clip and how many
 times it sounds) over light noise; its caption says so in words drawn from a few phrasings, and
@@ -9,13 +10,15 @@ containers (wav, flac, ogg, mp3, m4a) so the demo exercises real decoding.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from diffgap.audio import write_audio
-from diffgap.video import write_video
+from diffgap.atomic import atomic_write_text
+from diffgap.media.audio import write_audio
+from diffgap.media.video import write_video
 
 SR = 16000
 SECONDS = 4.0
@@ -129,12 +132,11 @@ def generate_demo_corpus(out: str | Path, n_clips: int = 240, *, seed: int = 0, 
                     "caption": _caption(events, rng),
                 }
             )
-    tmp = out / "captions.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["id", "split", "audio", "video", "caption"])
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(out / "captions.csv")
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["id", "split", "audio", "video", "caption"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "captions.csv", text.getvalue())  # last: its presence marks a complete corpus
     return out
 
 

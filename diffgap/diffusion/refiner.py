@@ -23,15 +23,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from diffgap.diffusion import DDIMSampler, NoiseSchedule, ScheduleConfig
+from diffgap.atomic import atomic_write_bytes, atomic_write_json
+from diffgap.diffusion.schedule import DDIMSampler, NoiseSchedule, ScheduleConfig
+from diffgap.encoders import EncoderSet
 from diffgap.encoders.base import EncoderFingerprint, l2_normalize
 from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
 
 FORMAT = "diffgap-refiner"
 VERSION = 1
 DIRECTIONS = {"to_audio": 0, "from_audio": 1}
+CONFIG_FILE = "refiner.json"
+WEIGHTS_FILE = "model.safetensors"
+# DDIM steps when a caller names none: 5 retrieved as well as 20 and 50 on SynthCaps (BENCHMARKS.md)
+# at a tenth of the cost. Every default of the CLI, the service and the library reads this one.
+DEFAULT_STEPS = 5
+MODES = ("sample", "bridge")
 
 
 class RefinerError(ValueError):
@@ -90,21 +99,19 @@ class Refiner:
 
     # ---- I/O ---------------------------------------------------------------------------------------
     def save(self, out: str | Path) -> None:
-        """`model.safetensors` + `refiner.json`, each replaced atomically."""
+        """`model.safetensors` + `refiner.json`, each replaced atomically (the config last: it names a
+        complete pair)."""
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
-        save_file(tensors, str(out / "model.safetensors.tmp"))
-        (out / "model.safetensors.tmp").replace(out / "model.safetensors")
-        (out / "refiner.json.tmp").write_text(json.dumps(self.config.to_json(), indent=2))
-        (out / "refiner.json.tmp").replace(out / "refiner.json")
+        atomic_write_bytes(out / WEIGHTS_FILE, safetensors_bytes(tensors))
+        atomic_write_json(out / CONFIG_FILE, self.config.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Refiner:
         path = Path(path)
         try:
-            config = RefinerConfig.from_json(json.loads((path / "refiner.json").read_text()))
-            state = load_file(str(path / "model.safetensors"))
+            config = RefinerConfig.from_json(json.loads((path / CONFIG_FILE).read_text()))
+            state = load_file(str(path / WEIGHTS_FILE))
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise RefinerError(f"cannot load refiner from {path}: {exc}") from exc
         net = RefinerNet(config.net)
@@ -129,6 +136,12 @@ class Refiner:
                     f"{have.family}:{have.model_id} ({have.digest}); retrain it with train-refiner"
                 )
 
+    def check_against(self, encoders: EncoderSet) -> None:
+        """`check_encoders` with the index's audio encoder and the encoder of this refiner's query
+        modality (when that one is loaded)."""
+        query_encoder = encoders.get(self.config.query_modality)
+        self.check_encoders(encoders.audio.fingerprint, query_encoder.fingerprint if query_encoder else None)
+
     @property
     def num_bytes(self) -> int:
         return self.net.num_bytes()
@@ -145,7 +158,7 @@ class Refiner:
         xq: np.ndarray,
         *,
         direction: int = 0,
-        steps: int = 5,
+        steps: int = DEFAULT_STEPS,
         mode: str = "sample",
         start_step: int | None = None,
         start_noise: float | None = None,
@@ -153,7 +166,6 @@ class Refiner:
         guidance: float = 1.0,
         blend: float | None = None,
         seed: int = 0,
-        **_: Any,
     ) -> np.ndarray:
         """Map unit query vectors (B, c) to unit vectors in the target space (B, d).
 
@@ -198,6 +210,11 @@ class Refiner:
             total += torch.nn.functional.normalize(z, dim=-1)
         return blend_with_query(l2_normalize(total.numpy()), xq, blend)
 
+    def warm_up(self) -> None:
+        """Trace the query -> audio network now (the first refinement would, at ~140 ms)."""
+        cond_dim = self.dims(0)[1]
+        self.refine(np.full((1, cond_dim), cond_dim**-0.5, dtype=np.float32), steps=1)
+
     def _conditional(self, direction: int) -> torch.nn.Module:
         """The network for one direction, traced once: a step at batch 1 is op-dispatch bound, and
         TorchScript halves it (0.27 -> 0.17 ms on 2 cores), which is most of what refinement costs
@@ -235,3 +252,14 @@ class _OneDirection(torch.nn.Module):
 
     def forward(self, z: torch.Tensor, steps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.net(z, steps, cond, self.direction)
+
+
+def is_refiner_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def load_refiner(path: str | Path, encoders: EncoderSet) -> Refiner:
+    """Load a refiner and check it against the encoders it will run with."""
+    refiner = Refiner.load(path)
+    refiner.check_against(encoders)
+    return refiner

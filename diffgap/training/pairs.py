@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffgap.audio import AUDIO_EXTENSIONS
+from diffgap.media.audio import AUDIO_EXTENSIONS
 
 
 @dataclass(frozen=True)

@@ -1,101 +1,39 @@
-"""An index directory: manifest.json + FAISS index (stable int64 ids) + SQLite metadata and vectors.
+"""The catalogue of an index directory: SQLite rows for files and items (the source of truth), with
+their lifecycle (create, open, migrate, close) and `verify`.
 
-SQLite is the source of truth. Each committed chunk of work (files, their items and vectors) is one
-SQLite transaction, so a crash loses at most the chunk in flight and never leaves half a file. The
-FAISS file is derived state: `sync_faiss` brings it in line with SQLite (adds missing ids, removes
-stale ones, or rebuilds) and replaces it atomically. A reader that finds them out of step (a crash
-between the two) sees `verify` report it, and the next build or update repairs it.
-
-Layout:
-    manifest.json   format version, encoder spec + fingerprint, dim, metric, index type, counts
-    meta.sqlite     files (one row per source file, indexed or skipped) and items (one per window)
-    index.faiss     IndexIDMap2 over the configured index type; ids == items.id
+Each committed chunk of work (files, their items and vectors) is one SQLite transaction, so a crash
+loses at most the chunk in flight and never leaves half a file. The FAISS file is derived state,
+brought in line by `diffgap.index.faiss_sync.sync_faiss`; a reader that finds the two out of step
+(a crash between them) sees `verify` report it, and the next build or update repairs it. What the
+directory holds, by name, is in `diffgap.index.layout`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
-import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import faiss
 import numpy as np
 
+from diffgap.atomic import remove_stale_temps
 from diffgap.encoders.base import EncoderFingerprint
-from diffgap.flat_search import FlatView, is_flat
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SQLITE = "meta.sqlite"
-FAISS_FILE = "index.faiss"
-# Flat indexes only: the same vectors and ids as index.faiss, 64-byte aligned for memory-mapped BLAS
-VECTORS_FILE = "vectors.npy"
-IDS_FILE = "ids.npy"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (
-    path TEXT PRIMARY KEY,          -- relative to the corpus root, '/'-separated
-    content_hash TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    mtime REAL NOT NULL,
-    status TEXT NOT NULL,           -- 'indexed' | 'skipped'
-    reason TEXT,                    -- why it was skipped
-    duration REAL,
-    sample_rate INTEGER,
-    channels INTEGER,
-    tags TEXT NOT NULL DEFAULT '{}', -- JSON object
-    description TEXT NOT NULL DEFAULT '' -- words from tags and file/folder names
-);
-CREATE TABLE IF NOT EXISTS items (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, so ids stay stable across updates
-    path TEXT NOT NULL REFERENCES files(path) ON DELETE CASCADE,
-    start REAL NOT NULL,
-    end REAL NOT NULL,
-    vector BLOB NOT NULL            -- float32 little-endian, dim values
-);
-CREATE INDEX IF NOT EXISTS items_path ON items(path);
-"""
-
-
-class IndexStoreError(RuntimeError):
-    """The index directory is missing, corrupt or made for another encoder; the message says which."""
-
-
-@dataclass
-class Manifest:
-    encoder_spec: str  # how to load the encoders again, e.g. "clap:laion/clap-htsat-unfused"
-    fingerprint: dict[str, Any]  # of the audio encoder whose vectors fill the index
-    dim: int
-    metric: str = "ip"  # inner product over unit vectors == cosine
-    index_type: str = "Flat"  # faiss factory string
-    window_s: float = 10.0
-    hop_s: float = 5.0
-    format_version: int = FORMAT_VERSION
-    counts: dict[str, int] = field(default_factory=dict)
-    created_at: float = field(default_factory=time.time)
-    updated_at: float = field(default_factory=time.time)
-    corpus_root: str | None = None
-
-    @classmethod
-    def load(cls, path: Path) -> Manifest:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise IndexStoreError(f"cannot read {path}: {exc}") from exc
-        if data.get("format_version") != FORMAT_VERSION:
-            raise IndexStoreError(f"{path}: format version {data.get('format_version')} is not {FORMAT_VERSION}")
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def save(self, path: Path) -> None:
-        atomic_write_bytes(path, json.dumps(self.__dict__, indent=2, sort_keys=True).encode())
+from diffgap.index.layout import (
+    DEFAULT_HOP_S,
+    DEFAULT_INDEX_TYPE,
+    DEFAULT_WINDOW_S,
+    FAISS_FILE,
+    MANIFEST,
+    SCHEMA,
+    SQLITE,
+    IndexStoreError,
+    Manifest,
+)
+from diffgap.index.vectors import VectorIndex, new_faiss_index, read_faiss
 
 
 @dataclass(frozen=True)
@@ -108,39 +46,6 @@ class Item:
     sample_rate: int | None
     tags: dict[str, Any]
     description: str = ""
-
-
-def _atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """`write` into a temp file beside `path`, fsync, then os.replace: readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda fh: fh.write(data))
-
-
-def write_faiss_atomic(index: faiss.Index, path: Path) -> None:
-    _atomic(path, lambda fh: faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write)))
-
-
-def save_npy_atomic(array: np.ndarray, path: Path) -> None:
-    # .npy pads its header, so the data starts 64-byte aligned: what memory-mapped BLAS needs
-    _atomic(path, lambda fh: np.save(fh, np.ascontiguousarray(array)))
-
-
-def new_faiss_index(dim: int, index_type: str) -> faiss.Index:
-    """An empty IndexIDMap2 over `index_type` (a faiss factory string: Flat, HNSW32, IVF256,Flat, ...)."""
-    base = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
-    return faiss.IndexIDMap2(base)
 
 
 class IndexStore:
@@ -156,14 +61,11 @@ class IndexStore:
         if not readonly:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.executescript(SCHEMA)
-            for stale in root.glob(".*.tmp"):  # left by a writer killed mid-write; the real file is intact
-                stale.unlink(missing_ok=True)
+            remove_stale_temps(root)
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(files)")}
             if "description" not in columns:  # indexes made before descriptions existed
                 self.db.execute("ALTER TABLE files ADD COLUMN description TEXT NOT NULL DEFAULT ''")
-        self._faiss: faiss.Index | None = None
-        self._flat_view: FlatView | None = None
-        self._flat_of: faiss.Index | None = None
+        self._vectors: VectorIndex | None = None
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(files)")}
         # Indexes from before descriptions existed still open read-only (a writer adds the column).
         self._description_sql = "f.description" if "description" in columns else "''"
@@ -177,17 +79,25 @@ class IndexStore:
         encoder_spec: str,
         fingerprint: EncoderFingerprint,
         dim: int,
-        index_type: str = "Flat",
-        window_s: float = 10.0,
-        hop_s: float = 5.0,
+        index_type: str | None = None,
+        window_s: float | None = None,
+        hop_s: float | None = None,
         corpus_root: str | None = None,
     ) -> IndexStore:
-        """Create a new index, or reopen an existing one after checking it was made by the same encoder."""
+        """Create a new index, or reopen an existing one (a build resumes) after checking it was made by
+        the same encoder. Settings left None take the defaults for a new index and the index's own
+        for an existing one; one given that differs from the existing index's is refused."""
         root = Path(root)
         if (root / MANIFEST).exists():
             store = cls.open(root)
-            store.check_fingerprint(fingerprint)
+            try:
+                store.check_fingerprint(fingerprint)
+                store._check_settings(index_type=index_type, window_s=window_s, hop_s=hop_s)
+            except IndexStoreError:
+                store.close()
+                raise
             return store
+        index_type = index_type or DEFAULT_INDEX_TYPE
         root.mkdir(parents=True, exist_ok=True)
         new_faiss_index(dim, index_type)  # fail now on a bad factory string, not after encoding
         manifest = Manifest(
@@ -195,13 +105,23 @@ class IndexStore:
             fingerprint=fingerprint.to_dict(),
             dim=dim,
             index_type=index_type,
-            window_s=window_s,
-            hop_s=hop_s,
+            window_s=DEFAULT_WINDOW_S if window_s is None else window_s,
+            hop_s=DEFAULT_HOP_S if hop_s is None else hop_s,
             corpus_root=corpus_root,
         )
         store = cls(root, manifest)
         manifest.save(root / MANIFEST)
         return store
+
+    def _check_settings(self, **given: Any) -> None:
+        m = self.manifest
+        have = {"index_type": m.index_type, "window_s": m.window_s, "hop_s": m.hop_s}
+        differ = [f"{k} {v!r} (the index has {have[k]!r})" for k, v in given.items() if v is not None and v != have[k]]
+        if differ:
+            raise IndexStoreError(
+                f"{self.root} already exists with other settings: {', '.join(differ)}. Resume it without "
+                "those options, or build the new settings into another directory."
+            )
 
     @classmethod
     def open(cls, root: str | Path, *, readonly: bool = False) -> IndexStore:
@@ -353,80 +273,24 @@ class IndexStore:
             return np.zeros(0, np.int64), np.zeros((0, self.manifest.dim), np.float32)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    # ---- FAISS -----------------------------------------------------------------------------------
+    # ---- the searchable vectors (FAISS), opened once --------------------------------------------
+    def vector_index(self, *, mmap: bool = False) -> VectorIndex:
+        """The FAISS index and, for Flat, its aligned flat view; `mmap` applies to the first open."""
+        if self._vectors is None:
+            self._vectors = VectorIndex.open(self.root, self.manifest.dim, self.manifest.index_type, mmap=mmap)
+        return self._vectors
+
+    def use_vectors(self, vectors: VectorIndex) -> None:
+        """What a writer has just synced becomes what this store searches."""
+        self._vectors = vectors
+
     @property
-    def faiss_path(self) -> Path:
-        return self.root / FAISS_FILE
+    def ntotal(self) -> int:
+        return self.vector_index().ntotal
 
-    def load_faiss(self, *, mmap: bool = False) -> faiss.Index:
-        if self._faiss is None:
-            if not self.faiss_path.exists():
-                self._faiss = new_faiss_index(self.manifest.dim, self.manifest.index_type)
-            else:
-                # IO_FLAG_MMAP_IFC maps a flat index's vectors (IO_FLAG_MMAP alone still reads them in)
-                flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
-                try:
-                    self._faiss = faiss.read_index(str(self.faiss_path), flags)
-                except RuntimeError as exc:
-                    raise IndexStoreError(f"{self.faiss_path} is corrupt: {exc}") from exc
-        return self._faiss
-
-    def faiss_ids(self) -> np.ndarray:
-        index = self.load_faiss()
-        return faiss.vector_to_array(index.id_map).astype(np.int64) if index.ntotal else np.zeros(0, np.int64)
-
-    def sync_faiss(self) -> dict[str, int]:
-        """Make index.faiss hold exactly the items in SQLite, then write it atomically."""
-        assert not self.readonly, "read-only store"
-        try:
-            index = self.load_faiss()
-            have = self.faiss_ids()
-        except IndexStoreError:
-            index, have = None, None  # a corrupt file is rebuilt from SQLite
-        want = self.item_ids()
-        if index is None or have is None or not index.is_trained or len(np.unique(have)) != len(have):
-            index, added, removed = self._rebuild(want), len(want), 0
-        else:
-            stale = np.setdiff1d(have, want)
-            missing = np.setdiff1d(want, have)
-            removed = len(stale)
-            if len(stale):
-                try:
-                    index.remove_ids(faiss.IDSelectorBatch(stale))
-                except RuntimeError:  # HNSW and friends cannot remove: rebuild instead
-                    index = self._rebuild(want)
-                    missing = np.zeros(0, np.int64)
-            for xids, xb in self.iter_vectors(ids=missing):
-                index.add_with_ids(xb, xids)
-            added = len(missing)
-        assert index.ntotal == len(want), f"faiss has {index.ntotal} vectors, SQLite {len(want)} items"
-        if is_flat(index):  # written first: a reader trusts them only if their ids match index.faiss
-            view = FlatView(index)
-            save_npy_atomic(view.xb, self.root / VECTORS_FILE)
-            save_npy_atomic(view.ids, self.root / IDS_FILE)
-        else:
-            for stale in (VECTORS_FILE, IDS_FILE):
-                (self.root / stale).unlink(missing_ok=True)
-        write_faiss_atomic(index, self.faiss_path)
-        self._faiss = index
-        self.manifest.counts = self.counts()
-        self.manifest.updated_at = time.time()
-        self.manifest.save(self.root / MANIFEST)
-        return {"added": added, "removed": removed, "total": int(index.ntotal)}
-
-    def _rebuild(self, ids: np.ndarray) -> faiss.Index:
-        index = new_faiss_index(self.manifest.dim, self.manifest.index_type)
-        if not index.is_trained:
-            index.train(self._training_sample(ids))
-        for xids, xb in self.iter_vectors(ids=ids):
-            index.add_with_ids(xb, xids)
-        return index
-
-    def _training_sample(self, ids: np.ndarray, max_n: int = 100_000, seed: int = 0) -> np.ndarray:
-        assert len(ids) > 0, f"index type {self.manifest.index_type} needs training vectors, and there are none"
-        rng = np.random.default_rng(seed)
-        sample = np.sort(rng.choice(ids, size=min(max_n, len(ids)), replace=False))
-        return self.vectors(sample)[1]
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) for each query row; ids are -1 where fewer than k items exist."""
+        return self.vector_index().search(xq, k)
 
     def verify(self) -> list[str]:
         """Problems found (empty when healthy): SQLite integrity, FAISS vs SQLite ids, vector sanity."""
@@ -434,7 +298,8 @@ class IndexStore:
         if self.db.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
             problems.append("SQLite integrity check failed")
         try:
-            have = self.faiss_ids() if self.faiss_path.exists() else None
+            faiss_path = self.root / FAISS_FILE
+            have = VectorIndex(read_faiss(faiss_path)).ids() if faiss_path.exists() else None
         except IndexStoreError as exc:
             problems.append(str(exc))
             have = None
@@ -460,31 +325,6 @@ class IndexStore:
         if orphans:
             problems.append(f"{orphans} items have no file row")
         return problems
-
-    def _open_flat_view(self, index: faiss.Index) -> FlatView:
-        """The aligned, memory-mapped vectors.npy when it matches index.faiss, else a view into FAISS."""
-        view = FlatView(index)
-        try:
-            ids = np.load(self.root / IDS_FILE, mmap_mode="r")
-            xb = np.load(self.root / VECTORS_FILE, mmap_mode="r")
-        except (OSError, ValueError):
-            return view
-        if xb.shape == view.xb.shape and xb.dtype == np.float32 and np.array_equal(ids, view.ids):
-            return FlatView.from_arrays(np.asarray(ids), xb)
-        return view  # stale (a writer died between the two files): FAISS is the truth
-
-    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids) for each query row; ids are -1 where fewer than k items exist."""
-        xq = np.ascontiguousarray(xq, dtype=np.float32)
-        assert xq.ndim == 2 and xq.shape[1] == self.manifest.dim, f"query shape {xq.shape}, dim {self.manifest.dim}"
-        index = self.load_faiss()
-        if is_flat(index):  # by matmul + top-k: diffgap/flat_search.py says why
-            view = self._flat_view
-            if view is None or view.ntotal != index.ntotal or self._flat_of is not index:
-                view, self._flat_of = self._open_flat_view(index), index
-                self._flat_view = view
-            return view.search(xq, k)
-        return index.search(xq, k)
 
 
 @dataclass

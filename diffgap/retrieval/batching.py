@@ -3,7 +3,8 @@
 Callers (threads) `submit` one request and block on its result; a single worker thread takes
 whatever has queued (at most `max_batch`; waiting up to `wait_ms` for company only when the
 previous batch had company, so a lone client never pays the wait), groups requests
-that can share one model call by `key(request)`, and runs `fn` once per group. On 2 cores one
+that can share one model call by `key(request)`, and runs `fn` once per group. When a group's call
+fails, its members are rerun one by one, so a bad request fails alone and its neighbours succeed. On 2 cores one
 batched encoder/refiner/FAISS call costs little more than a single one, so throughput grows with
 concurrency instead of queueing.
 """
@@ -37,13 +38,23 @@ class MicroBatcher(Generic[Req, Res]):
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self.batches_run = 0
+        self.requests_run = 0
+        self.isolated_retries = 0  # failed batches whose members were rerun one by one
         self.largest_batch = 0
         self._last_batch = 0
 
     def submit(self, request: Req, timeout: float | None = 60.0) -> Res:
-        future: Future[Res] = Future()
-        self._queue.put((request, future))
-        return future.result(timeout=timeout)
+        return self.submit_many([request], timeout)[0]
+
+    def submit_many(self, requests: Sequence[Req], timeout: float | None = 60.0) -> list[Res]:
+        """Several requests of one caller (a batch endpoint): queued together, so they share model
+        calls with each other and with whatever else is queued; results in order."""
+        futures: list[Future[Res]] = []
+        for request in requests:
+            future: Future[Res] = Future()
+            self._queue.put((request, future))
+            futures.append(future)
+        return [f.result(timeout=timeout) for f in futures]
 
     def close(self) -> None:
         self._queue.put(None)
@@ -78,13 +89,19 @@ class MicroBatcher(Generic[Req, Res]):
 
     def _run_group(self, group: list[tuple[Req, Future[Res]]]) -> None:
         self.batches_run += 1
+        self.requests_run += len(group)
         self.largest_batch = max(self.largest_batch, len(group))
         try:
             results = self.fn([req for req, _ in group])
             assert len(results) == len(group), f"batch fn returned {len(results)} results for {len(group)} requests"
         except Exception as exc:
-            for _, fut in group:
-                fut.set_exception(exc)
+            if len(group) == 1:
+                group[0][1].set_exception(exc)
+                return
+            # One bad request must not fail its neighbours: run each alone, so only it fails.
+            self.isolated_retries += 1
+            for member in group:
+                self._run_group([member])
             return
         for (_, fut), res in zip(group, results, strict=True):
             fut.set_result(res)

@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from diffgap.indexing import BuildReport, PrepareTask, SourceFile, encode_records, prepare_file
-from diffgap.store import FileRecord, IndexStore
+from diffgap.index.build import BuildReport, PrepareTask, SourceFile, encode_records, prepare_file
+from diffgap.index.faiss_sync import sync_faiss
+from diffgap.index.store import FileRecord, IndexStore
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def commit_shards(store: IndexStore, shards: Sequence[Path]) -> BuildReport:
         report.files_seen += len(records)
         report.files_indexed += sum(r.status == "indexed" for r in records)
         report.skipped += [(r.path, r.reason or "unknown") for r in records if r.status == "skipped"]
-    store.sync_faiss()
+    sync_faiss(store)
     report.total_items = store.count_items()
     return report
 

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffgap.audio import AudioDecodeError, decode_audio
 from diffgap.encoders.compact import CompactModel, _pad_frames, _pad_waves, train_tokenizer
+from diffgap.media.audio import AudioDecodeError, decode_audio
+from diffgap.media.video import VideoDecodeError, decode_video
 from diffgap.models.audio_net import AudioNetConfig
 from diffgap.models.text_net import TextNetConfig
 from diffgap.models.video_net import VideoNetConfig
-from diffgap.pairs import Pair
-from diffgap.video import VideoDecodeError, decode_video
+from diffgap.training.pairs import Pair
 
 log = logging.getLogger(__name__)
 

@@ -12,19 +12,25 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from diffgap.diffusion import NoiseSchedule, ScheduleConfig
-from diffgap.embeddings import PairEmbeddings
+from diffgap.atomic import atomic_write_bytes, atomic_write_json
+from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, RefinerConfig
+from diffgap.diffusion.schedule import NoiseSchedule, ScheduleConfig
+from diffgap.encoders import EncoderSet
 from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
-from diffgap.refiner import Refiner, RefinerConfig
+from diffgap.training.embeddings import PairEmbeddings
+from diffgap.training.metrics import choose_blend, score_mapping
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +208,7 @@ def _save_checkpoint(
             tensors[f"opt.{pid}.{name}"] = torch.as_tensor(value).contiguous()
     tensors["generator"] = generator.get_state()
     weights = path / f"state-{iteration}.safetensors"
-    save_file(tensors, str(weights.with_suffix(".tmp")))
-    weights.with_suffix(".tmp").replace(weights)
+    atomic_write_bytes(weights, safetensors_bytes(tensors))
     meta = {
         "identity": identity,
         "iteration": iteration,
@@ -211,8 +216,7 @@ def _save_checkpoint(
         "param_groups": opt_state["param_groups"],
         "history": asdict(history),
     }
-    (path / "checkpoint.json.tmp").write_text(json.dumps(meta))
-    (path / "checkpoint.json.tmp").replace(path / "checkpoint.json")
+    atomic_write_json(path / "checkpoint.json", meta, indent=None)
     for old in path.glob("state-*.safetensors"):
         if old.name != weights.name:
             old.unlink(missing_ok=True)
@@ -245,3 +249,80 @@ def _load_checkpoint(
     for name, values in meta["history"].items():
         getattr(history, name).extend(values)
     return int(meta["iteration"])
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    """Where training state for a refiner bound for `out` is kept: beside it, not inside (the service
+    reads `out`), and removed once the finished refiner is saved."""
+    out = Path(out)
+    return out.parent / f".{out.name}.checkpoint"
+
+
+def fit_refiner(
+    data: PairEmbeddings,
+    encoders: EncoderSet,
+    out: str | Path,
+    *,
+    cfg: RefinerTrainConfig | None = None,
+    net_cfg: RefinerNetConfig | None = None,
+    val_fraction: float = 0.1,
+    eval_steps: int = DEFAULT_STEPS,
+    blend: float | None = None,
+    checkpoint_every: int = 500,
+    record: dict[str, Any] | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> tuple[Refiner, dict[str, Any]]:
+    """Everything `train-refiner` does: hold out a share of the audio targets, train (resumably) on the
+    rest, score refined against direct search on the held-out pairs, pick the blend weight there
+    (unless `blend` fixes it), stamp the encoders' fingerprints, save to `out`; returns the refiner
+    and the report. `record` (e.g. the encoder specs) is kept in the refiner's training notes."""
+    cfg = cfg or RefinerTrainConfig()
+    query_encoder = encoders.for_modality(data.modality)
+    train, val = data.split(val_fraction, seed=cfg.seed)
+    out = Path(out)
+    checkpoint = checkpoint_dir(out)
+    refiner, history = train_refiner(
+        train,
+        val if len(val.query) else None,
+        cfg=cfg,
+        net_cfg=net_cfg,
+        progress=progress,
+        checkpoint=checkpoint if checkpoint_every else None,
+        checkpoint_every=checkpoint_every or 1,
+    )
+    refiner.config.audio_fingerprint = encoders.audio.fingerprint.to_dict()
+    refiner.config.query_fingerprint = query_encoder.fingerprint.to_dict()
+    refiner.config.training.update(record or {})
+    report: dict[str, Any] = {
+        "val_loss": history.val_loss[-1] if history.val_loss else None,
+        "bytes": refiner.num_bytes,
+        "pairs_train": int(len(train.query)),
+        "pairs_val": int(len(val.query)),
+    }
+    if len(val.query):
+        refined, _ = score_mapping(val, lambda x: refiner.refine(x, steps=eval_steps, blend=0.0), None)
+        report["val_refined"] = refined
+        direct = None
+        if data.audio.shape[1] == data.query.shape[1]:
+            direct = report["val_direct"] = score_mapping(val, lambda x: x, None)[0]
+        chosen, by_weight = choose_blend(refiner, val, steps=eval_steps)
+        if by_weight:
+            report["val_MRR@10_by_blend"] = {str(w): round(v, 4) for w, v in by_weight.items()}
+            log.info("blend %.2f picked on the held-out pairs (MRR@10 by weight: %s)", chosen, by_weight)
+        refiner.config.blend = chosen
+        refiner.config.training["validation"] = report
+        log.info(
+            "held-out %s->audio R@1: refined %.3f%s (R@10 %.3f), %d queries",
+            data.modality,
+            refined["R@1"],
+            f" vs direct {direct['R@1']:.3f}" if direct else "",
+            refined["R@10"],
+            refined["n"],
+        )
+    if blend is not None:
+        refiner.config.blend = blend
+    report["blend"] = refiner.config.blend
+    refiner.save(out)
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the finished model supersedes it
+    log.info("saved refiner (%d bytes of weights) to %s", refiner.num_bytes, out)
+    return refiner, report

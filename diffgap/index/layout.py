@@ -1,0 +1,101 @@
+"""What an index directory holds, by name: the one place that spells its file and folder names.
+
+    manifest.json        format version, encoder spec + fingerprint, dim, metric, index type, window,
+                         hop, counts (`Manifest`)
+    meta.sqlite          files (one row per source file, indexed or skipped) and items (one per window)
+    index.faiss          IndexIDMap2 over the configured index type; ids == items.id
+    vectors.npy ids.npy  Flat indexes only: the same vectors and ids, 64-byte aligned for memory-mapped BLAS
+    refiner-MODALITY/    a trained refiner for text or video queries (`refiner_dir`)
+    cache/               embeddings of paired data, by content and encoder
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffgap.atomic import atomic_write_json
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SQLITE = "meta.sqlite"
+FAISS_FILE = "index.faiss"
+VECTORS_FILE = "vectors.npy"
+IDS_FILE = "ids.npy"
+CACHE_DIR = "cache"
+REFINER_MODALITIES = ("text", "video")
+
+DEFAULT_INDEX_TYPE = "Flat"
+DEFAULT_WINDOW_S = 10.0
+DEFAULT_HOP_S = 5.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY,          -- relative to the corpus root, '/'-separated
+    content_hash TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime REAL NOT NULL,
+    status TEXT NOT NULL,           -- 'indexed' | 'skipped'
+    reason TEXT,                    -- why it was skipped
+    duration REAL,
+    sample_rate INTEGER,
+    channels INTEGER,
+    tags TEXT NOT NULL DEFAULT '{}', -- JSON object
+    description TEXT NOT NULL DEFAULT '' -- words from tags and file/folder names
+);
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, so ids stay stable across updates
+    path TEXT NOT NULL REFERENCES files(path) ON DELETE CASCADE,
+    start REAL NOT NULL,
+    end REAL NOT NULL,
+    vector BLOB NOT NULL            -- float32 little-endian, dim values
+);
+CREATE INDEX IF NOT EXISTS items_path ON items(path);
+"""
+
+
+class IndexStoreError(RuntimeError):
+    """The index directory is missing, corrupt or made for another encoder; the message says which."""
+
+
+def refiner_dir(index_root: str | Path, modality: str) -> Path:
+    """Where `train-refiner` puts, and the service and CLI look for, the refiner of one query modality."""
+    assert modality in REFINER_MODALITIES, f"refiners exist for {REFINER_MODALITIES}, not {modality!r}"
+    return Path(index_root) / f"refiner-{modality}"
+
+
+def is_index_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+@dataclass
+class Manifest:
+    encoder_spec: str  # how to load the encoders again, e.g. "clap:laion/clap-htsat-unfused"
+    fingerprint: dict[str, Any]  # of the audio encoder whose vectors fill the index
+    dim: int
+    metric: str = "ip"  # inner product over unit vectors == cosine
+    index_type: str = DEFAULT_INDEX_TYPE  # faiss factory string
+    window_s: float = DEFAULT_WINDOW_S
+    hop_s: float = DEFAULT_HOP_S
+    format_version: int = FORMAT_VERSION
+    counts: dict[str, int] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    corpus_root: str | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise IndexStoreError(f"cannot read {path}: {exc}") from exc
+        if data.get("format_version") != FORMAT_VERSION:
+            raise IndexStoreError(f"{path}: format version {data.get('format_version')} is not {FORMAT_VERSION}")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(path, self.__dict__)

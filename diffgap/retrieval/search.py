@@ -1,0 +1,267 @@
+"""The query path: encode any modality -> (optionally) refine toward audio space -> search -> items.
+
+`Searcher.run` takes a batch of queries that share modality and refinement and runs each stage once
+for the whole batch, so callers that micro-batch concurrent requests get batched model calls.
+Decoding an uploaded file (`decode_query`) is per request and happens before batching, so a slow
+upload never holds up its neighbours; encoding happens in the batch.
+
+One rule for refinement, everywhere (CLI, service, library): a query that asks for refinement is
+refined when the index has a refiner for its modality and searched directly otherwise, and its
+result says which (`QueryResult.refined`). A query whose vectors live in another space than the
+index's audio vectors (a CLIP video query on a CLAP index, say) cannot be searched directly: with
+no refiner it fails with `NeedsRefinerError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, is_refiner_dir
+from diffgap.encoders import EncoderSet, load_encoders
+from diffgap.encoders.base import l2_normalize
+from diffgap.index.layout import REFINER_MODALITIES, refiner_dir
+from diffgap.index.store import IndexStore, Item
+from diffgap.media.audio import decode_audio
+from diffgap.media.video import decode_video
+
+log = logging.getLogger(__name__)
+
+QUERY_MODALITIES = ("text", "video", "audio")
+
+
+class NeedsRefinerError(ValueError):
+    """Query vectors from another space than the index's, and no refiner to bring them over."""
+
+
+class QueryInputError(ValueError):
+    """A query's input cannot be used as it is; the message says why in plain words."""
+
+
+class MediaTooLongError(QueryInputError):
+    """An uploaded query is longer than the service accepts."""
+
+
+def check_text(text: str) -> str:
+    """Text an encoder can read: valid Unicode (no lone surrogates) and not blank."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise QueryInputError(
+            f"text contains a character that is not valid Unicode at position {exc.start} (a lone surrogate?)"
+        ) from None
+    if not text.strip():
+        raise QueryInputError("text must not be empty")
+    return text
+
+
+@dataclass(frozen=True)
+class ItemFilter:
+    """Metadata conditions an item must meet; None fields are not checked."""
+
+    path_prefix: str | None = None
+    min_duration: float | None = None
+    max_duration: float | None = None
+    tags: tuple[tuple[str, str], ...] = ()  # (key, substring), case-insensitive
+    description: str | None = None  # every word must occur in the item's description
+
+    def matches(self, item: Item) -> bool:
+        if self.path_prefix and not item.path.startswith(self.path_prefix):
+            return False
+        duration = item.duration or 0.0
+        if self.min_duration is not None and duration < self.min_duration:
+            return False
+        if self.max_duration is not None and duration > self.max_duration:
+            return False
+        if self.description and not all(w in item.description.lower() for w in self.description.lower().split()):
+            return False
+        return all(needle.lower() in str(item.tags.get(key, "")).lower() for key, needle in self.tags)
+
+
+@dataclass(frozen=True)
+class RefineSpec:
+    """How to refine; hashable so queries with equal specs share one batched refiner call."""
+
+    steps: int = DEFAULT_STEPS
+    mode: str = "sample"
+    blend: float | None = None  # None: the refiner's own weight, chosen when it was trained
+    start_noise: float | None = None  # None: 0 (the prior's mean) for sample, 1 for bridge
+
+    def options(self) -> dict[str, Any]:
+        return {"steps": self.steps, "mode": self.mode, "blend": self.blend, "start_noise": self.start_noise}
+
+
+@dataclass
+class Query:
+    """One query: exactly one of `text`, `vector` (already in the modality's encoder space) or `media`
+    (a decoded wave (S,) for audio, frames (T, H, W, 3) for video; see `decode_query`)."""
+
+    modality: str  # "text" | "video" | "audio"
+    k: int
+    text: str | None = None
+    vector: np.ndarray | None = None
+    media: np.ndarray | None = None
+    refine: RefineSpec | None = None
+    filter: ItemFilter | None = None
+
+    def __post_init__(self) -> None:
+        assert self.modality in QUERY_MODALITIES, f"modality {self.modality!r} not in {QUERY_MODALITIES}"
+        given = sum(x is not None for x in (self.text, self.vector, self.media))
+        assert given == 1, "a query needs exactly one of text, vector or media"
+
+    @property
+    def needs_encoding(self) -> bool:
+        return self.vector is None
+
+    @property
+    def batch_key(self) -> tuple[str, RefineSpec | None, bool]:
+        return self.modality, self.refine, self.needs_encoding
+
+
+@dataclass
+class Hit:
+    item: Item
+    score: float
+
+
+@dataclass
+class QueryResult:
+    hits: list[Hit]
+    timings_ms: dict[str, float] = field(default_factory=dict)  # per stage, for the whole batch
+    refined: bool = False
+
+
+class Searcher:
+    """An open index, its encoders and refiners (by query modality)."""
+
+    def __init__(self, store: IndexStore, encoders: EncoderSet, refiners: dict[str, Refiner] | None = None) -> None:
+        self.store = store
+        self.encoders = encoders
+        self.refiners: dict[str, Refiner] = refiners or {}
+
+    def query_dim(self, modality: str) -> int:
+        return self.encoders.for_modality(modality).dim
+
+    def effective_refine(self, modality: str, spec: RefineSpec | None) -> RefineSpec | None:
+        """The module's one rule: asked-for refinement runs when a refiner for the modality exists."""
+        return spec if spec is not None and modality in self.refiners else None
+
+    def run(self, queries: Sequence[Query]) -> list[QueryResult]:
+        """Queries that share a batch key; returns one result per query, in order."""
+        assert queries, "empty batch"
+        modality = queries[0].modality
+        assert all(q.modality == modality and q.refine == queries[0].refine for q in queries), "mixed batch"
+        spec = self.effective_refine(modality, queries[0].refine)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        xq = self._encode(modality, queries)  # (B, c)
+        if any(q.needs_encoding for q in queries):
+            timings["encode"] = (time.perf_counter() - t0) * 1e3
+        if spec is not None:
+            t1 = time.perf_counter()
+            xq = self.refiners[modality].refine(xq, direction=0, **spec.options())
+            timings["refine"] = (time.perf_counter() - t1) * 1e3
+        else:
+            self._check_direct(modality, xq)
+        t2 = time.perf_counter()
+        hits = self.search_vectors(xq, queries)
+        timings["search"] = (time.perf_counter() - t2) * 1e3
+        return [QueryResult(h, timings, spec is not None) for h in hits]
+
+    def search(self, query: Query) -> QueryResult:
+        """One query on its own (CLI, notebooks); services batch through `run`."""
+        return self.run([query])[0]
+
+    def _encode(self, modality: str, queries: Sequence[Query]) -> np.ndarray:
+        raw = [check_text(q.text) if q.text is not None else q.media for q in queries if q.needs_encoding]
+        encoded = iter(self.encoders.for_modality(modality).encode(raw) if raw else ())
+        xq = np.stack([next(encoded) if q.needs_encoding else q.vector for q in queries])  # (B, c)
+        return l2_normalize(np.asarray(xq, dtype=np.float32))
+
+    def _check_direct(self, modality: str, xq: np.ndarray) -> None:
+        query_space = self.encoders.for_modality(modality).fingerprint.space
+        if xq.shape[1] != self.store.manifest.dim or query_space != self.encoders.audio.fingerprint.space:
+            raise NeedsRefinerError(
+                f"{modality} queries ({xq.shape[1]}-d, another space than this index's "
+                f"{self.store.manifest.dim}-d audio vectors) need a {modality} refiner, and this index has none; "
+                f"train one with `diffgap-index refiner train --modality {modality}`"
+            )
+
+    def search_vectors(self, xq: np.ndarray, queries: Sequence[Query]) -> list[list[Hit]]:
+        """Top hits of each row of xq (already in audio space), each query's k and filter applied."""
+        ntotal = self.store.ntotal
+        if ntotal == 0:
+            return [[] for _ in queries]
+        filtered = any(q.filter is not None for q in queries)
+        want = max(q.k for q in queries)
+        k = min(ntotal, want * 10 if filtered else want)
+        while True:
+            scores, ids = self.store.search(xq, k)
+            items = self.store.items(int(i) for i in np.unique(ids) if i >= 0)
+            out = []
+            for q, srow, irow in zip(queries, scores, ids, strict=True):
+                row = [Hit(items[int(i)], float(s)) for s, i in zip(srow, irow, strict=True) if int(i) in items]
+                if q.filter is not None:
+                    row = [h for h in row if q.filter.matches(h.item)]
+                out.append(row[: q.k])
+            short = any(len(r) < q.k for r, q in zip(out, queries, strict=True) if q.filter is not None)
+            if not short or k >= ntotal:
+                return out
+            k = min(ntotal, k * 4)  # a selective filter: look deeper
+
+
+def decode_query(
+    source: str | Path | BinaryIO, modality: str, encoders: EncoderSet, *, max_seconds: float | None = None
+) -> np.ndarray:
+    """An audio or video query, decoded for its encoder (`Query.media`). Raises the media module's
+    decode errors for unreadable input, and MediaTooLongError past `max_seconds` (None: no limit,
+    only the start the encoder reads is decoded)."""
+    encoder = encoders.for_modality(modality)
+    if modality == "audio":
+        limit = encoder.max_seconds if max_seconds is None else max_seconds + 1
+        audio = decode_audio(source, encoder.sample_rate, max_seconds=limit)
+        if max_seconds is not None and audio.duration > max_seconds:
+            raise MediaTooLongError(f"audio is longer than {max_seconds} s")
+        return audio.wave[: int(encoder.max_seconds * encoder.sample_rate)]
+    assert modality == "video", f"only audio and video queries are decoded, not {modality!r}"
+    limit = None if max_seconds is None else max_seconds + 1
+    frames = decode_video(source, encoder.fps, size=getattr(encoder, "size", None), max_seconds=limit)
+    if max_seconds is not None and len(frames) / encoder.fps > max_seconds:
+        raise MediaTooLongError(f"video is longer than {max_seconds} s")
+    return frames
+
+
+def open_searcher(
+    index_dir: str | Path, *, video_encoder: str | None = None, mmap: bool = False, need_text: bool = True
+) -> Searcher:
+    """Open an index read-only with its encoders and every refiner found beside it, each checked against
+    the encoders it will run with. A video refiner names the video encoder it was trained with, which
+    is loaded when no `video_encoder` is given."""
+    store = IndexStore.open(index_dir, readonly=True)
+    try:
+        encoders = load_encoders(store.manifest.encoder_spec, video_encoder, need_text=need_text)
+        store.check_fingerprint(encoders.audio.fingerprint)
+        refiners: dict[str, Refiner] = {}
+        for modality in REFINER_MODALITIES:
+            path = refiner_dir(index_dir, modality)
+            if not is_refiner_dir(path):
+                continue
+            refiner = Refiner.load(path)
+            trained_with = refiner.config.training.get("video_encoder_spec")
+            if modality == "video" and encoders.video is None and trained_with:
+                encoders.video = load_encoders(trained_with, need_text=False).video
+            if modality == "text" and encoders.text is None:
+                continue  # a caller that reads no text (audio search from the CLI) needs no text refiner
+            refiner.check_against(encoders)
+            refiners[modality] = refiner
+        store.vector_index(mmap=mmap and store.manifest.index_type == "Flat")
+    except BaseException:
+        store.close()
+        raise
+    return Searcher(store, encoders, refiners)

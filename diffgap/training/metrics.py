@@ -1,0 +1,73 @@
+"""Retrieval metrics on paired embeddings, in both directions, and the choice of the blend weight.
+
+query -> audio: each query has one audio target among all test audio; audio -> query: each audio
+is a hit if any of its queries is retrieved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, blend_with_query
+from diffgap.training.embeddings import PairEmbeddings
+
+
+def ranks_query_to_audio(xq: np.ndarray, xb: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """1-based rank of each query's target among all rows of xb (ties count against the query)."""
+    scores = xq @ xb.T  # (Q, G)
+    own = scores[np.arange(len(xq)), target]  # (Q,)
+    return (scores > own[:, None]).sum(1) + 1
+
+
+def ranks_audio_to_query(xa: np.ndarray, xq_all: np.ndarray, query_group: np.ndarray) -> np.ndarray:
+    """1-based rank of the best-ranked query belonging to each audio row."""
+    scores = xa @ xq_all.T  # (G, P)
+    best_own = np.full(len(xa), -np.inf)
+    np.maximum.at(best_own, query_group, scores[query_group, np.arange(len(query_group))])
+    return (scores > best_own[:, None]).sum(1) + 1
+
+
+def metrics(ranks: np.ndarray) -> dict[str, float]:
+    ranks = np.asarray(ranks)
+    return {
+        "R@1": float(np.mean(ranks <= 1)),
+        "R@5": float(np.mean(ranks <= 5)),
+        "R@10": float(np.mean(ranks <= 10)),
+        "median_rank": float(np.median(ranks)),
+        "MRR@10": float(np.mean(np.where(ranks <= 10, 1.0 / ranks, 0.0))),
+        "n": int(len(ranks)),
+    }
+
+
+def score_mapping(
+    test: PairEmbeddings,
+    to_audio: Callable[[np.ndarray], np.ndarray] | None,
+    from_audio: Callable[[np.ndarray], np.ndarray] | None,
+) -> tuple[dict | None, dict | None]:
+    """Metrics for maps into the other space (None: that direction is not available)."""
+    a = metrics(ranks_query_to_audio(to_audio(test.query), test.audio, test.query_group)) if to_audio else None
+    b = metrics(ranks_audio_to_query(from_audio(test.audio), test.query, test.query_group)) if from_audio else None
+    return a, b
+
+
+BLEND_GRID = (0.0, 0.25, 0.5, 0.75)  # 1.0 would be direct search: no refiner at all
+
+
+def choose_blend(
+    refiner: Refiner, val: PairEmbeddings, steps: int = DEFAULT_STEPS, grid: tuple[float, ...] = BLEND_GRID
+) -> tuple[float, dict[float, float]]:
+    """The blend weight with the best held-out query -> audio MRR@10 (ties: the smaller weight), and
+    every weight's score. Blending needs one space for queries and audio; otherwise 0."""
+    if val.query.shape[1] != val.audio.shape[1] or not len(val.query):
+        return 0.0, {}
+    refined = refiner.refine(val.query, steps=steps, blend=0.0)  # (Q, d), refined once for all weights
+    scores: dict[float, float] = {}
+    for w in grid:
+        mixed = blend_with_query(refined, val.query, w)
+        scores[w] = metrics(ranks_query_to_audio(mixed, val.audio, val.query_group))["MRR@10"]
+    best = max(grid, key=lambda w: (scores[w], -w))
+    return best, scores
+
+

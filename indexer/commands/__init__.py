@@ -1,0 +1,1 @@
+"""One module per noun: `index` (build, update, info, verify, search), `encoders`, `refiner`, `demo`."""

@@ -1,0 +1,40 @@
+"""`encoders train`: the compact audio/text/video encoders, trained contrastively on paired data."""
+
+from __future__ import annotations
+
+import argparse
+
+from diffgap.pipeline import PairsSource, train_encoders
+from diffgap.training.encoders import EncoderTrainConfig
+from indexer.common import EXIT_OK, progress_bars
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = EncoderTrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes
+    )
+    source = PairsSource(args.pairs, layout=args.layout, split=args.split, audio_dir=args.audio_dir)
+    train_encoders(source, args.out, cfg, use_video=not args.no_video, progress=progress_bars(args.quiet))
+    return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    noun = sub.add_parser("encoders", help="train the compact encoders")
+    verbs = noun.add_subparsers(dest="verb", required=True, metavar="VERB")
+    register_train(verbs.add_parser("train", help="train the compact audio/text/video encoders contrastively"))
+
+
+def register_train(p: argparse.ArgumentParser) -> None:
+    defaults = EncoderTrainConfig()
+    p.add_argument("--pairs", required=True, help="paired CSV with audio and text and/or video")
+    p.add_argument("--layout", default="auto", choices=["auto", "csv", "audiocaps", "clotho"])
+    p.add_argument("--split", help="only rows of this split")
+    p.add_argument("--audio-dir", help="audio folder for AudioCaps/Clotho layouts")
+    p.add_argument("--out", required=True, help="output folder (use it as --encoder compact:OUT)")
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this much training time")
+    p.add_argument("--no-video", action="store_true", help="ignore the video column")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.set_defaults(func=cmd_train)

@@ -1,0 +1,179 @@
+"""`refiner train` and `refiner eval`: a DiffGAP refiner for an index, and the ablation table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from diffgap.atomic import atomic_write_json
+from diffgap.diffusion.refiner import DEFAULT_STEPS
+from diffgap.models.refiner_net import RefinerNetConfig
+from diffgap.pipeline import PairsSource, RefinerJob, evaluate, train_refiner_job
+from diffgap.training.evaluate import AblationConfig
+from diffgap.training.mapper import MapperConfig
+from diffgap.training.refiner import RefinerTrainConfig
+from indexer.common import EXIT_OK, CliError, progress_bars, step_count, step_counts, unit_interval
+
+
+def _pairs(args: argparse.Namespace, path: str | None = None, split: str | None = None) -> PairsSource:
+    return PairsSource(path or args.pairs, layout=args.layout, split=split, audio_dir=args.audio_dir)
+
+
+def _train_cfg(args: argparse.Namespace) -> RefinerTrainConfig:
+    return RefinerTrainConfig(
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        bidirectional=not args.no_bst,
+        switch_every=args.switch_every,
+        cond_dropout=args.cond_dropout,
+        contrastive_weight=args.contrastive_weight,
+        prediction_type=args.prediction,
+        seed=args.seed,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if not args.from_index and not args.pairs:
+        raise CliError("give --pairs CSV or --from-index")
+    job = RefinerJob(
+        index=args.index,
+        encoder=args.encoder,
+        video_encoder=args.video_encoder,
+        modality=args.modality,
+        pairs=_pairs(args, split=args.split) if args.pairs else None,
+        from_index=args.from_index,
+        cache_dir=args.cache,
+        out=args.out,
+        train=_train_cfg(args),
+        net={"hidden": args.hidden, "n_blocks": args.blocks},
+        val_fraction=args.val_fraction,
+        eval_steps=args.steps,
+        blend=args.blend,
+        checkpoint_every=args.checkpoint_every,
+    )
+    _, report, _ = train_refiner_job(job, progress_bars(args.quiet))
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = AblationConfig(
+        steps=args.steps,
+        intervals=tuple(int(m) for m in args.intervals.split(",")) if args.intervals else (),
+        train=_train_cfg(args),
+        mapper=MapperConfig(iterations=args.mapper_iterations, seed=args.seed),
+        bridge_start=args.bridge_start,
+        blend=args.blend,
+    )
+    payload = evaluate(
+        _pairs(args, split=args.split),
+        _pairs(args, args.test_pairs, split=args.test_split),
+        cfg,
+        index=args.index,
+        encoder=args.encoder,
+        video_encoder=args.video_encoder,
+        modality=args.modality,
+        cache_dir=args.cache,
+        refiner=args.refiner,
+        progress=progress_bars(args.quiet),
+    )
+    sys.stdout.write(payload["table"] + "\n")
+    if args.json:
+        atomic_write_json(Path(args.json), payload)
+    return EXIT_OK
+
+
+def _common(p: argparse.ArgumentParser, pairs_required: bool = True) -> None:
+    defaults = RefinerTrainConfig()
+    p.add_argument("--pairs", required=pairs_required, help="paired CSV (generic, AudioCaps or Clotho layout)")
+    p.add_argument("--layout", default="auto", choices=["auto", "csv", "audiocaps", "clotho"])
+    p.add_argument("--split", help="only rows of this split (generic CSV with a split column)")
+    p.add_argument("--audio-dir", help="audio folder for AudioCaps/Clotho layouts (default: next to the CSV)")
+    p.add_argument("--index", help="take the encoders from this index (and cache embeddings in it)")
+    p.add_argument("--encoder", help="encoder spec when no --index is given, e.g. clap or compact:DIR")
+    p.add_argument("--video-encoder", help="video encoder spec, e.g. clip or compact:DIR")
+    p.add_argument("--modality", default="text", choices=["text", "video"], help="the query side of the pairs")
+    p.add_argument("--cache", help="embedding cache folder (default INDEX/cache)")
+    p.add_argument("--iterations", type=int, default=defaults.iterations)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument(
+        "--switch-every",
+        type=int,
+        default=defaults.switch_every,
+        help="BST interval m (0: iterations/5, so that training ends on query->audio as the paper's does)",
+    )
+    p.add_argument("--no-bst", action="store_true", help="train direction query->audio only")
+    p.add_argument("--cond-dropout", type=float, default=defaults.cond_dropout, help="condition dropout (guidance)")
+    p.add_argument(
+        "--contrastive-weight",
+        type=float,
+        default=defaults.contrastive_weight,
+        help="CMMD-style contrastive weight (0: off)",
+    )
+    p.add_argument(
+        "--prediction",
+        default=defaults.prediction_type,
+        choices=["sample", "epsilon"],
+        help="what the denoiser predicts: the noise (epsilon, the paper) or z_0 (sample)",
+    )
+    p.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    noun = sub.add_parser("refiner", help="train and evaluate DiffGAP refiners")
+    verbs = noun.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("train", help="train a refiner on paired data or the index's own descriptions")
+    register_train(p)
+    p = verbs.add_parser("eval", help="retrieval table: direct, regression mapper, refiner ablations")
+    register_eval(p)
+
+
+def register_train(p: argparse.ArgumentParser) -> None:
+    _common(p, pairs_required=False)
+    p.add_argument(
+        "--from-index",
+        action="store_true",
+        help="learn from the index's own item descriptions (tags and file names) instead of --pairs",
+    )
+    p.add_argument("--out", help="output folder (default: INDEX/refiner-MODALITY)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of audio targets held out")
+    p.add_argument("--hidden", type=int, default=RefinerNetConfig.hidden)
+    p.add_argument("--blocks", type=int, default=RefinerNetConfig.n_blocks)
+    p.add_argument(
+        "--steps",
+        type=step_count,
+        default=DEFAULT_STEPS,
+        help=f"DDIM steps for the held-out check and the blend choice (default {DEFAULT_STEPS})",
+    )
+    p.add_argument(
+        "--blend",
+        type=unit_interval,
+        default=None,
+        help="weight of the direct similarity the refiner is served with (default: picked on the held-out pairs)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=500,
+        help="save resumable training state every N iterations (0: never); a rerun resumes",
+    )
+    p.set_defaults(func=cmd_train)
+
+
+def register_eval(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--test-pairs", help="test CSV (default: --pairs with --test-split)")
+    p.add_argument("--test-split", help="split of the test rows")
+    p.add_argument("--steps", type=step_counts, default=(5, 20, 50), help="DDIM step counts to score (default 5,20,50)")
+    p.add_argument("--intervals", default="", help="extra BST intervals m to train, e.g. 100,500")
+    p.add_argument("--mapper-iterations", type=int, default=MapperConfig.iterations)
+    p.add_argument("--bridge-start", type=int, default=500)
+    p.add_argument("--blend", type=unit_interval, default=0.5, help="blend weight of the blended row")
+    p.add_argument("--refiner", help="score this trained refiner as the full model instead of training one")
+    p.add_argument("--json", help="also write the table and all numbers as JSON here")
+    p.set_defaults(func=cmd_eval)
