@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, load_refiner
 from diffgap.encoders import EncoderLoadError, EncoderSet, load_encoders
-from diffgap.index.build import BuildReport, SourceFile, build_index, scan_folder, scan_list
+from diffgap.index.build import BuildReport, SourceFile, build_index, is_excluded, scan_folder, scan_list
 from diffgap.index.layout import CACHE_DIR, is_index_dir, refiner_dir
 from diffgap.index.store import IndexStore
 from diffgap.media.synthetic import generate_demo_corpus
@@ -66,14 +66,17 @@ def build(
     window_s: float | None = None,
     hop_s: float | None = None,
     prune: bool = False,
+    exclude: Sequence[str] = (),
     options: BuildOptions | None = None,
     progress: ProgressFactory = no_progress,
 ) -> BuildReport:
-    """Index a folder (or the files a CSV names) into `index`, creating it or resuming it."""
+    """Index a folder (or the files a CSV names) into `index`, creating it or resuming it. `exclude`
+    globs are kept in the manifest, so later updates leave the same files out."""
     if manifest_csv:
         root, files = scan_list(manifest_csv, column=column, split=split)
+        files = [f for f in files if not is_excluded(f.rel, exclude)]
     elif corpus:
-        root, files = Path(corpus).resolve(), scan_folder(corpus)
+        root, files = Path(corpus).resolve(), scan_folder(corpus, exclude=exclude)
     else:
         raise ValueError("give a corpus folder or a manifest CSV")
     encoders = load_encoders(encoder_spec, need_text=False)
@@ -87,6 +90,8 @@ def build(
         hop_s=hop_s,
         corpus_root=str(root),
     )
+    if exclude:
+        store.manifest.exclude = list(exclude)
     log.info("indexing %d files from %s into %s (%s)", len(files), root, index, encoder_spec)
     return _run_build(store, encoders, files, options or BuildOptions(), remove_missing=prune, progress=progress)
 
@@ -95,10 +100,12 @@ def update(
     index: str | Path,
     corpus: str | Path | None = None,
     *,
+    exclude: Sequence[str] | None = None,
     options: BuildOptions | None = None,
     progress: ProgressFactory = no_progress,
 ) -> BuildReport:
-    """Add new and changed files of the corpus (default: the one the index was built from), drop removed ones."""
+    """Add new and changed files of the corpus (default: the one the index was built from), drop removed
+    ones. `exclude` replaces the index's globs (None keeps them)."""
     store = IndexStore.open(index)
     try:
         root = Path(corpus or store.manifest.corpus_root or "").resolve()
@@ -108,7 +115,9 @@ def update(
         store.check_fingerprint(encoders.audio.fingerprint)
         if corpus:
             store.manifest.corpus_root = str(root)
-        files = scan_folder(root)
+        if exclude is not None:
+            store.manifest.exclude = list(exclude)
+        files = scan_folder(root, exclude=store.manifest.exclude)
     except BaseException:
         store.close()
         raise
@@ -228,6 +237,7 @@ class RefinerJob:
     modality: str = "text"
     pairs: PairsSource | None = None
     from_index: bool = False  # (description, audio) pairs from the index itself
+    exclude: tuple[str, ...] = ()  # with from_index: globs of files whose descriptions are not learnt from
     cache_dir: str | Path | None = None  # embedding cache (default INDEX/cache)
     out: str | Path | None = None  # default INDEX/refiner-MODALITY
     train: RefinerTrainConfig = field(default_factory=RefinerTrainConfig)
@@ -258,7 +268,7 @@ def train_refiner_job(
         if not job.index or job.modality != "text":
             raise ValueError("learning from the index's descriptions needs an index and text queries")
         with IndexStore.open(job.index, readonly=True) as store:
-            data = embed_index_pairs(store, encoders)
+            data = embed_index_pairs(store, encoders, exclude=job.exclude)
         log.info("%d (description, audio) pairs from %s, e.g. %r", len(data.query), job.index, data.audio_keys[0])
     elif job.pairs is not None:
         data = embed_pairs_file(job.pairs, encoders, job.modality, cache_dir=job.cache(), progress=progress)

@@ -3,35 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
+import re
 import signal
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from swagger_ui_bundle import swagger_ui_path
 
 from service.metrics import Metrics
 from service.routers import admin, health, items, search, ui
+from service.server import HeaderDeadlineH11
 from service.settings import Settings
 from service.state import StateHolder
 
 log = logging.getLogger("diffgap.serve")
 UPLOAD_PATHS = ("/v1/search/video", "/v1/search/audio")
+DOCS_ASSETS = "/docs-assets"
 
 
 class BodyLimit:
     """Refuse request bodies over the limit as they stream in, before they are parsed or stored: uploads
     (multipart) up to `max_upload_bytes`, every other body (JSON) up to `max_json_bytes`."""
 
-    def __init__(self, app: ASGIApp, max_upload_bytes: int, max_json_bytes: int) -> None:
+    IDLE_READ_S = 10.0  # longest wait for the next piece of a body
+
+    def __init__(self, app: ASGIApp, max_upload_bytes: int, max_json_bytes: int, body_timeout_s: float = 60.0) -> None:
         self.app, self.max_upload_bytes, self.max_json_bytes = app, max_upload_bytes, max_json_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,12 +58,21 @@ class BodyLimit:
             return
         seen = 0
         started = rejected = False
+        deadline = time.monotonic() + self.body_timeout_s
 
         async def counting_receive() -> Message:
             nonlocal seen, rejected
             if rejected:
                 return {"type": "http.disconnect"}
-            message = await receive()
+            wait = min(self.IDLE_READ_S, deadline - time.monotonic())
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(wait, 0.001))
+            except asyncio.TimeoutError:  # noqa: UP041 - a different class on Python 3.10
+                # A client that trickles its body holds a connection and a worker thread: let it go.
+                rejected = True
+                if not started:
+                    await self._send(send, 408, "the request body arrived too slowly")
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > allowed and not started:
@@ -76,8 +96,11 @@ class BodyLimit:
                 raise
 
     async def _reject(self, send: Send, what: str, limit: int) -> None:
-        response = JSONResponse({"detail": f"{what} is larger than {limit} bytes"}, status_code=413)
-        await response({"type": "http"}, _no_receive, send)
+        await self._send(send, 413, f"{what} is larger than {limit} bytes")
+
+    @staticmethod
+    async def _send(send: Send, status_code: int, detail: str) -> None:
+        await JSONResponse({"detail": detail}, status_code=status_code)({"type": "http"}, _no_receive, send)
 
 
 async def _no_receive() -> Message:
@@ -103,7 +126,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         description="Text/video/audio-to-audio retrieval with DiffGAP query refinement.",
+        docs_url=None,  # served below from the package's own copy of Swagger UI, not from a CDN
+        redoc_url=None,
     )
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="diffgap API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
     app.state.settings = settings
     app.state.metrics = Metrics()
     if settings.cors_origins:
@@ -113,12 +149,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Range"],
         )
-    app.add_middleware(BodyLimit, max_upload_bytes=settings.max_upload_bytes, max_json_bytes=settings.max_json_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_upload_bytes=settings.max_upload_bytes,
+        max_json_bytes=settings.max_json_bytes,
+        body_timeout_s=settings.body_timeout_s,
+    )
 
     @app.middleware("http")
     async def observe(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's signature
         t0 = time.perf_counter()
-        response = await call_next(request)
+        request_id = request_id_of(request)
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # a bug: one line per request at error level, the traceback at debug
+            log.error("request %s %s %s failed: %s", request_id, request.method, request.url.path, type(exc).__name__)
+            log.debug("request %s traceback", request_id, exc_info=exc)
+            response = JSONResponse(
+                {"detail": "internal error; the server log has this request id", "request_id": request_id},
+                status_code=500,
+            )
+        response.headers["X-Request-ID"] = request_id
         route = request.scope.get("route")
         name = getattr(route, "path", "unmatched")
         metrics: Metrics = request.app.state.metrics
@@ -138,6 +189,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (health.router, search.router, items.router, admin.router, ui.router):
         app.include_router(router)
     return app
+
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def request_id_of(request: Request) -> str:
+    """The caller's X-Request-ID when it is a sane token (a proxy's), else a new one."""
+    given = request.headers.get("x-request-id", "")
+    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
 
 
 def _load_quietly(holder: StateHolder) -> None:
@@ -185,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     log.info("serving %s on http://%s:%d", settings.index_dir, settings.host, settings.port)
+    HeaderDeadlineH11.header_timeout_s = settings.header_timeout_s
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -192,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level=args.log_level,
         workers=1,
         timeout_graceful_shutdown=10,
+        http=HeaderDeadlineH11,
+        limit_concurrency=settings.limit_concurrency,
     )
     return 0
 

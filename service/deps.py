@@ -45,3 +45,15 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 HolderDep = Annotated[StateHolder, Depends(get_holder)]
 StateDep = Annotated[ServiceState, Depends(get_state)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def require_admin(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
+    """Admin endpoints change what the service serves: with no API key configured they are closed,
+    unless the operator opened them on purpose (DIFFGAP_ALLOW_OPEN_ADMIN=1, e.g. behind a private bind)."""
+    if not settings.api_key and not settings.allow_open_admin:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "admin endpoints are closed: set DIFFGAP_API_KEY and send it as a bearer token, or set "
+            "DIFFGAP_ALLOW_OPEN_ADMIN=1 (or reload with SIGHUP)",
+        )
+    require_api_key(request, settings)

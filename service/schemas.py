@@ -58,7 +58,19 @@ class Filters(BaseModel):
         return ItemFilter(filters.path_prefix, filters.min_duration, filters.max_duration, tags, filters.description)
 
 
-class SearchRequest(RefineOptions):
+class RankOptions(BaseModel):
+    lexical: bool = Field(
+        True,
+        description="also rank files by their words (name, tags, folders; full-text, bm25) and fuse that with "
+        "the sound ranking (reciprocal rank fusion); files whose words do not match keep the sound order",
+    )
+    lexical_weight: float = Field(1.0, ge=0.0, le=10.0, description="weight of the word ranking in the fusion")
+    collapse: bool = Field(
+        True, description="one hit per file (its best window) and per content (byte-identical files listed)"
+    )
+
+
+class SearchRequest(RefineOptions, RankOptions):
     text: str | None = Field(None, description="a text query (exactly one of text or embedding)")
     embedding: list[float] | None = Field(None, description="a query vector in the query encoder's space")
     k: int = Field(10, ge=1, le=10_000)
@@ -84,7 +96,7 @@ class SearchRequest(RefineOptions):
         return self
 
 
-class BatchSearchRequest(RefineOptions):
+class BatchSearchRequest(RefineOptions, RankOptions):
     texts: list[str] = Field(..., min_length=1)
     k: int = Field(10, ge=1, le=10_000)
     filters: Filters | None = None
@@ -128,12 +140,27 @@ class ItemOut(BaseModel):
 
 
 class HitOut(ItemOut):
-    score: float
+    score: float = Field(description="cosine of the (refined) query with this window")
     rank: int
+    dense_rank: int | None = Field(None, description="place in the sound ranking of the candidates")
+    lexical_rank: int | None = Field(None, description="place of the file in the word ranking, when its words matched")
+    windows: int = Field(1, description="windows of this file among the candidates (collapsed to the best)")
+    duplicates: list[str] = Field(default_factory=list, description="other files with the same bytes")
 
     @classmethod
     def from_hits(cls, hits: list[Hit]) -> list[HitOut]:
-        return [cls.from_item(h.item, score=h.score, rank=r + 1) for r, h in enumerate(hits)]
+        return [
+            cls.from_item(
+                h.item,
+                score=h.score,
+                rank=r + 1,
+                dense_rank=h.dense_rank,
+                lexical_rank=h.lexical_rank,
+                windows=h.windows,
+                duplicates=list(h.duplicates),
+            )
+            for r, h in enumerate(hits)
+        ]
 
 
 class SearchResponse(BaseModel):

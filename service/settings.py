@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     threads: int = Field(1, ge=1, le=256, description="torch and FAISS threads (intra-op)")
     video_encoder: str | None = Field(None, description="video encoder spec (default: the index's own, if any)")
     api_key: str | None = Field(None, description="bearer token required on everything but health checks")
+    allow_open_admin: bool = Field(
+        False, description="serve /v1/admin/* without an API key (default: refused unless DIFFGAP_API_KEY is set)"
+    )
     cors_origins: list[str] = Field(default_factory=list)
     max_k: int = Field(100, ge=1, le=10_000)
     max_text_chars: int = Field(1000, ge=1)
@@ -30,6 +33,11 @@ class Settings(BaseSettings):
     # 64 texts of 1000 characters, or a 4096-d embedding, fit well inside 1 MiB
     max_json_bytes: int = Field(1024 * 1024, ge=1024, description="largest accepted JSON body")
     max_media_seconds: float = Field(60.0, gt=0, description="longest decoded video/audio query")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="time a client has to send a request's headers")
+    body_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="time a client has to send a request's body (and 10 s at most between reads)"
+    )
+    limit_concurrency: int = Field(512, ge=8, description="open connections and requests at most; more get 503")
     batch_wait_ms: float = Field(2.0, ge=0, le=100, description="how long the micro-batcher waits for company")
     batch_max: int = Field(32, ge=1, le=1024, description="most queries run through the models at once")
     default_steps: int = Field(

@@ -7,6 +7,7 @@ so requests in flight finish on the state they started with and none is dropped.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from diffgap.index.store import IndexStore
 from diffgap.resources import available_cpus
 from diffgap.retrieval.batching import MicroBatcher
 from diffgap.retrieval.search import Query, QueryResult, Searcher, open_searcher
+from diffgap.retrieval.sources import SourceFiles
 from service.settings import Settings
 
 log = logging.getLogger("diffgap.serve")
@@ -30,7 +32,7 @@ class ServiceState:
     store: IndexStore
     encoders: EncoderSet
     searcher: Searcher
-    corpus_root: Path
+    sources: SourceFiles  # the items' files, checked before they are played
 
     def close(self) -> None:
         self.store.close()
@@ -50,24 +52,43 @@ def load_state(settings: Settings) -> ServiceState:
     # the demo), which belongs in startup, not in a user's first query.
     for refiner in searcher.refiners.values():
         refiner.warm_up()
-    root = Path(manifest.corpus_root or ".").resolve()
-    return ServiceState(searcher.store, searcher.encoders, searcher, root)
+    sources = SourceFiles(Path(manifest.corpus_root or "."), searcher.store)
+    return ServiceState(searcher.store, searcher.encoders, searcher, sources)
+
+
+PATH = re.compile(r"(?<![\w.])(?:~|\.{1,2})?/[^\s'\"(),;:]+")
+
+
+def redact_paths(text: str) -> str:
+    """`text` without file-system paths: what a client may see of a server-side error."""
+    return PATH.sub("<path>", text)
 
 
 class StateHolder:
-    """The current state, swappable under load; the batcher always runs on the current one."""
+    """The current state, swappable under load; the batcher always runs on the current one.
+
+    Reloads coalesce: a reload asked for while one runs waits for the next one to start after it
+    (which sees every change made before the ask), and all asks that arrive meanwhile share it."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.state: ServiceState | None = None
-        self.error: str | None = None
-        self._swap_lock = threading.Lock()
+        self.error: str | None = None  # for the log: may name server paths
+        self.generation = 0  # states swapped in so far: the first load is 1
+        self._reload = threading.Condition()
+        self._asked = self._started = self._finished = 0  # reload tickets
+        self._running = False
+        self._outcome: dict[int, BaseException | None] = {}
         threads = min(settings.threads, available_cpus())  # never more than the container's CPU quota
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)
         self.batcher: MicroBatcher[Query, QueryResult] = MicroBatcher(
             self._run_batch, key=lambda q: q.batch_key, max_batch=settings.batch_max, wait_ms=settings.batch_wait_ms
         )
+
+    @property
+    def public_error(self) -> str | None:
+        return redact_paths(self.error) if self.error else None
 
     def _run_batch(self, queries: Sequence[Query]) -> list[QueryResult]:
         state = self.state
@@ -76,17 +97,43 @@ class StateHolder:
         return state.searcher.run(queries)
 
     def load(self) -> None:
+        """Load (or reload) the index; concurrent calls share one reload that starts after they asked."""
+        with self._reload:
+            self._asked += 1
+            ticket = self._asked
+            while self._finished < ticket:
+                if self._running:
+                    self._reload.wait()
+                    continue
+                self._running, covers = True, self._asked  # this run serves every ask so far
+                self._reload.release()
+                try:
+                    error = self._swap_in()
+                finally:
+                    self._reload.acquire()
+                    self._running = False
+                for t in range(self._finished + 1, covers + 1):
+                    self._outcome[t] = error
+                self._finished = covers
+                self._reload.notify_all()
+            error = self._outcome.pop(ticket)
+        if error is not None:
+            raise error
+
+    def _swap_in(self) -> BaseException | None:
         try:
             new = load_state(self.settings)
         except Exception as exc:
             self.error = f"{exc.__class__.__name__}: {exc}"
             log.error("loading the index failed: %s", self.error)
-            raise
-        with self._swap_lock:
-            old, self.state, self.error = self.state, new, None
+            return exc
+        old, self.state, self.error = self.state, new, None
+        self.generation += 1
         if old is not None:
             log.info("swapped in the reloaded index")
-            # the old store stays open for requests that still hold it; SQLite closes with it on GC
+            # Requests still running on the old state hold it; its SQLite connection closes when the
+            # last of them lets go (shared refiners and memory maps are freed with it).
+        return None
 
     def close(self) -> None:
         self.batcher.close()

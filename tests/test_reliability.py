@@ -6,6 +6,7 @@ and DIFFGAP_LOAD_SECONDS (default 180).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -62,8 +63,8 @@ def test_schema_fuzzing_finds_no_server_errors(served_index, tmp_path):
 
 
 def test_sustained_load_with_index_swaps(served_index):
-    srv = Server(served_index)
-    clients, latencies, errors = 32, [], []
+    srv = Server(served_index, {"DIFFGAP_ALLOW_OPEN_ADMIN": "1"})
+    clients, latencies, errors, poison = 32, [], [], []
     lock = threading.Lock()
     stop = time.monotonic() + LOAD_SECONDS
     texts = ["a high beep twice at the start", "a low buzz at the end", "knocking", "a whistle then a chirp"]
@@ -72,11 +73,18 @@ def test_sustained_load_with_index_swaps(served_index):
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             i = 0
             while time.monotonic() < stop:
-                body = {"text": texts[(n + i) % len(texts)], "k": 10, "refine": (n + i) % 3 != 0}
+                poisoned = (n * 37 + i) % 100 == 0  # 1% of queries: text no tokenizer can read
+                text = "a lone surrogate \ud800 here" if poisoned else texts[(n + i) % len(texts)]
+                body = json.dumps({"text": text, "k": 10, "refine": (n + i) % 3 != 0})  # \ud800 escaped
                 t0 = time.perf_counter()
                 try:
-                    r = c.post("/v1/search", json=body)
-                    ok = r.status_code == 200 and len(r.json()["results"]) == 10
+                    r = c.post("/v1/search", content=body, headers={"Content-Type": "application/json"})
+                    if poisoned:
+                        ok = r.status_code == 422
+                        with lock:
+                            poison.append(r.status_code)
+                    else:
+                        ok = r.status_code == 200 and len(r.json()["results"]) == 10
                 except httpx.HTTPError as exc:
                     ok, r = False, exc
                 with lock:
@@ -108,10 +116,11 @@ def test_sustained_load_with_index_swaps(served_index):
     report = (
         f"{len(latencies)} requests from {clients} clients in {LOAD_SECONDS:.0f} s, {len(errors)} errors, "
         f"p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms, mean {statistics.mean(latencies) * 1e3:.0f} ms, "
-        f"RSS {rss_start:.0f} -> {rss_end:.0f} MB, swaps {swaps}"
+        f"RSS {rss_start:.0f} -> {rss_end:.0f} MB, swaps {swaps}, {len(poison)} poisoned queries answered 422"
     )
     (REPO / ".load-last.txt").write_text(report + "\n")
     assert not errors, errors[:5]
+    assert poison and set(poison) == {422}
     assert swaps == [200, 200, 200]
     assert p99 < 5.0, report
     assert rss_end - rss_start < 150, report  # flat: no growth with the number of requests

@@ -17,6 +17,7 @@ import json
 import math
 import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,31 @@ class _OneDirection(torch.nn.Module):
 
     def forward(self, z: torch.Tensor, steps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.net(z, steps, cond, self.direction)
+
+
+_SHARED: OrderedDict[tuple, Refiner] = OrderedDict()
+_SHARED_LOCK = threading.Lock()
+SHARED_MAX = 8
+
+
+def load_shared(path: str | Path) -> Refiner:
+    """`Refiner.load`, but the same object again while the files are the same ones (inode, size and
+    mtime of both; a retrained refiner replaces them atomically, so it gets new inodes). Reloading a
+    service must not trace the network anew each time: TorchScript keeps every traced class for the
+    life of the process (~2 MB each, measured), so a reload loop would grow without bound."""
+    path = Path(path).resolve()
+    stats = [(path / name).stat() for name in (CONFIG_FILE, WEIGHTS_FILE)]
+    key = (str(path), *((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats))
+    with _SHARED_LOCK:
+        if key in _SHARED:
+            _SHARED.move_to_end(key)
+            return _SHARED[key]
+    refiner = Refiner.load(path)
+    with _SHARED_LOCK:
+        refiner = _SHARED.setdefault(key, refiner)
+        while len(_SHARED) > SHARED_MAX:
+            _SHARED.popitem(last=False)
+    return refiner
 
 
 def is_refiner_dir(path: str | Path) -> bool:

@@ -7,6 +7,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -40,6 +41,14 @@ class EncoderFingerprint:
         """Changes when anything that affects the vectors changes; the model's location does not count."""
         payload = {k: v for k, v in self.to_dict().items() if k != "model_id"}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def public_name(self) -> str:
+        """A name to show users that reveals no server path: the hub id, or for weights loaded from a
+        directory only the family; with the fingerprint."""
+        local = self.model_id.startswith(("/", ".", "~")) or Path(self.model_id).exists()
+        name = self.family if local else f"{self.family}:{self.model_id}"
+        return f"{name} (fingerprint {self.digest})"
 
     @property
     def space(self) -> str:

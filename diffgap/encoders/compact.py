@@ -179,7 +179,9 @@ class CompactAudioEncoder(AudioEncoder):
     def encode(self, batch: Sequence[np.ndarray]) -> np.ndarray:
         assert len(batch) > 0, "empty batch"
         max_len = int(self.max_seconds * self.sample_rate)
-        wave, lengths = _pad_waves([np.asarray(w)[:max_len] for w in batch], self.net.cfg.n_fft)
+        # at least a few time steps after the tower's pooling, however short a clip is (a 5 ms one included)
+        min_len = max(self.net.cfg.n_fft, 4 * self.net.time_stride)
+        wave, lengths = _pad_waves([np.asarray(w)[:max_len] for w in batch], min_len)
         return self.net(wave, lengths)[0].numpy()  # (N, dim)
 
 

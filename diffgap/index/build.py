@@ -9,6 +9,7 @@ is not yet recorded, so nothing is indexed twice and nothing is dropped.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import hashlib
 import logging
 import multiprocessing as mp
@@ -26,6 +27,7 @@ from diffgap.index.faiss_sync import sync_faiss
 from diffgap.index.store import FileRecord, IndexStore
 from diffgap.media.audio import (
     AUDIO_EXTENSIONS,
+    UNDECODABLE_AUDIO,
     VIDEO_EXTENSIONS,
     AudioDecodeError,
     cut_window,
@@ -37,6 +39,8 @@ from diffgap.media.tags import describe, read_tags
 log = logging.getLogger(__name__)
 
 INDEXABLE_EXTENSIONS = AUDIO_EXTENSIONS | VIDEO_EXTENSIONS
+# What a scan picks up: every file we can index, and sound files we cannot (skipped with a reason).
+SCANNED_EXTENSIONS = INDEXABLE_EXTENSIONS | frozenset(UNDECODABLE_AUDIO)
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,11 @@ class SourceFile:
     mtime: float
 
 
-def scan_folder(root: str | Path, extensions: frozenset[str] = INDEXABLE_EXTENSIONS) -> list[SourceFile]:
-    """Every file under `root` with a known extension, sorted; hidden files and folders are ignored."""
+def scan_folder(
+    root: str | Path, extensions: frozenset[str] = SCANNED_EXTENSIONS, exclude: Sequence[str] = ()
+) -> list[SourceFile]:
+    """Every file under `root` with a media extension, sorted; hidden files and folders, and paths
+    matching an `exclude` glob (relative to the root, e.g. 'music/*' or '*_desc*.ogg'), are left out."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"corpus folder {root} does not exist")
@@ -59,12 +66,21 @@ def scan_folder(root: str | Path, extensions: frozenset[str] = INDEXABLE_EXTENSI
             if name.startswith(".") or Path(name).suffix.lower() not in extensions:
                 continue
             path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if is_excluded(rel, exclude):
+                continue
             try:
                 st = path.stat()
             except OSError:
                 continue  # vanished or a broken symlink
-            found.append(SourceFile(path, path.relative_to(root).as_posix(), st.st_size, st.st_mtime))
+            found.append(SourceFile(path, rel, st.st_size, st.st_mtime))
     return found
+
+
+def is_excluded(rel: str, patterns: Sequence[str]) -> bool:
+    """fnmatch globs against the '/'-separated relative path ('*' crosses folders); a pattern also
+    excludes everything below a folder it names ('music' or 'music/')."""
+    return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(rel, p.rstrip("/") + "/*") for p in patterns)
 
 
 def scan_list(csv_path: str | Path, column: str = "audio", split: str | None = None) -> tuple[Path, list[SourceFile]]:
@@ -129,8 +145,9 @@ def prepare_file(task: PrepareTask) -> Prepared:
     if digest == task.known_hash:
         return Prepared(FileRecord(src.rel, digest, src.size, src.mtime, "unchanged"), unchanged=True)
     record = FileRecord(src.rel, digest, src.size, src.mtime, "skipped")
-    if src.path.suffix.lower() not in INDEXABLE_EXTENSIONS:
-        record.reason = f"unsupported extension {src.path.suffix!r}"
+    suffix = src.path.suffix.lower()
+    if suffix not in INDEXABLE_EXTENSIONS:
+        record.reason = UNDECODABLE_AUDIO.get(suffix, f"unsupported extension {src.path.suffix!r}")
         return Prepared(record)
     try:
         audio = decode_audio(src.path, task.sample_rate, max_seconds=task.max_seconds)

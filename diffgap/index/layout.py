@@ -56,6 +56,16 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS items_path ON items(path);
 """
 
+# Full-text search over each indexed file's words, kept in step with `files` by the writer (one
+# transaction). Columns are weighted name > tags > folders when ranked (bm25); porter stems English.
+FTS_TABLE = "files_fts"
+FTS_SCHEMA = f"""
+CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_TABLE} USING fts5(
+    path UNINDEXED, name, tags, folders, tokenize = 'porter unicode61'
+);
+"""
+FTS_WEIGHTS = (3.0, 2.0, 1.0)  # name, tags, folders
+
 
 class IndexStoreError(RuntimeError):
     """The index directory is missing, corrupt or made for another encoder; the message says which."""
@@ -85,6 +95,7 @@ class Manifest:
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     corpus_root: str | None = None
+    exclude: list[str] = field(default_factory=list)  # globs (relative paths) that builds and updates leave out
 
     @classmethod
     def load(cls, path: Path) -> Manifest:

@@ -27,6 +27,9 @@ from diffgap.index.layout import (
     DEFAULT_INDEX_TYPE,
     DEFAULT_WINDOW_S,
     FAISS_FILE,
+    FTS_SCHEMA,
+    FTS_TABLE,
+    FTS_WEIGHTS,
     MANIFEST,
     SCHEMA,
     SQLITE,
@@ -34,6 +37,7 @@ from diffgap.index.layout import (
     Manifest,
 )
 from diffgap.index.vectors import VectorIndex, new_faiss_index, read_faiss
+from diffgap.media.tags import search_fields
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Item:
     sample_rate: int | None
     tags: dict[str, Any]
     description: str = ""
+    content_hash: str = ""  # files with equal hashes hold the same bytes: duplicates
 
 
 class IndexStore:
@@ -65,10 +70,27 @@ class IndexStore:
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(files)")}
             if "description" not in columns:  # indexes made before descriptions existed
                 self.db.execute("ALTER TABLE files ADD COLUMN description TEXT NOT NULL DEFAULT ''")
+            self._migrate_fts()
         self._vectors: VectorIndex | None = None
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(files)")}
         # Indexes from before descriptions existed still open read-only (a writer adds the column).
         self._description_sql = "f.description" if "description" in columns else "''"
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self.has_lexical = FTS_TABLE in tables  # indexes from before full-text search open without it
+
+    def _migrate_fts(self) -> None:
+        """Create the full-text table, and fill it for indexes made before it existed."""
+        with self.db:
+            self.db.executescript(FTS_SCHEMA)
+            if self.db.execute(f"SELECT COUNT(*) FROM {FTS_TABLE}").fetchone()[0]:
+                return
+            rows = self.db.execute("SELECT path, tags FROM files WHERE status = 'indexed'").fetchall()
+            for path, tags in rows:
+                self._index_words(path, json.loads(tags))
+
+    def _index_words(self, path: str, tags: dict[str, Any]) -> None:
+        self.db.execute(f"INSERT INTO {FTS_TABLE}(path, name, tags, folders) VALUES (?,?,?,?)",
+                        (path, *search_fields(path, tags)))  # fmt: skip
 
     # ---- lifecycle -------------------------------------------------------------------------------
     @classmethod
@@ -162,6 +184,12 @@ class IndexStore:
         rows = self.db.execute("SELECT path, content_hash, status FROM files")
         return {p: (h, s) for p, h, s in rows}
 
+    def content_hash_of(self, path: str) -> str | None:
+        """The sha256 recorded for an indexed file (None when it is not indexed)."""
+        sql = "SELECT content_hash FROM files WHERE path = ? AND status = 'indexed'"
+        row = self.db.execute(sql, (path,)).fetchone()
+        return row[0] if row else None
+
     def file_stats(self) -> dict[str, tuple[int, float, str]]:
         """path -> (size, mtime, content_hash): lets an update skip re-hashing unchanged files."""
         return {p: (s, m, h) for p, s, m, h in self.db.execute("SELECT path, size, mtime, content_hash FROM files")}
@@ -172,6 +200,7 @@ class IndexStore:
         with self.db:  # one transaction: all of these files land, or none
             for rec in records:
                 self.db.execute("DELETE FROM files WHERE path = ?", (rec.path,))  # cascades to old items
+                self.db.execute(f"DELETE FROM {FTS_TABLE} WHERE path = ?", (rec.path,))
                 self.db.execute(
                     "INSERT INTO files(path, content_hash, size, mtime, status, reason, duration, sample_rate,"
                     " channels, tags, description) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -189,6 +218,8 @@ class IndexStore:
                         rec.description,
                     ),
                 )
+                if rec.status == "indexed":
+                    self._index_words(rec.path, rec.tags)
                 if rec.vectors is not None:
                     assert rec.vectors.shape == (len(rec.windows), self.manifest.dim), (
                         f"{rec.path}: vectors {rec.vectors.shape} for {len(rec.windows)} windows of dim "
@@ -207,6 +238,7 @@ class IndexStore:
         with self.db:
             before = self.count_items()
             self.db.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in paths])
+            self.db.executemany(f"DELETE FROM {FTS_TABLE} WHERE path = ?", [(p,) for p in paths])
             return before - self.count_items()
 
     def count_items(self) -> int:
@@ -230,10 +262,47 @@ class IndexStore:
         marks = ",".join("?" * len(ids))
         rows = self.db.execute(
             "SELECT i.id, i.path, i.start, i.end, f.duration, f.sample_rate, f.tags, "
-            f"{self._description_sql} FROM items i JOIN files f ON f.path = i.path WHERE i.id IN ({marks})",
+            f"{self._description_sql}, f.content_hash FROM items i JOIN files f ON f.path = i.path "
+            f"WHERE i.id IN ({marks})",
             ids,
         )
-        return {r[0]: Item(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7] or "") for r in rows}
+        return {r[0]: Item(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7] or "", r[8]) for r in rows}
+
+    def item_ids_of(self, paths: Iterable[str]) -> dict[str, list[int]]:
+        """path -> ids of its items (windows), for the given files."""
+        paths = list(paths)
+        out: dict[str, list[int]] = {}
+        for start in range(0, len(paths), 500):
+            chunk = paths[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for path, item_id in self.db.execute(
+                f"SELECT path, id FROM items WHERE path IN ({marks}) ORDER BY id", chunk
+            ):
+                out.setdefault(path, []).append(item_id)
+        return out
+
+    def lexical_search(self, match: str, limit: int = 200) -> list[tuple[str, float]]:
+        """(path, bm25 score: higher is better) of the files whose words match an FTS5 query."""
+        if not self.has_lexical or not match:
+            return []
+        rows = self.db.execute(
+            f"SELECT path, bm25({FTS_TABLE}, {', '.join(map(str, FTS_WEIGHTS))}) AS r FROM {FTS_TABLE} "
+            f"WHERE {FTS_TABLE} MATCH ? ORDER BY r LIMIT ?",
+            (match, limit),
+        ).fetchall()
+        return [(path, -float(r)) for path, r in rows]  # sqlite's bm25 is lower-is-better
+
+    def duplicate_groups(self) -> list[list[str]]:
+        """Paths of indexed files that share a content hash (the same bytes), in groups of two or more."""
+        rows = self.db.execute(
+            "SELECT content_hash, path FROM files WHERE status = 'indexed' AND content_hash IN "
+            "(SELECT content_hash FROM files WHERE status = 'indexed' GROUP BY content_hash HAVING COUNT(*) > 1) "
+            "ORDER BY content_hash, path"
+        ).fetchall()
+        groups: dict[str, list[str]] = {}
+        for digest, path in rows:
+            groups.setdefault(digest, []).append(path)
+        return list(groups.values())
 
     def described_items(self) -> list[tuple[int, str, str]]:
         """(item id, file path, description) of every item whose file has a description."""

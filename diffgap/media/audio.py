@@ -14,15 +14,40 @@ from typing import BinaryIO
 import av
 import numpy as np
 
-AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aac", ".aif", ".aiff"})
+# What PyAV's FFmpeg decodes (checked against av.formats_available / codecs_available).
+AUDIO_EXTENSIONS = frozenset(
+    {".wav", ".flac", ".ogg", ".oga", ".opus", ".spx", ".mp3", ".mp2", ".m4a", ".aac", ".aif", ".aiff", ".aifc",
+     ".wma", ".mka", ".caf", ".au", ".snd", ".w64", ".wv", ".ape", ".tta", ".ac3", ".amr", ".voc", ".weba"}
+)  # fmt: skip
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi"})
+# Sound files that carry no decodable waveform here: listed as skipped with this reason, not dropped.
+UNDECODABLE_AUDIO = {
+    ".mid": "MIDI holds notes, not sound",
+    ".midi": "MIDI holds notes, not sound",
+    ".mod": "tracker module: no decoder in this build",
+    ".xm": "tracker module: no decoder in this build",
+    ".it": "tracker module: no decoder in this build",
+    ".s3m": "tracker module: no decoder in this build",
+    ".mpc": "Musepack: no decoder in this build",
+    ".ra": "RealAudio: not supported",
+    ".rm": "RealMedia: not supported",
+    ".sid": "SID music: no decoder in this build",
+}
 
 # Peak amplitude under which a file is treated as silent (about -100 dBFS).
 SILENCE_PEAK = 1e-5
 
 
 class AudioDecodeError(ValueError):
-    """A file could not be turned into usable audio; the message says why, for the skip report."""
+    """A file could not be turned into usable audio; the message says why in plain words, for the skip
+    report and for users (the decoder's own text stays in `__cause__`)."""
+
+
+def unreadable(exc: BaseException) -> str:
+    """What a decoder's failure means to a person: file-system errors by name, anything else plainly."""
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError) and exc.strerror:
+        return exc.strerror.lower()
+    return "the data is damaged, or in a format that cannot be decoded"
 
 
 @dataclass(frozen=True)
@@ -51,7 +76,7 @@ def decode_audio(
     try:
         container = av.open(str(path) if isinstance(path, str | Path) else path, mode="r", metadata_errors="ignore")
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
-        raise AudioDecodeError(f"cannot open: {exc}") from exc
+        raise AudioDecodeError(f"cannot open: {unreadable(exc)}") from exc
     with container:
         if not container.streams.audio:
             raise AudioDecodeError("no audio stream")
@@ -76,7 +101,7 @@ def decode_audio(
         except (av.FFmpegError, ValueError) as exc:
             # A stream that breaks part-way still yields what decoded cleanly before the damage.
             if not chunks:
-                raise AudioDecodeError(f"corrupt audio: {exc}") from exc
+                raise AudioDecodeError(f"corrupt audio: {unreadable(exc)}") from exc
     if not chunks:
         raise AudioDecodeError("empty: no audio samples")
     wave = np.concatenate(chunks).astype(np.float32, copy=False)
@@ -126,6 +151,7 @@ def write_audio(
             ".wav": "pcm_s16le",
             ".flac": "flac",
             ".ogg": "libopus",  # this FFmpeg build has no usable Vorbis encoder; Ogg Opus is still .ogg
+            ".oga": "libopus",
             ".opus": "libopus",
             ".mp3": "libmp3lame",
             ".m4a": "aac",
@@ -138,7 +164,8 @@ def write_audio(
     rate = 48000 if codec == "libopus" else sample_rate
     if rate != sample_rate:
         pcm = np.stack([_resample(pcm[:, c], sample_rate, rate) for c in range(channels)], axis=1)
-    with av.open(str(path), "w", format={".m4a": "mp4", ".opus": "ogg", ".ogg": "ogg"}.get(ext)) as container:
+    container_format = {".m4a": "mp4", ".opus": "ogg", ".ogg": "ogg", ".oga": "ogg"}.get(ext)
+    with av.open(str(path), "w", format=container_format) as container:
         container.metadata.update(metadata or {})
         stream = container.add_stream(codec, rate=rate, layout=layout)
         fmt = stream.codec_context.codec.audio_formats[0].name

@@ -9,6 +9,8 @@ are enough to teach the refiner the library's own vocabulary.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -133,6 +135,50 @@ NOISE_TOKENS = frozenset(
     ]
 )
 
+# Tag values that say nothing: what tools write when a field is left empty.
+PLACEHOLDER_VALUES = frozenset(
+    ["untitled", "unknown", "no title", "none", "n/a", "na", "null", "default", "title", "audio file", "new recording"]
+)
+
+# Where joined words ("mineimpact", "justyouwait") are split: a plain word list, one word a line.
+# Debian's `wamerican` installs one at /usr/share/dict/words (.ci/run and the image install it);
+# DIFFGAP_WORDS names another; with none, joined words stay joined.
+WORD_LIST_ENV = "DIFFGAP_WORDS"
+DEFAULT_WORD_LIST = Path("/usr/share/dict/words")
+SHORT_WORDS = frozenset(["on", "in", "up", "of", "to", "at", "by", "no", "go", "it", "is", "an", "or", "oh", "ow"])
+MIN_JOINED = 6  # shorter unknown words are left alone: more often abbreviations than joins
+
+
+@functools.lru_cache(maxsize=1)
+def word_list() -> frozenset[str]:
+    path = Path(os.environ.get(WORD_LIST_ENV) or DEFAULT_WORD_LIST)
+    try:
+        lines = path.read_text(encoding="utf-8", errors="ignore").split()
+    except OSError:
+        return frozenset()
+    return frozenset(w.lower() for w in lines if w.isalpha() and w.isascii())
+
+
+def split_joined(word: str, words: frozenset[str] | None = None) -> list[str]:
+    """'mineimpact' -> ['mine', 'impact']: an unknown word that is a run of known ones, in the fewest
+    pieces (each at least 3 letters, or a common 2-letter word); anything else comes back whole."""
+    words = word_list() if words is None else words
+    if len(word) < MIN_JOINED or not words or word in words or not word.isalpha():
+        return [word]
+    n = len(word)
+    best: list[list[str] | None] = [None] * (n + 1)  # best[i]: fewest pieces covering word[:i]
+    best[0] = []
+    for end in range(1, n + 1):
+        for start in range(max(0, end - 20), end):
+            piece, head = word[start:end], best[start]
+            if head is None or (len(piece) < 3 and piece not in SHORT_WORDS) or piece not in words:
+                continue
+            if best[end] is None or len(head) + 1 < len(best[end]):
+                best[end] = [*head, piece]
+    found = best[n]
+    return found if found and len(found) > 1 else [word]
+
+
 _CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _SPLIT = re.compile(r"[\s_\-.,;:+&/\\()\[\]{}#@!?'\"]+")
 _NUMERIC = re.compile(r"^(\d+|\d+[a-z]{0,3}|[a-z]\d+|\d+k\d*|\d+(bit|khz|hz|ch)?)$")
@@ -148,15 +194,20 @@ def words_of(text: str) -> list[str]:
                 w = word.lower()
                 if not w or _NUMERIC.match(w) or w in NOISE_TOKENS or len(w) == 1:
                     continue
-                out.append(w)
+                out.extend(split_joined(w))
     return out
+
+
+def name_tokens(stem: str) -> list[str]:
+    """Tokens of a name that has no words but still says something: '5G' -> ['5g'] (not pure numbers)."""
+    return [t.lower() for t in _SPLIT.split(stem) if re.search(r"[A-Za-z]", t) and re.search(r"\d", t)]
 
 
 def describe_name(rel_path: str, *, max_folders: int = 2) -> str:
     """Words from the file name and its nearest folders (the folder words go first: they are broader)."""
     p = PurePosixPath(rel_path)
     folders = [f for f in p.parent.parts if f not in ("", ".", "/")][-max_folders:]
-    stem = words_of(p.stem)
+    stem = words_of(p.stem) or name_tokens(p.stem)
     # Folder words the name repeats ("Rain/Rain_Heavy") go; repeats inside the name stay: they carry
     # meaning in names that describe several events ("..._Loud_Start_Then_..._Loud_End").
     folder = [w for w in _dedupe([w for f in folders for w in words_of(f)]) if w not in set(stem)]
@@ -167,9 +218,19 @@ def describe_tags(tags: Mapping[str, str]) -> str:
     phrases = []
     for key in DESCRIPTIVE_TAGS:
         value = str(tags.get(key, "")).strip()
+        if value.lower() in PLACEHOLDER_VALUES:
+            continue
         if value and value.lower() not in (p.lower() for p in phrases):
             phrases.append(value)
     return "; ".join(phrases)
+
+
+def search_fields(rel_path: str, tags: Mapping[str, str]) -> tuple[str, str, str]:
+    """(name, tags, folders) words of a file for full-text search: every folder, not only the nearest."""
+    p = PurePosixPath(rel_path)
+    name = words_of(p.stem) or name_tokens(p.stem)
+    folders = _dedupe([w for f in p.parent.parts if f not in ("", ".", "/") for w in words_of(f)])
+    return " ".join(name), " ".join(words_of(describe_tags(tags))), " ".join(folders)
 
 
 def describe(rel_path: str, tags: Mapping[str, str], *, max_words: int = 32) -> str:

@@ -9,9 +9,14 @@ from typing import BinaryIO
 import av
 import numpy as np
 
+from diffgap.media.audio import unreadable
+
 
 class VideoDecodeError(ValueError):
-    """A file could not be turned into frames; the message says why."""
+    """A file could not be turned into frames; the message says why in plain words."""
+
+
+MAX_SOURCE_FPS = 240.0  # more source frames per second than any real camera records: the decode budget
 
 
 def decode_video(
@@ -21,17 +26,20 @@ def decode_video(
     size: int | None = None,
     max_seconds: float | None = None,
     max_frames: int = 4096,
+    max_source_fps: float = MAX_SOURCE_FPS,
 ) -> np.ndarray:
     """Frames of the first video stream at `fps`, as uint8 (T, H, W, 3).
 
     Sampling takes the latest decoded frame at each tick of the target clock, so clips recorded
-    at any rate give the same number of frames per second. `size` resizes to a square.
+    at any rate give the same number of frames per second. `size` resizes to a square. With
+    `max_seconds`, at most `max_seconds * max_source_fps` source frames are decoded: a stream whose
+    timestamps do not advance (hundreds of thousands of frames at t=0) costs a bounded amount of CPU.
     """
     assert fps > 0, f"fps must be positive, got {fps}"
     try:
         container = av.open(str(path) if isinstance(path, str | Path) else path, mode="r", metadata_errors="ignore")
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
-        raise VideoDecodeError(f"cannot open: {exc}") from exc
+        raise VideoDecodeError(f"cannot open: {unreadable(exc)}") from exc
     frames: list[np.ndarray] = []
     with container:
         if not container.streams.video:
@@ -39,8 +47,11 @@ def decode_video(
         stream = container.streams.video[0]
         frame_period = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
         next_tick, last_t = 0.0, 0.0
+        budget = None if max_seconds is None else max(1, int(max_seconds * max_source_fps))
         try:
-            for frame in container.decode(stream):
+            for decoded, frame in enumerate(container.decode(stream), 1):
+                if budget is not None and decoded > budget:
+                    break
                 t = float(frame.time) if frame.time is not None else next_tick
                 last_t = t
                 if max_seconds is not None and t >= max_seconds:
@@ -59,7 +70,7 @@ def decode_video(
                     break
         except (av.FFmpegError, ValueError) as exc:
             if not frames:
-                raise VideoDecodeError(f"corrupt video: {exc}") from exc
+                raise VideoDecodeError(f"corrupt video: {unreadable(exc)}") from exc
         # The last source frame lasts one period: ticks inside it still see it.
         while (
             frames

@@ -15,6 +15,7 @@ no refiner it fails with `NeedsRefinerError`.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, is_refiner_dir
+from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, is_refiner_dir, load_shared
 from diffgap.encoders import EncoderSet, load_encoders
 from diffgap.encoders.base import l2_normalize
 from diffgap.index.layout import REFINER_MODALITIES, refiner_dir
@@ -46,6 +47,10 @@ class QueryInputError(ValueError):
 
 class MediaTooLongError(QueryInputError):
     """An uploaded query is longer than the service accepts."""
+
+
+# An audio query shorter than this carries too little sound to search by (and is most often a mistake).
+MIN_QUERY_SECONDS = 0.1
 
 
 def check_text(text: str) -> str:
@@ -109,6 +114,9 @@ class Query:
     media: np.ndarray | None = None
     refine: RefineSpec | None = None
     filter: ItemFilter | None = None
+    lexical: bool = False  # fuse in a full-text ranking of the files' words (text queries; see `rank`)
+    lexical_weight: float = 1.0  # its weight in the fusion; the dense ranking's is 1
+    collapse: bool = True  # one hit per file (its best window), and per content (duplicates listed)
 
     def __post_init__(self) -> None:
         assert self.modality in QUERY_MODALITIES, f"modality {self.modality!r} not in {QUERY_MODALITIES}"
@@ -127,7 +135,12 @@ class Query:
 @dataclass
 class Hit:
     item: Item
-    score: float
+    score: float  # cosine of the (refined) query vector with this window
+    rank_score: float | None = None  # the fused score hits were ordered by, when words took part
+    dense_rank: int | None = None  # place in the dense ranking of the candidates (1 = best)
+    lexical_rank: int | None = None  # place of its file in the full-text ranking, if its words matched
+    windows: int = 1  # windows of this file among the candidates, when collapsed to its best
+    duplicates: tuple[str, ...] = ()  # other files with the same bytes, when collapsed
 
 
 @dataclass
@@ -194,26 +207,111 @@ class Searcher:
             )
 
     def search_vectors(self, xq: np.ndarray, queries: Sequence[Query]) -> list[list[Hit]]:
-        """Top hits of each row of xq (already in audio space), each query's k and filter applied."""
+        """Top hits of each row of xq (already in audio space): each query's filter, collapse, word
+        fusion and k applied. Searches deeper while a query that narrows its candidates is short."""
         ntotal = self.store.ntotal
         if ntotal == 0:
             return [[] for _ in queries]
-        filtered = any(q.filter is not None for q in queries)
+        narrowing = any(q.filter is not None or q.collapse or q.lexical for q in queries)
         want = max(q.k for q in queries)
-        k = min(ntotal, want * 10 if filtered else want)
+        depth = min(ntotal, max(want * 10, CANDIDATES) if narrowing else want)
         while True:
-            scores, ids = self.store.search(xq, k)
+            scores, ids = self.store.search(xq, depth)
             items = self.store.items(int(i) for i in np.unique(ids) if i >= 0)
             out = []
-            for q, srow, irow in zip(queries, scores, ids, strict=True):
-                row = [Hit(items[int(i)], float(s)) for s, i in zip(srow, irow, strict=True) if int(i) in items]
-                if q.filter is not None:
-                    row = [h for h in row if q.filter.matches(h.item)]
-                out.append(row[: q.k])
-            short = any(len(r) < q.k for r, q in zip(out, queries, strict=True) if q.filter is not None)
-            if not short or k >= ntotal:
+            for q, x, srow, irow in zip(queries, xq, scores, ids, strict=True):
+                dense = [Hit(items[int(i)], float(s)) for s, i in zip(srow, irow, strict=True) if int(i) in items]
+                out.append(self.rank(q, x, dense)[: q.k])
+            short = any(len(r) < q.k for r, q in zip(out, queries, strict=True) if q.filter is not None or q.collapse)
+            if not short or depth >= ntotal:
                 return out
-            k = min(ntotal, k * 4)  # a selective filter: look deeper
+            depth = min(ntotal, depth * 4)  # a selective filter or many windows per file: look deeper
+
+    def rank(self, query: Query, x: np.ndarray, dense: list[Hit]) -> list[Hit]:
+        """Dense candidates (best first) -> the query's ranking.
+
+        With `lexical`, the files whose words match the text (SQLite FTS5, bm25) join the candidates
+        (scored against x window by window), and hits are ordered by reciprocal rank fusion:
+        1/(60 + dense rank) + w/(60 + word rank), ties in bm25 sharing a rank. Files the words do not
+        match keep their dense order, so a library whose names say nothing ranks as dense search does."""
+        hits = [h for h in dense if query.filter is None or query.filter.matches(h.item)]
+        words = self.store.lexical_search(match_expression(query.text)) if query.lexical and query.text else []
+        if words:
+            hits += self._windows_of([p for p, _ in words if p not in {h.item.path for h in hits}], x, query)
+            hits.sort(key=lambda h: -h.score)
+        if query.collapse:
+            hits = collapse_files(hits)
+        for r, h in enumerate(hits, 1):
+            h.dense_rank = r
+        if words:
+            word_rank = tied_ranks(words)
+            for h in hits:
+                h.lexical_rank = word_rank.get(h.item.path)
+                fused = 1 / (RRF_K + h.dense_rank)
+                h.rank_score = fused + (query.lexical_weight / (RRF_K + h.lexical_rank) if h.lexical_rank else 0)
+            hits.sort(key=lambda h: -h.rank_score)  # stable: equal scores keep the dense order
+        return collapse_duplicates(hits) if query.collapse else hits
+
+    def _windows_of(self, paths: list[str], x: np.ndarray, query: Query) -> list[Hit]:
+        """Every window of these files, scored against x (files that only their words brought in)."""
+        ids = [i for group in self.store.item_ids_of(paths).values() for i in group]
+        if not ids:
+            return []
+        found, xb = self.store.vectors(np.asarray(ids, dtype=np.int64))
+        items = self.store.items(found)
+        hits = [Hit(items[int(i)], float(s)) for i, s in zip(found, xb @ x, strict=True)]
+        return [h for h in hits if query.filter is None or query.filter.matches(h.item)]
+
+
+CANDIDATES = 100  # dense candidates a narrowing query starts from
+RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009): damps the head of each ranking
+STOPWORDS = frozenset(
+    ["a", "an", "the", "of", "in", "on", "at", "to", "for", "with", "and", "or", "is", "are", "was", "by",
+     "from", "into", "onto", "its", "it", "this", "that"]
+)  # fmt: skip
+
+
+def match_expression(text: str | None) -> str:
+    """An FTS5 query matching any of the text's words (quoted, so no word is read as an operator)."""
+    words = [w for w in re.findall(r"[^\W_]+", (text or "").lower()) if w not in STOPWORDS]
+    return " OR ".join(f'"{w}"' for w in dict.fromkeys(words))
+
+
+def tied_ranks(scored: list[tuple[str, float]]) -> dict[str, int]:
+    """1-based ranks of (key, score) pairs, best first; equal scores share the better rank."""
+    ranks: dict[str, int] = {}
+    ordered = sorted(scored, key=lambda kv: -kv[1])
+    for i, (key, score) in enumerate(ordered):
+        tie = i > 0 and np.isclose(score, ordered[i - 1][1], rtol=1e-9, atol=1e-12)
+        ranks[key] = ranks[ordered[i - 1][0]] if tie else i + 1
+    return ranks
+
+
+def collapse_files(hits: list[Hit]) -> list[Hit]:
+    """One hit per file, its best window (hits come best first), counting the file's windows."""
+    best: dict[str, Hit] = {}
+    for h in hits:
+        if h.item.path in best:
+            best[h.item.path].windows += 1
+        else:
+            best[h.item.path] = h
+    return list(best.values())
+
+
+def collapse_duplicates(hits: list[Hit]) -> list[Hit]:
+    """One hit per content hash: files with the same bytes are listed on the best-ranked one."""
+    first: dict[str, Hit] = {}
+    out: list[Hit] = []
+    for h in hits:
+        digest = h.item.content_hash
+        if digest and digest in first:
+            keep = first[digest]
+            keep.duplicates = (*keep.duplicates, h.item.path)
+            continue
+        if digest:
+            first[digest] = h
+        out.append(h)
+    return out
 
 
 def decode_query(
@@ -228,6 +326,9 @@ def decode_query(
         audio = decode_audio(source, encoder.sample_rate, max_seconds=limit)
         if max_seconds is not None and audio.duration > max_seconds:
             raise MediaTooLongError(f"audio is longer than {max_seconds} s")
+        if audio.duration < MIN_QUERY_SECONDS:
+            have, need = audio.duration * 1000, MIN_QUERY_SECONDS * 1000
+            raise QueryInputError(f"audio is {have:.0f} ms long; a query needs at least {need:.0f} ms")
         return audio.wave[: int(encoder.max_seconds * encoder.sample_rate)]
     assert modality == "video", f"only audio and video queries are decoded, not {modality!r}"
     limit = None if max_seconds is None else max_seconds + 1
@@ -252,7 +353,7 @@ def open_searcher(
             path = refiner_dir(index_dir, modality)
             if not is_refiner_dir(path):
                 continue
-            refiner = Refiner.load(path)
+            refiner = load_shared(path)  # an unchanged refiner is not loaded (and traced) again
             trained_with = refiner.config.training.get("video_encoder_spec")
             if modality == "video" and encoders.video is None and trained_with:
                 encoders.video = load_encoders(trained_with, need_text=False).video

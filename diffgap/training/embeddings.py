@@ -13,6 +13,7 @@ import numpy as np
 from diffgap.atomic import atomic_write
 from diffgap.encoders import EncoderSet
 from diffgap.encoders.base import Encoder
+from diffgap.index.build import is_excluded
 from diffgap.index.store import IndexStore
 from diffgap.media.audio import AudioDecodeError, decode_audio
 from diffgap.media.video import VideoDecodeError, decode_video
@@ -154,14 +155,16 @@ def embed_pairs(
     return result
 
 
-def embed_index_pairs(store: IndexStore, encoders: EncoderSet, batch_size: int = 64) -> PairEmbeddings:
+def embed_index_pairs(
+    store: IndexStore, encoders: EncoderSet, batch_size: int = 64, exclude: Sequence[str] = ()
+) -> PairEmbeddings:
     """(description, audio) pairs from an index itself: one per described file.
 
     The audio target is the normalised mean of the file's window vectors already in the index, so
     no audio is decoded again; the description is embedded with the text encoder.
     """
     text_encoder = encoders.for_modality("text")
-    rows = store.described_items()
+    rows = [r for r in store.described_items() if not is_excluded(r[1], exclude)]
     if not rows:
         raise ValueError(f"{store.root} has no item descriptions (tags or descriptive file names) to learn from")
     by_file: dict[str, list[int]] = {}

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from diffgap.diffusion.refiner import DEFAULT_STEPS, load_refiner
+from diffgap.encoders.hub import DOWNLOAD_ENV
 from diffgap.index.build import BuildReport
+from diffgap.index.duplicates import NEAR_THRESHOLD, near_groups
 from diffgap.index.store import IndexStore
 from diffgap.media.audio import AudioDecodeError
 from diffgap.pipeline import BuildOptions, build, update
@@ -44,6 +47,8 @@ def _exit(report: BuildReport) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     if not args.manifest and not args.corpus:
         raise CliError("give a corpus folder or --manifest CSV")
+    if args.download:
+        os.environ[DOWNLOAD_ENV] = "1"
     report = build(
         args.index,
         args.encoder,
@@ -55,6 +60,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         window_s=args.window,
         hop_s=args.hop,
         prune=args.prune,
+        exclude=args.exclude or (),
         options=_options(args),
         progress=progress_bars(args.quiet),
     )
@@ -62,11 +68,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_update(args: argparse.Namespace) -> int:
-    return _exit(update(args.index, args.corpus, options=_options(args), progress=progress_bars(args.quiet)))
+    report = update(
+        args.index, args.corpus, exclude=args.exclude, options=_options(args), progress=progress_bars(args.quiet)
+    )
+    return _exit(report)
 
 
-INFO_KEYS = ("index", "encoder", "dim", "metric", "index_type", "window_s", "hop_s", "corpus_root", "items",
-             "files_indexed", "files_skipped")  # fmt: skip
+INFO_KEYS = ("index", "encoder", "dim", "metric", "index_type", "window_s", "hop_s", "corpus_root", "exclude",
+             "items", "files_indexed", "files_skipped", "duplicate_groups")  # fmt: skip
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -82,7 +91,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             "window_s": m.window_s,
             "hop_s": m.hop_s,
             "corpus_root": m.corpus_root,
+            "exclude": m.exclude,
             **store.counts(),
+            "duplicate_groups": len(store.duplicate_groups()),
             "skipped": [list(s) for s in store.skipped()],
         }
     if args.json:
@@ -113,14 +124,15 @@ def cmd_search(args: argparse.Namespace) -> int:
         if args.refiner:  # an explicit refiner folder replaces the index's own
             searcher.refiners["text"] = load_refiner(args.refiner, searcher.encoders)
         spec = RefineSpec(steps=args.steps, mode=args.mode) if args.refine else None
+        ranking = {"lexical": not args.no_lexical, "lexical_weight": args.lexical_weight, "collapse": not args.windows}
         if args.text is not None:
-            query = Query("text", args.k, text=args.text, refine=spec)
+            query = Query("text", args.k, text=args.text, refine=spec, **ranking)
         else:
             try:
                 wave = decode_query(args.audio, "audio", searcher.encoders)
             except AudioDecodeError as exc:
                 raise CliError(f"{args.audio}: {exc}") from exc
-            query = Query("audio", args.k, media=wave)
+            query = Query("audio", args.k, media=wave, collapse=not args.windows)
         result = searcher.search(query)
     finally:
         searcher.store.close()
@@ -135,6 +147,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             "start": h.item.start,
             "end": h.item.end,
             "description": h.item.description,
+            "dense_rank": h.dense_rank,
+            "lexical_rank": h.lexical_rank,
+            "duplicates": list(h.duplicates),
         }
         for r, h in enumerate(result.hits)
     ]
@@ -148,8 +163,29 @@ def cmd_search(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    with IndexStore.open(args.index, readonly=True) as store:
+        found = {"exact": store.duplicate_groups()}
+        if args.near is not None:
+            found["near"] = near_groups(store, args.near)
+    if args.json:
+        sys.stdout.write(json.dumps(found, indent=2) + "\n")
+        return EXIT_OK
+    for kind, groups in found.items():
+        sys.stdout.write(f"{len(groups)} {kind} duplicate groups\n")
+        for group in groups:
+            sys.stdout.write("  " + "  =  ".join(group) + "\n")
+    return EXIT_OK
+
+
 def add_build_options(p: argparse.ArgumentParser) -> None:
     defaults = BuildOptions()
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="GLOB",
+        help="leave out paths matching this glob (relative to the corpus; repeatable; kept for later updates)",
+    )
     p.add_argument("-j", "--num-jobs", type=int, default=defaults.num_jobs, help="decoding worker processes")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="windows per encoder call")
     p.add_argument(
@@ -189,6 +225,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=float, help="window length in seconds for long files (new index: 10)")
     p.add_argument("--hop", type=float, help="hop between windows in seconds (new index: 5)")
     p.add_argument("--prune", action="store_true", help="also remove indexed files no longer in the corpus")
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help=f"fetch encoder weights missing from the local Hugging Face cache from the hub ({DOWNLOAD_ENV}=1)",
+    )
     add_build_options(p)
     p.set_defaults(func=cmd_build)
 
@@ -219,5 +260,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refiner", help="refiner folder (default: INDEX/refiner-text)")
     p.add_argument("--steps", type=step_count, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")
     p.add_argument("--mode", default="sample", choices=["sample", "bridge"])
+    p.add_argument("--no-lexical", action="store_true", help="rank by sound only (no full-text ranking of words)")
+    p.add_argument("--lexical-weight", type=float, default=1.0, help="weight of the word ranking in the fusion")
+    p.add_argument("--windows", action="store_true", help="every matching window (default: one hit per file)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("duplicates", help="list files with the same bytes, or (--near) almost the same sound")
+    p.add_argument("index")
+    p.add_argument(
+        "--near",
+        type=float,
+        nargs="?",
+        const=NEAR_THRESHOLD,
+        help=f"also near duplicates: cosine of the files' mean vectors at least this (default {NEAR_THRESHOLD})",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_duplicates)

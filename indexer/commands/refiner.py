@@ -45,6 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         modality=args.modality,
         pairs=_pairs(args, split=args.split) if args.pairs else None,
         from_index=args.from_index,
+        exclude=tuple(args.exclude or ()),
         cache_dir=args.cache,
         out=args.out,
         train=_train_cfg(args),
@@ -139,6 +140,9 @@ def register_train(p: argparse.ArgumentParser) -> None:
         "--from-index",
         action="store_true",
         help="learn from the index's own item descriptions (tags and file names) instead of --pairs",
+    )
+    p.add_argument(
+        "--exclude", action="append", metavar="GLOB", help="with --from-index: files not to learn from (repeatable)"
     )
     p.add_argument("--out", help="output folder (default: INDEX/refiner-MODALITY)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of audio targets held out")

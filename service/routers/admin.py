@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, HTTPException, status
 
-from service.deps import HolderDep, require_api_key
+from service.deps import HolderDep, require_admin
+from service.state import redact_paths
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
 @router.post("/reload")
 def reload(holder: HolderDep) -> dict[str, object]:
-    """Reload the index directory (after `diffgap-index update`); the old one serves until the swap."""
+    """Reload the index directory (after `diffgap-index update`); the old one serves until the swap.
+    Concurrent reloads share one. Needs the API key; with none configured, DIFFGAP_ALLOW_OPEN_ADMIN=1."""
     try:
         holder.load()
     except Exception as exc:
         raise HTTPException(
-            status.HTTP_409_CONFLICT, f"reload failed, still serving the previous index: {exc}"
+            status.HTTP_409_CONFLICT,
+            f"reload failed, still serving the previous index: {exc.__class__.__name__}: {redact_paths(str(exc))}",
         ) from exc
-    return {"reloaded": True, "items": int(holder.state.store.ntotal)}
+    return {"reloaded": True, "items": int(holder.state.store.ntotal), "generation": holder.generation}

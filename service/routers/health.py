@@ -23,9 +23,8 @@ def readyz(holder: HolderDep, response: Response) -> ReadyOut:
     state = holder.state
     if state is None:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-        return ReadyOut(
-            ready=False, items=0, dim=0, encoder=holder.error or "loading", index_type="", refiners={}, video=False
-        )
+        encoder = holder.public_error or "loading"
+        return ReadyOut(ready=False, items=0, dim=0, encoder=encoder, index_type="", refiners={}, video=False)
     manifest = state.store.manifest
     refiners = {
         m: {
@@ -33,6 +32,7 @@ def readyz(holder: HolderDep, response: Response) -> ReadyOut:
             "prediction": r.config.prediction_type,
             "blend": r.config.blend,  # the weight a search gets when it names none
             "trained_pairs": r.config.training.get("pairs"),
+            "query_encoder": state.encoders.get(m).fingerprint.public_name if state.encoders.get(m) else None,
         }
         for m, r in state.searcher.refiners.items()
     }
@@ -40,7 +40,7 @@ def readyz(holder: HolderDep, response: Response) -> ReadyOut:
         ready=True,
         items=int(state.store.ntotal),
         dim=manifest.dim,
-        encoder=manifest.encoder_spec,
+        encoder=state.encoders.audio.fingerprint.public_name,
         index_type=manifest.index_type,
         refiners=refiners,
         video=state.encoders.video is not None,

@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse
 
 from diffgap.index.store import Item
 from diffgap.media.audio import AudioDecodeError, decode_audio
+from diffgap.retrieval.sources import SourceError
 from service.deps import StateDep, require_api_key
 from service.schemas import ItemOut
 from service.state import ServiceState
@@ -22,7 +23,7 @@ from service.state import ServiceState
 router = APIRouter(prefix="/v1/items", tags=["items"], dependencies=[Depends(require_api_key)])
 
 PLAYBACK_RATE = 44100
-RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)$")
+RANGE_RE = re.compile(r"bytes=(\d{0,18})-(\d{0,18})$")  # 18 digits: beyond any file size, within int64
 ItemId = Annotated[int, PathParam(ge=0, le=2**63 - 1, description="item id from a search result")]
 
 
@@ -33,15 +34,15 @@ def get_item(state: ServiceState, item_id: int) -> Item:
     return items[item_id]
 
 
-def safe_path(state: ServiceState, item: Item) -> Path:
-    """The item's file, resolved; refused unless it lies inside the corpus root (symlinks included)."""
-    root = state.corpus_root
-    path = (root / item.path).resolve()
-    if not path.is_relative_to(root):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "the item's file lies outside the corpus")
-    if not path.is_file():
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "the item's file is no longer in the corpus")
-    return path
+def source_path(state: ServiceState, item: Item) -> Path:
+    """The item's file: inside the corpus and still the file that was indexed (diffgap.retrieval.sources)."""
+    try:
+        return state.sources.path_of(item)
+    except SourceError as exc:
+        code = {"outside": status.HTTP_403_FORBIDDEN, "missing": status.HTTP_404_NOT_FOUND}.get(
+            exc.kind, status.HTTP_409_CONFLICT
+        )
+        raise HTTPException(code, str(exc)) from exc
 
 
 @router.get("/{item_id}", response_model=ItemOut)
@@ -57,15 +58,18 @@ def item_audio(
     full: bool = Query(False, description="the whole original file instead of the window"),
 ) -> Response:
     it = get_item(state, item_id)
-    path = safe_path(state, it)
+    path = source_path(state, it)
+    range_header = request.headers.get("range")
     if full:
-        return FileResponse(path, filename=path.name)  # Starlette answers Range requests itself
+        # checked by the same rules as the window's ranges; a valid one is served by Starlette
+        byte_range(range_header, path.stat().st_size)
+        return FileResponse(path, filename=path.name)
     try:
         audio = decode_audio(path, PLAYBACK_RATE, max_seconds=it.end + 0.01, allow_silent=True)
     except AudioDecodeError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"cannot decode the item's audio: {exc}") from exc
     window = audio.wave[int(it.start * PLAYBACK_RATE) : int(it.end * PLAYBACK_RATE)]
-    return ranged(wav_bytes(window, PLAYBACK_RATE), request.headers.get("range"), "audio/wav")
+    return ranged(wav_bytes(window, PLAYBACK_RATE), range_header, "audio/wav")
 
 
 def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
@@ -78,16 +82,16 @@ def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
     return buf.getvalue()
 
 
-def ranged(data: bytes, range_header: str | None, media_type: str) -> Response:
-    headers = {"Accept-Ranges": "bytes"}
-    size = len(data)
+def byte_range(range_header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, end) inclusive of one `bytes=` range, None without a header; a 416 for anything else
+    (several ranges, numbers of more than 18 digits, a range outside the file), on both audio routes."""
     if not range_header:
-        return Response(data, media_type=media_type, headers=headers)
+        return None
     m = RANGE_RE.match(range_header.strip())
     if not m or (not m.group(1) and not m.group(2)):
         raise HTTPException(
             status.HTTP_416_REQUESTED_RANGE_NOT_SATISFIABLE,
-            "malformed Range header",
+            "malformed Range header (one range, bytes=START-END, is accepted)",
             headers={"Content-Range": f"bytes */{size}"},
         )
     if m.group(1):
@@ -101,5 +105,15 @@ def ranged(data: bytes, range_header: str | None, media_type: str) -> Response:
             "range outside the file",
             headers={"Content-Range": f"bytes */{size}"},
         )
+    return start, end
+
+
+def ranged(data: bytes, range_header: str | None, media_type: str) -> Response:
+    headers = {"Accept-Ranges": "bytes"}
+    size = len(data)
+    span = byte_range(range_header, size)
+    if span is None:
+        return Response(data, media_type=media_type, headers=headers)
+    start, end = span
     headers["Content-Range"] = f"bytes {start}-{end}/{size}"
     return Response(data[start : end + 1], status_code=206, media_type=media_type, headers=headers)

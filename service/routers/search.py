@@ -16,7 +16,14 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile, s
 from diffgap.diffusion.refiner import RefinerError
 from diffgap.media.audio import AudioDecodeError
 from diffgap.media.video import VideoDecodeError
-from diffgap.retrieval.search import MediaTooLongError, Query, QueryResult, RefineSpec, decode_query
+from diffgap.retrieval.search import (
+    MediaTooLongError,
+    Query,
+    QueryInputError,
+    QueryResult,
+    RefineSpec,
+    decode_query,
+)
 from service.deps import HolderDep, MetricsDep, SettingsDep, StateDep, require_api_key
 from service.schemas import BatchSearchRequest, BatchSearchResponse, Filters, HitOut, SearchRequest, SearchResponse
 from service.settings import Settings
@@ -59,12 +66,14 @@ def search(
     check_k(body.k, settings)
     spec = body.refine_spec(settings.default_steps)
     item_filter = Filters.to_item_filter(body.filters)
+    ranking = {"lexical": body.lexical, "lexical_weight": body.lexical_weight, "collapse": body.collapse}
     if body.text is not None:
         if len(body.text) > settings.max_text_chars:
             raise HTTPException(
                 status.HTTP_422_UNPROCESSABLE_ENTITY, f"text is longer than {settings.max_text_chars} characters"
             )
-        return one_result(holder, metrics, Query("text", body.k, text=body.text, refine=spec, filter=item_filter))
+        query = Query("text", body.k, text=body.text, refine=spec, filter=item_filter, **ranking)
+        return one_result(holder, metrics, query)
     try:
         dim = state.searcher.query_dim("text")
     except ValueError as exc:
@@ -77,7 +86,7 @@ def search(
     vector = np.asarray(body.embedding, dtype=np.float32)
     if not np.linalg.norm(vector) > 0:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "embedding must not be all zeros")
-    return one_result(holder, metrics, Query("text", body.k, vector=vector, refine=spec, filter=item_filter))
+    return one_result(holder, metrics, Query("text", body.k, vector=vector, refine=spec, filter=item_filter, **ranking))
 
 
 @router.post("/batch", response_model=BatchSearchResponse)
@@ -97,7 +106,8 @@ def search_batch(
             )
     spec = body.refine_spec(settings.default_steps)
     item_filter = Filters.to_item_filter(body.filters)
-    queries = [Query("text", body.k, text=t, refine=spec, filter=item_filter) for t in body.texts]
+    ranking = {"lexical": body.lexical, "lexical_weight": body.lexical_weight, "collapse": body.collapse}
+    queries = [Query("text", body.k, text=t, refine=spec, filter=item_filter, **ranking) for t in body.texts]
     results = run_queries(holder, metrics, queries)
     return BatchSearchResponse(
         results=[HitOut.from_hits(r.hits) for r in results],
@@ -139,6 +149,8 @@ def media_query(
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"cannot read the {modality}: {exc}") from exc
         except MediaTooLongError as exc:
             raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, str(exc)) from exc
+        except QueryInputError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from exc
     return Query(modality, k, media=media, refine=refine), (time.perf_counter() - t0) * 1e3
 
 
