@@ -46,8 +46,11 @@ LABEL org.opencontainers.image.title="diffgap" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/diffgap/diffgap"
-RUN useradd --system --uid 10001 --user-group --home-dir /data --no-create-home --shell /usr/sbin/nologin diffgap \
-    && mkdir -p /data /models && chown diffgap:diffgap /data /models
+# wamerican: the word list that splits joined words in file names ("mineimpact" -> "mine impact").
+RUN set -eux; \
+    apt-get update; apt-get install -y --no-install-recommends wamerican; rm -rf /var/lib/apt/lists/*; \
+    useradd --system --uid 10001 --user-group --home-dir /data --no-create-home --shell /usr/sbin/nologin diffgap; \
+    mkdir -p /data /models && chown diffgap:diffgap /data /models
 COPY --from=build /opt/diffgap /opt/diffgap
 COPY deploy/indexer.sh /usr/local/bin/diffgap-indexer-job
 # Thread pools never exceed the container's CPU quota (diffgap.resources reads the cgroup); HF_HOME

@@ -36,3 +36,15 @@ def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     if quota is not None:
         cpus = min(cpus, math.ceil(quota))
     return max(1, cpus)
+
+
+def free_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs not already busy: the available ones less the 1-minute load average, at least 1. On a
+    machine running another CPU-bound job, training threads that spin against it lose more than they
+    gain (BENCHMARKS.md measured 1 thread finishing where the default did not), so 1 is the answer there."""
+    cpus = available_cpus(cgroup_root)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return cpus
+    return max(1, min(cpus, int(cpus - load + 0.5)))

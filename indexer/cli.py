@@ -18,7 +18,7 @@ from diffgap.encoders import EncoderLoadError
 from diffgap.index.layout import IndexStoreError
 from diffgap.training.pairs import PairsError
 from indexer.commands import demo, encoders, index, refiner
-from indexer.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CliError, setup_logging
+from indexer.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CliError, set_threads, setup_logging
 
 log = logging.getLogger("diffgap.index")
 
@@ -30,9 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffgap-index", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bar")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: the CPUs not busy with other work; 1 on a loaded machine)",
+    )
     common = argparse.ArgumentParser(add_help=False)  # the same flags after the command name
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--threads", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     def with_common_flags(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
         """Every (sub)command takes -v/-q, before or after its arguments."""
@@ -67,22 +74,14 @@ def renamed(argv: list[str]) -> tuple[list[str], str | None]:
     return argv, None
 
 
-def cap_threads() -> None:
-    """Inside a CPU-limited container torch would otherwise start one thread per host core."""
-    import torch
-
-    from diffgap.resources import available_cpus
-
-    torch.set_num_threads(min(torch.get_num_threads(), available_cpus()))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv, notice = renamed(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     setup_logging(-1 if args.quiet else args.verbose)
     if notice:
         log.warning("%s", notice)
-    cap_threads()
+    threads = set_threads(args.threads)
+    log.debug("torch threads: %d", threads)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -6,12 +6,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import sys
+import time
 from collections.abc import Iterator
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from diffgap.pipeline import ProgressFactory, Step
+
+log = logging.getLogger("diffgap.progress")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -20,18 +24,51 @@ class CliError(RuntimeError):
     """Reported as one line on stderr with a non-zero exit, never as a traceback."""
 
 
+PROGRESS_EVERY_S = 30.0  # a progress line at most this often when stderr is not a terminal
+
+
 def progress_bars(quiet: bool) -> ProgressFactory:
-    """tqdm bars (none with -q, or when stderr is not a terminal), with log lines printed above them."""
+    """tqdm bars on a terminal, with log lines printed above them; elsewhere (a log file, CI, a
+    container) a progress line every PROGRESS_EVERY_S seconds; nothing with -q."""
 
     @contextlib.contextmanager
     def factory(total: int | None, unit: str, desc: str) -> Iterator[Step]:
-        with (
-            logging_redirect_tqdm(),
-            tqdm(total=total, unit=unit, desc=desc, disable=quiet or None, dynamic_ncols=True) as bar,
-        ):
+        if quiet or not sys.stderr.isatty():
+            yield progress_lines(total, unit, desc) if not quiet else (lambda n: None)
+            return
+        with logging_redirect_tqdm(), tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True) as bar:
             yield bar.update
 
     return factory
+
+
+def progress_lines(total: int | None, unit: str, desc: str, every_s: float = PROGRESS_EVERY_S) -> Step:
+    """A `step(n)` that logs '<desc>: done/total unit (rate)' at most every `every_s` seconds."""
+    start = last = time.monotonic()
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done, last
+        done += n
+        now = time.monotonic()
+        if now - last >= every_s or (total is not None and done == total and done > n):
+            last = now
+            rate = done / max(now - start, 1e-9)
+            of = f"/{total}" if total else ""
+            log.info("%s: %d%s %s (%.1f %s/s)", desc, done, of, unit, rate, unit)
+
+    return step
+
+
+def set_threads(threads: int | None) -> int:
+    """torch intra-op threads: as asked, else the CPUs not busy with other work (`free_cpus`)."""
+    import torch
+
+    from diffgap.resources import available_cpus, free_cpus
+
+    n = min(threads, available_cpus()) if threads else free_cpus()
+    torch.set_num_threads(max(1, n))
+    return n
 
 
 def setup_logging(verbose: int) -> None:

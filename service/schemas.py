@@ -71,8 +71,11 @@ class RankOptions(BaseModel):
 
 
 class SearchRequest(RefineOptions, RankOptions):
-    text: str | None = Field(None, description="a text query (exactly one of text or embedding)")
+    text: str | None = Field(None, description="a text query (exactly one of text, embedding or item_id)")
     embedding: list[float] | None = Field(None, description="a query vector in the query encoder's space")
+    item_id: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="more like this: search by an indexed item's own sound, its file left out"
+    )
     k: int = Field(10, ge=1, le=10_000)
     filters: Filters | None = None
 
@@ -91,8 +94,8 @@ class SearchRequest(RefineOptions, RankOptions):
 
     @model_validator(mode="after")
     def exactly_one(self) -> SearchRequest:
-        if (self.text is None) == (self.embedding is None):
-            raise ValueError("give exactly one of 'text' or 'embedding'")
+        if sum(x is not None for x in (self.text, self.embedding, self.item_id)) != 1:
+            raise ValueError("give exactly one of 'text', 'embedding' or 'item_id'")
         return self
 
 
@@ -122,6 +125,7 @@ class ItemOut(BaseModel):
     tags: dict[str, Any]
     description: str = Field("", description="words from the file's tags and name")
     audio_url: str
+    waveform_url: str = Field(description="a PNG of the whole file with this window highlighted")
 
     @classmethod
     def from_item(cls, item: Item, **extra: Any) -> ItemOut:
@@ -135,6 +139,7 @@ class ItemOut(BaseModel):
             tags=item.tags,
             description=item.description,
             audio_url=f"/v1/items/{item.id}/audio",
+            waveform_url=f"/v1/items/{item.id}/waveform.png",
             **extra,
         )
 
@@ -183,3 +188,6 @@ class ReadyOut(BaseModel):
     index_type: str
     refiners: dict[str, dict[str, Any]]
     video: bool
+    lexical: bool = Field(False, description="the index has a full-text index of its files' words")
+    max_upload_bytes: int = Field(0, description="largest upload accepted (pages check before sending)")
+    max_media_seconds: float = Field(0.0, description="longest audio or video query")

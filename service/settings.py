@@ -44,3 +44,6 @@ class Settings(BaseSettings):
         DEFAULT_STEPS, ge=1, le=200, description="DDIM steps of a refined search that names none"
     )
     mmap: bool = Field(True, description="open the FAISS index memory-mapped")
+    cache_dir: Path | None = Field(
+        None, description="where waveform thumbnails are cached (default INDEX/cache/waveforms, or /tmp if read-only)"
+    )

@@ -7,7 +7,9 @@ so requests in flight finish on the state they started with and none is dropped.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +19,9 @@ import faiss
 import torch
 
 from diffgap.encoders import EncoderSet
+from diffgap.index.layout import CACHE_DIR
 from diffgap.index.store import IndexStore
+from diffgap.media.waveform import WaveformCache
 from diffgap.resources import available_cpus
 from diffgap.retrieval.batching import MicroBatcher
 from diffgap.retrieval.search import Query, QueryResult, Searcher, open_searcher
@@ -33,6 +37,7 @@ class ServiceState:
     encoders: EncoderSet
     searcher: Searcher
     sources: SourceFiles  # the items' files, checked before they are played
+    waveforms: WaveformCache  # thumbnails, drawn once
 
     def close(self) -> None:
         self.store.close()
@@ -53,7 +58,23 @@ def load_state(settings: Settings) -> ServiceState:
     for refiner in searcher.refiners.values():
         refiner.warm_up()
     sources = SourceFiles(Path(manifest.corpus_root or "."), searcher.store)
-    return ServiceState(searcher.store, searcher.encoders, searcher, sources)
+    waveforms = WaveformCache(writable_dir(settings.cache_dir or Path(settings.index_dir) / CACHE_DIR / "waveforms"))
+    return ServiceState(searcher.store, searcher.encoders, searcher, sources, waveforms)
+
+
+def writable_dir(preferred: Path) -> Path:
+    """`preferred` when the service may write there (beside the index), else a folder under /tmp (an
+    index mounted read-only still gets its thumbnails cached)."""
+    for folder in (preferred, Path(tempfile.gettempdir()) / "diffgap-cache" / "waveforms"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            return folder
+        except OSError:
+            continue
+    return preferred  # not writable anywhere: thumbnails are drawn each time
 
 
 PATH = re.compile(r"(?<![\w.])(?:~|\.{1,2})?/[^\s'\"(),;:]+")

@@ -133,3 +133,19 @@ def test_from_index_without_descriptions_is_a_clear_error(tmp_path, tiny_clap, c
     assert main(["build", str(corpus), "-o", str(tmp_path / "idx"), "--encoder", f"clap:{tiny_clap}", "-q"]) == 0
     assert main(["refiner", "train", "-q", "--from-index", "--index", str(tmp_path / "idx")]) == 1
     assert "no item descriptions" in caplog.text
+
+
+def test_encoders_from_an_index_own_descriptions(adapt_setup, tmp_path):
+    """A library with no captions and no CLAP weights gets encoders from its own names, then a rebuild."""
+    from diffgap.pipeline import build, train_encoders_from_index
+    from diffgap.training.encoders import EncoderTrainConfig
+
+    work, index = adapt_setup
+    tiny = json.loads((work / "enc" / "config.json").read_text())
+    cfg = EncoderTrainConfig(epochs=2, batch_size=16, warmup_steps=2)
+    cfg.audio = type(cfg.audio)(**{k: tuple(v) if isinstance(v, list) else v for k, v in tiny["audio"].items()})
+    cfg.text = type(cfg.text)(**{**tiny["text"], "vocab_size": 300})
+    stats = train_encoders_from_index(index, tmp_path / "own", cfg, val_fraction=0.2, exclude=["*_0[0-4]*"])
+    assert stats["held_out"]["n"] >= 10 and 0 <= stats["held_out"]["R@10"] <= 1
+    assert build(tmp_path / "own-index", f"compact:{tmp_path / 'own'}", corpus=work / "library").total_items == 100
+    assert main(["encoders", "train", "-q", "--out", str(tmp_path / "x")]) == 2  # neither pairs nor an index

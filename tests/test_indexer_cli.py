@@ -214,3 +214,24 @@ def test_old_command_spellings_still_work_and_name_the_new_one(caplog):
     # through main: the notice is logged and the command runs (here: fails cleanly on a missing file)
     assert main(["train-refiner", "--pairs", "/nonexistent/pairs.csv", "--encoder", "compact:/nonexistent"]) == 1
     assert "`train-refiner` is now `refiner train`" in caplog.text
+
+
+def test_threads_and_progress_lines_off_a_terminal(caplog):
+    import logging
+
+    import torch
+
+    from diffgap.resources import available_cpus, free_cpus
+    from indexer.cli import build_parser
+    from indexer.common import progress_lines, set_threads
+
+    assert 1 <= free_cpus() <= available_cpus()
+    assert set_threads(1) == 1 and torch.get_num_threads() == 1
+    assert build_parser().parse_args(["refiner", "train", "--threads", "1", "--pairs", "p.csv"]).threads == 1
+    assert build_parser().parse_args(["--threads", "2", "info", "x"]).threads == 2
+    caplog.set_level(logging.INFO, logger="diffgap.progress")
+    step = progress_lines(100, "it", "training", every_s=0.0)
+    for _ in range(3):
+        step(10)
+    lines = [r.getMessage() for r in caplog.records if r.name == "diffgap.progress"]
+    assert lines[-1].startswith("training: 30/100 it")

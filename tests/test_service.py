@@ -314,3 +314,34 @@ def test_refinement_without_a_refiner_is_one_rule_everywhere(private_index, serv
     capsys.readouterr()
     assert main(["search", str(private_index), "--text", "a high beep", "-k", "3", "--refine", "--json"]) == 0
     assert [h["id"] for h in json.loads(capsys.readouterr().out)] == [h["id"] for h in direct["results"]]
+
+
+def test_waveform_thumbnails(private_index):
+    corpus = Path(json.loads((private_index / "manifest.json").read_text())["corpus_root"])
+    first = sorted(corpus.iterdir())[0].name
+    with sqlite3.connect(private_index / "meta.sqlite") as db:  # a window past the end of its file
+        vector = db.execute("SELECT vector FROM items WHERE path = ?", (first,)).fetchone()[0]
+        db.execute("INSERT INTO items(path, start, end, vector) VALUES (?, 50, 54, ?)", (first, vector))
+        outside = db.execute("SELECT MAX(id) FROM items").fetchone()[0]
+        inside = db.execute("SELECT MIN(id) FROM items WHERE path = ?", (first,)).fetchone()[0]
+    srv = Server(private_index)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            first_draw = c.get(f"/v1/items/{inside}/waveform.png", params={"width": 300, "height": 40})
+            assert first_draw.status_code == 200 and first_draw.headers["content-type"] == "image/png"
+            assert first_draw.content[:8] == b"\x89PNG\r\n\x1a\n" and first_draw.headers["x-cache"] == "miss"
+            again = c.get(f"/v1/items/{inside}/waveform.png", params={"width": 300, "height": 40})
+            assert again.headers["x-cache"] == "hit" and again.content == first_draw.content
+            assert list((private_index / "cache" / "waveforms").rglob("*.png"))  # cached beside the index
+            assert c.get("/v1/items/999999/waveform.png").status_code == 404
+            res = c.get(f"/v1/items/{outside}/waveform.png")
+            assert res.status_code == 422 and "outside the file" in res.text
+            assert c.get(f"/v1/items/{inside}/waveform.png", params={"width": 5}).status_code == 422
+            hit = c.post("/v1/search", json={"text": "a beep", "k": 1}).json()["results"][0]
+            assert hit["waveform_url"] == f"/v1/items/{hit['id']}/waveform.png"
+            like = c.post("/v1/search", json={"item_id": hit["id"], "k": 5}).json()["results"]
+            assert len(like) == 5 and hit["path"] not in [h["path"] for h in like]
+            assert c.post("/v1/search", json={"item_id": 999999}).status_code == 404
+            assert c.post("/v1/search", json={"item_id": 1, "text": "x"}).status_code == 422
+    finally:
+        srv.stop()

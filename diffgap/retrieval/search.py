@@ -75,9 +75,12 @@ class ItemFilter:
     max_duration: float | None = None
     tags: tuple[tuple[str, str], ...] = ()  # (key, substring), case-insensitive
     description: str | None = None  # every word must occur in the item's description
+    exclude_path: str | None = None  # not this file ("more like this" leaves out the example itself)
 
     def matches(self, item: Item) -> bool:
         if self.path_prefix and not item.path.startswith(self.path_prefix):
+            return False
+        if self.exclude_path is not None and item.path == self.exclude_path:
             return False
         duration = item.duration or 0.0
         if self.min_duration is not None and duration < self.min_duration:

@@ -186,8 +186,16 @@ def train_compact_encoders(
                 budget["total"] = min(total, max(step + 1, int(cfg.max_minutes * 60 / per_step)))
             if progress:
                 progress(step, budget["total"], stats["loss"])
-            if step >= budget["total"] or (cfg.max_minutes and time.monotonic() - start > cfg.max_minutes * 60):
-                log.info("stopping after %.1f minutes (epoch %d, step %d)", cfg.max_minutes, epoch, step)
+            out_of_time = bool(cfg.max_minutes) and time.monotonic() - start > cfg.max_minutes * 60
+            if step >= budget["total"] or out_of_time:
+                minutes = (time.monotonic() - start) / 60
+                why = (
+                    f"the time budget of {cfg.max_minutes:g} minutes ran out"
+                    if out_of_time
+                    else f"all {budget['total']} steps are done"
+                    + (f" (the number that fits {cfg.max_minutes:g} minutes)" if budget["total"] < total else "")
+                )
+                log.info("stopping after %.1f minutes, epoch %d, step %d: %s", minutes, epoch, step, why)
                 break
         else:
             continue

@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
-from diffgap.pipeline import PairsSource, train_encoders
+from diffgap.pipeline import PairsSource, train_encoders, train_encoders_from_index
 from diffgap.training.encoders import EncoderTrainConfig
-from indexer.common import EXIT_OK, progress_bars
+from indexer.common import EXIT_OK, CliError, progress_bars
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = EncoderTrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes
     )
+    if args.from_index:
+        stats = train_encoders_from_index(
+            args.from_index,
+            args.out,
+            cfg,
+            val_fraction=args.val_fraction,
+            exclude=args.exclude or (),
+            progress=progress_bars(args.quiet),
+        )
+        sys.stdout.write(json.dumps(stats, indent=2) + "\n")
+        return EXIT_OK
+    if not args.pairs:
+        raise CliError("give --pairs CSV or --from-index INDEX")
     source = PairsSource(args.pairs, layout=args.layout, split=args.split, audio_dir=args.audio_dir)
     train_encoders(source, args.out, cfg, use_video=not args.no_video, progress=progress_bars(args.quiet))
     return EXIT_OK
@@ -26,7 +41,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def register_train(p: argparse.ArgumentParser) -> None:
     defaults = EncoderTrainConfig()
-    p.add_argument("--pairs", required=True, help="paired CSV with audio and text and/or video")
+    p.add_argument("--pairs", help="paired CSV with audio and text and/or video")
+    p.add_argument(
+        "--from-index",
+        metavar="INDEX",
+        help="learn from an index's own file descriptions (tags and names) instead of --pairs; then rebuild "
+        "the library with --encoder compact:OUT",
+    )
+    p.add_argument("--val-fraction", type=float, default=0.1, help="with --from-index: share of files held out")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="with --from-index: files not to learn from")
     p.add_argument("--layout", default="auto", choices=["auto", "csv", "audiocaps", "clotho"])
     p.add_argument("--split", help="only rows of this split")
     p.add_argument("--audio-dir", help="audio folder for AudioCaps/Clotho layouts")

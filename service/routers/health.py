@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.deps import HolderDep, MetricsDep
+from service.deps import HolderDep, MetricsDep, SettingsDep
 from service.schemas import ReadyOut
 
 router = APIRouter(tags=["health"])
@@ -18,7 +18,7 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", response_model=ReadyOut, responses={503: {"description": "not loaded yet"}})
-def readyz(holder: HolderDep, response: Response) -> ReadyOut:
+def readyz(holder: HolderDep, settings: SettingsDep, response: Response) -> ReadyOut:
     """Ready only when the index, encoders and refiners are loaded; reports what was loaded."""
     state = holder.state
     if state is None:
@@ -44,6 +44,9 @@ def readyz(holder: HolderDep, response: Response) -> ReadyOut:
         index_type=manifest.index_type,
         refiners=refiners,
         video=state.encoders.video is not None,
+        lexical=state.store.has_lexical,
+        max_upload_bytes=settings.max_upload_bytes,
+        max_media_seconds=settings.max_media_seconds,
     )
 
 

@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse
 
 from diffgap.index.store import Item
 from diffgap.media.audio import AudioDecodeError, decode_audio
+from diffgap.media.waveform import WindowOutsideFile
 from diffgap.retrieval.sources import SourceError
 from service.deps import StateDep, require_api_key
 from service.schemas import ItemOut
@@ -70,6 +71,29 @@ def item_audio(
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"cannot decode the item's audio: {exc}") from exc
     window = audio.wave[int(it.start * PLAYBACK_RATE) : int(it.end * PLAYBACK_RATE)]
     return ranged(wav_bytes(window, PLAYBACK_RATE), range_header, "audio/wav")
+
+
+@router.get(
+    "/{item_id}/waveform.png",
+    responses={200: {"content": {"image/png": {}}}, 422: {"description": "the window lies outside the file"}},
+)
+def item_waveform(
+    item_id: ItemId,
+    state: StateDep,
+    width: Annotated[int, Query(ge=64, le=2000)] = 480,
+    height: Annotated[int, Query(ge=16, le=400)] = 64,
+) -> Response:
+    """The item's whole file as a waveform thumbnail, its window highlighted; drawn once, then cached."""
+    it = get_item(state, item_id)
+    path = source_path(state, it)
+    try:
+        png, cached = state.waveforms.get(path, it.content_hash, it.start, it.end, width, height)
+    except WindowOutsideFile as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from exc
+    except AudioDecodeError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"cannot draw the item's audio: {exc}") from exc
+    headers = {"Cache-Control": "private, max-age=86400", "X-Cache": "hit" if cached else "miss"}
+    return Response(png, media_type="image/png", headers=headers)
 
 
 def wav_bytes(samples: np.ndarray, rate: int) -> bytes:

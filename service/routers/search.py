@@ -6,6 +6,7 @@ from the batch endpoint too, runs through the service's micro-batcher.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from typing import Annotated
@@ -17,6 +18,7 @@ from diffgap.diffusion.refiner import RefinerError
 from diffgap.media.audio import AudioDecodeError
 from diffgap.media.video import VideoDecodeError
 from diffgap.retrieval.search import (
+    ItemFilter,
     MediaTooLongError,
     Query,
     QueryInputError,
@@ -74,6 +76,14 @@ def search(
             )
         query = Query("text", body.k, text=body.text, refine=spec, filter=item_filter, **ranking)
         return one_result(holder, metrics, query)
+    if body.item_id is not None:  # more like this: the item's own vector, already in audio space
+        ids, xb = state.store.vectors(np.asarray([body.item_id], dtype=np.int64))
+        if not len(ids):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no item with id {body.item_id}")
+        path = state.store.items([body.item_id])[body.item_id].path
+        like = dataclasses.replace(item_filter or ItemFilter(), exclude_path=path)
+        ranking["lexical"] = False  # no words to match
+        return one_result(holder, metrics, Query("audio", body.k, vector=xb[0], filter=like, **ranking))
     try:
         dim = state.searcher.query_dim("text")
     except ValueError as exc:
