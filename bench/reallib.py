@@ -15,15 +15,16 @@ files, a refiner is trained `--from-index` with the held-out files excluded. Que
 (b) 30 natural queries (bench/reallib_queries.json, written before measuring, with a keyword rule
     for relevance): hits@5, the relevant files among the top 5 (at most 150).
 Rows: lexical only (the files' words, FTS5 bm25), dense direct, dense refined, hybrid (refined and
-direct). Writes WORK/reallib.json and prints the table.
+direct). Writes WORK/reallib.json (WORK/reallib-prior-MODE.json with --prior-mode) and prints the table.
 
-    python bench/reallib.py --work runs/reallib [--epochs 30] [--iterations 3000]
+    python bench/reallib.py --work runs/reallib [--epochs 30] [--iterations 3000] [--prior-mode frozen]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from diffgap.encoders.prior import DEFAULT_PRIOR  # noqa: E402
 from diffgap.index.build import SCANNED_EXTENSIONS  # noqa: E402
 from diffgap.index.store import IndexStore  # noqa: E402
 from diffgap.media.tags import describe, read_tags, words_of  # noqa: E402
@@ -150,6 +152,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="compact encoder epochs")
     parser.add_argument("--iterations", type=int, default=3000, help="refiner iterations")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prior-mode", choices=["frozen", "finetune", "pooled"], help="start the text tower from the language prior"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     work = Path(args.work).resolve()
@@ -170,12 +175,15 @@ def main() -> None:
         for f in kept:
             if f["path"] not in held and f["description"]:
                 writer.writerow([f"library/{f['path']}", f["description"]])
-    encoders = work / "encoders"
+    variant = f"-prior-{args.prior_mode}" if args.prior_mode else ""
+    encoders = work / f"encoders{variant}"
     if not (encoders / "config.json").exists():
         cfg = EncoderTrainConfig(epochs=args.epochs, batch_size=32, seed=args.seed, max_seconds=10.0)
+        if args.prior_mode:
+            cfg.text = dataclasses.replace(cfg.text, prior=DEFAULT_PRIOR, prior_mode=args.prior_mode)
         train_encoders(PairsSource(pairs), encoders, cfg, use_video=False)
     spec = f"compact:{encoders}"
-    index = work / "index"
+    index = work / f"index{variant}"
     report = build(index, spec, corpus=work / "library", options=BuildOptions(num_jobs=2))
     log.info("%s", report.summary().splitlines()[0])
     escape = re.compile(r"([*?\[])")
@@ -235,7 +243,7 @@ def main() -> None:
         "seconds": round(time.time() - t0, 1),
         "words_of_example": words_of("justyouwait mineimpact"),
     }
-    (work / "reallib.json").write_text(json.dumps(out, indent=2))
+    (work / f"reallib{variant}.json").write_text(json.dumps(out, indent=2))
     print("| row | held-out R@1 | R@10 | MRR@10 | stamps only R@1 | R@10 | MRR@10 | natural hits@5 (of 150) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():

@@ -191,9 +191,11 @@ class CompactTextEncoder(TextEncoder):
             raise EncoderLoadError(f"{bundle.path} has no text encoder (it was trained without captions)")
         self.model = bundle.model
         self.dim = bundle.model.text.cfg.dim
-        self.fingerprint = EncoderFingerprint(
-            "compact", bundle.path, bundle.weights_sha256, "text", {"max_tokens": bundle.model.text.cfg.max_tokens}
-        )
+        cfg = bundle.model.text.cfg
+        preprocessing: dict[str, Any] = {"max_tokens": cfg.max_tokens}
+        if cfg.prior:  # the language prior the tower started from, by name and content
+            preprocessing.update(prior=cfg.prior, prior_sha256=cfg.prior_sha256, prior_mode=cfg.prior_mode)
+        self.fingerprint = EncoderFingerprint("compact", bundle.path, bundle.weights_sha256, "text", preprocessing)
 
     @torch.inference_mode()
     def encode(self, batch: Sequence[str]) -> np.ndarray:

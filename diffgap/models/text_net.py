@@ -1,4 +1,5 @@
-"""Compact text encoder: a corpus-trained WordPiece vocabulary and a small transformer."""
+"""Compact text encoder: a small transformer over a corpus-trained WordPiece vocabulary, or over a
+pretrained token-embedding table (a language prior), or that table's pooled vectors alone."""
 
 from __future__ import annotations
 
@@ -18,6 +19,15 @@ class TextNetConfig:
     n_heads: int = 4
     dim: int = 256  # shared embedding size
     pad_id: int = 0
+    # A pretrained token-embedding table as the input embeddings (diffgap/encoders/prior.py), or None:
+    # its vocabulary knows words no training caption has. vocab_size and d_model then follow the table.
+    prior: str | None = None
+    prior_sha256: str | None = None  # of the table the tower started from: part of the fingerprint
+    # "frozen": the table stays as it is, the layers learn; "finetune": the table learns too, at
+    # prior_lr_scale x the learning rate; "pooled": no transformer, the mean of the table's vectors
+    # through a trained projection (with ~1k pairs, the least to overfit)
+    prior_mode: str = "frozen"
+    prior_lr_scale: float = 0.1
 
 
 class TextNet(nn.Module):
@@ -25,19 +35,23 @@ class TextNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
-        self.pos = nn.Parameter(torch.randn(cfg.max_tokens, cfg.d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            cfg.d_model, cfg.n_heads, 4 * cfg.d_model, dropout=0.1, activation="gelu", batch_first=True, norm_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
+        self.pooled = cfg.prior is not None and cfg.prior_mode == "pooled"
+        if not self.pooled:
+            self.pos = nn.Parameter(torch.randn(cfg.max_tokens, cfg.d_model) * 0.02)
+            layer = nn.TransformerEncoderLayer(
+                cfg.d_model, cfg.n_heads, 4 * cfg.d_model, 0.1, activation="gelu", batch_first=True, norm_first=True
+            )
+            self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, L) token ids -> (B, dim) unit vectors
         ids = ids[:, : self.cfg.max_tokens]
         mask = ids != self.cfg.pad_id  # (B, L)
-        h = self.tok(ids) + self.pos[: ids.shape[1]]  # (B, L, D)
-        h = self.norm(self.encoder(h, src_key_padding_mask=~mask))  # (B, L, D)
+        h = self.tok(ids)  # (B, L, D)
+        if not self.pooled:
+            h = self.encoder(h + self.pos[: ids.shape[1]], src_key_padding_mask=~mask)  # (B, L, D)
+        h = self.norm(h)  # (B, L, D)
         w = mask.unsqueeze(-1).float()
         pooled = (h * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, D)
         return F.normalize(self.proj(pooled), dim=-1)

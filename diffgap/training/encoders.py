@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from diffgap.encoders.compact import CompactModel, _pad_frames, _pad_waves, train_tokenizer
+from diffgap.encoders.prior import load_prior
 from diffgap.media.audio import AudioDecodeError, decode_audio
 from diffgap.media.video import VideoDecodeError, decode_video
 from diffgap.models.audio_net import AudioNetConfig
@@ -125,12 +126,30 @@ def train_compact_encoders(
         raise ValueError("pairs have neither text nor video to align audio with")
     tokenizer = None
     text_cfg = None
-    if has_text:
+    prior = None
+    if has_text and cfg.text.prior:
+        prior = load_prior(cfg.text.prior)
+        tokenizer = prior.tokenizer()
+        vocab, width = prior.table.shape
+        text_cfg = TextNetConfig(**{**asdict(cfg.text), "vocab_size": vocab, "d_model": width,
+                                    "prior_sha256": prior.sha256})  # fmt: skip
+    elif has_text:
         tokenizer = train_tokenizer((t for c in clips for t in c.texts), cfg.text.vocab_size)
         text_cfg = TextNetConfig(**{**asdict(cfg.text), "vocab_size": tokenizer.get_vocab_size()})
     audio_cfg = AudioNetConfig(**{**asdict(cfg.audio), "max_seconds": cfg.max_seconds})
     model = CompactModel(audio_cfg, text_cfg, cfg.video if has_video else None, tokenizer).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups: list[dict] = [{"params": [p for n, p in model.named_parameters() if n != "text.tok.weight"]}]
+    if prior is not None and model.text is not None:
+        table = model.text.tok.weight
+        with torch.no_grad():
+            table.copy_(torch.from_numpy(prior.table))
+        if text_cfg.prior_mode == "finetune":
+            groups.append({"params": [table], "lr": cfg.lr * text_cfg.prior_lr_scale})
+        else:
+            table.requires_grad_(False)  # frozen and pooled keep the prior as it is
+    elif model.text is not None:
+        groups[0]["params"].append(model.text.tok.weight)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(clips) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     budget = {"total": total}  # shrinks once the time budget shows how many steps fit

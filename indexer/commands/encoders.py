@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
+from diffgap.encoders.prior import DEFAULT_PRIOR, PRIORS
 from diffgap.pipeline import PairsSource, train_encoders, train_encoders_from_index
 from diffgap.training.encoders import EncoderTrainConfig
 from indexer.common import EXIT_OK, CliError, progress_bars
@@ -15,6 +17,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = EncoderTrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes
     )
+    if args.prior:
+        cfg.text = dataclasses.replace(cfg.text, prior=args.prior, prior_mode=args.prior_mode)
     if args.from_index:
         stats = train_encoders_from_index(
             args.from_index,
@@ -59,5 +63,20 @@ def register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this much training time")
     p.add_argument("--no-video", action="store_true", help="ignore the video column")
+    p.add_argument(
+        "--prior",
+        nargs="?",
+        const=DEFAULT_PRIOR,
+        choices=sorted(PRIORS),
+        help=f"start the text tower from a pretrained token-embedding table (default {DEFAULT_PRIOR}, from the "
+        "wordllama package: pip install 'diffgap[prior]')",
+    )
+    p.add_argument(
+        "--prior-mode",
+        default="frozen",
+        choices=["frozen", "finetune", "pooled"],
+        help="frozen table + trained layers; the table fine-tuned at a tenth of the LR; or its pooled vectors "
+        "through a trained projection",
+    )
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.set_defaults(func=cmd_train)
