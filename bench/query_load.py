@@ -162,6 +162,12 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
         "refine, 5 steps, blend 0.5": median_ms(lambda: refiner.refine(xq, steps=5, blend=0.5)),
         "exact search + metadata (k=10)": median_ms(lambda: searcher.search_vectors(xq, [Query("text", 10, text="x")])),
         "whole query, refine off": median_ms(lambda: searcher.run([Query("text", 10, text=QUERIES[2])])),
+        "whole query, refine off, every window (collapse off)": median_ms(
+            lambda: searcher.run([Query("text", 10, text=QUERIES[2], collapse=False)])
+        ),
+        "whole query, refine off, words fused (lexical)": median_ms(
+            lambda: searcher.run([Query("text", 10, text=QUERIES[2], lexical=True)])
+        ),
         "whole query, refine 5 steps": median_ms(
             lambda: searcher.run([Query("text", 10, text=QUERIES[2], refine=RefineSpec(steps=5))])
         ),
