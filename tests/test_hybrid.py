@@ -125,6 +125,20 @@ def test_excluded_folders_stay_out_through_updates(library, tiny_clap, tmp_path)
     assert "animals/horse_neigh.wav" in paths
 
 
+def test_words_are_kept_in_step_by_key(library, tmp_path):
+    index = tmp_path / "index"
+    shutil.copytree(library / "index", index)
+    with IndexStore.open(index) as store:
+        assert store.remove_files(["animals/horse_neigh.wav"]) == 1
+        assert store.lexical_search('"horse"') == []
+        assert [p for p, _ in store.lexical_search('"dog"')] != []
+        words = store.db.execute(f"SELECT COUNT(*) FROM {FTS_TABLE}").fetchone()[0]
+        files = store.db.execute("SELECT COUNT(*) FROM files WHERE status = 'indexed'").fetchone()[0]
+        assert words == files
+        orphans = store.db.execute(f"SELECT COUNT(*) FROM {FTS_TABLE} WHERE rowid NOT IN (SELECT rowid FROM files)")
+        assert orphans.fetchone()[0] == 0
+
+
 def test_an_index_from_before_full_text_search_gets_its_words_on_the_next_write(library, tmp_path):
     index = tmp_path / "index"
     shutil.copytree(library / "index", index)

@@ -57,8 +57,11 @@ CREATE INDEX IF NOT EXISTS items_path ON items(path);
 """
 
 # Full-text search over each indexed file's words, kept in step with `files` by the writer (one
-# transaction). Columns are weighted name > tags > folders when ranked (bm25); porter stems English.
-FTS_TABLE = "files_fts"
+# transaction). Its rowid is the file's rowid in `files`, so a file's words are found and deleted
+# by key, not by scanning. Columns are weighted name > tags > folders when ranked (bm25); porter
+# stems English.
+FTS_TABLE = "file_words"
+OLD_FTS_TABLES = ("files_fts",)  # an earlier layout (rows keyed by path): dropped and rebuilt
 FTS_SCHEMA = f"""
 CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_TABLE} USING fts5(
     path UNINDEXED, name, tags, folders, tokenize = 'porter unicode61'

@@ -31,6 +31,7 @@ from diffgap.index.layout import (
     FTS_TABLE,
     FTS_WEIGHTS,
     MANIFEST,
+    OLD_FTS_TABLES,
     SCHEMA,
     SQLITE,
     IndexStoreError,
@@ -81,16 +82,25 @@ class IndexStore:
     def _migrate_fts(self) -> None:
         """Create the full-text table, and fill it for indexes made before it existed."""
         with self.db:
+            for old in OLD_FTS_TABLES:
+                self.db.execute(f"DROP TABLE IF EXISTS {old}")
             self.db.executescript(FTS_SCHEMA)
             if self.db.execute(f"SELECT COUNT(*) FROM {FTS_TABLE}").fetchone()[0]:
                 return
-            rows = self.db.execute("SELECT path, tags FROM files WHERE status = 'indexed'").fetchall()
-            for path, tags in rows:
-                self._index_words(path, json.loads(tags))
+            rows = self.db.execute("SELECT rowid, path, tags FROM files WHERE status = 'indexed'").fetchall()
+            for rowid, path, tags in rows:
+                self._index_words(rowid, path, json.loads(tags))
 
-    def _index_words(self, path: str, tags: dict[str, Any]) -> None:
-        self.db.execute(f"INSERT INTO {FTS_TABLE}(path, name, tags, folders) VALUES (?,?,?,?)",
-                        (path, *search_fields(path, tags)))  # fmt: skip
+    def _index_words(self, rowid: int, path: str, tags: dict[str, Any]) -> None:
+        self.db.execute(f"INSERT INTO {FTS_TABLE}(rowid, path, name, tags, folders) VALUES (?,?,?,?,?)",
+                        (rowid, path, *search_fields(path, tags)))  # fmt: skip
+
+    def _delete_file(self, path: str) -> None:
+        """The file's row (its items cascade) and its words, by key."""
+        row = self.db.execute("SELECT rowid FROM files WHERE path = ?", (path,)).fetchone()
+        if row is not None:
+            self.db.execute(f"DELETE FROM {FTS_TABLE} WHERE rowid = ?", row)
+            self.db.execute("DELETE FROM files WHERE rowid = ?", row)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     @classmethod
@@ -199,9 +209,8 @@ class IndexStore:
         added = 0
         with self.db:  # one transaction: all of these files land, or none
             for rec in records:
-                self.db.execute("DELETE FROM files WHERE path = ?", (rec.path,))  # cascades to old items
-                self.db.execute(f"DELETE FROM {FTS_TABLE} WHERE path = ?", (rec.path,))
-                self.db.execute(
+                self._delete_file(rec.path)  # a changed file: its old items and words go
+                cursor = self.db.execute(
                     "INSERT INTO files(path, content_hash, size, mtime, status, reason, duration, sample_rate,"
                     " channels, tags, description) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (
@@ -219,7 +228,7 @@ class IndexStore:
                     ),
                 )
                 if rec.status == "indexed":
-                    self._index_words(rec.path, rec.tags)
+                    self._index_words(cursor.lastrowid, rec.path, rec.tags)
                 if rec.vectors is not None:
                     assert rec.vectors.shape == (len(rec.windows), self.manifest.dim), (
                         f"{rec.path}: vectors {rec.vectors.shape} for {len(rec.windows)} windows of dim "
@@ -237,8 +246,8 @@ class IndexStore:
         paths = list(paths)
         with self.db:
             before = self.count_items()
-            self.db.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in paths])
-            self.db.executemany(f"DELETE FROM {FTS_TABLE} WHERE path = ?", [(p,) for p in paths])
+            for path in paths:
+                self._delete_file(path)
             return before - self.count_items()
 
     def count_items(self) -> int:
