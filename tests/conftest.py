@@ -16,6 +16,14 @@ from diffgap.media.audio import write_audio  # noqa: E402
 from diffgap.media.video import write_video  # noqa: E402
 
 
+def noise_bytes(n: int, seed: int = 0) -> bytes:
+    """`n` bytes of seeded noise: a hostile file that is the same file on every run.
+
+    os.urandom made these flaky: now and then a random buffer probes as a decodable stream.
+    """
+    return np.random.default_rng(seed).bytes(n)
+
+
 def tone(freq: float, seconds: float, sr: int, *, amp: float = 0.3, channels: int = 1) -> np.ndarray:
     t = np.arange(int(sr * seconds)) / sr
     wave = amp * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
@@ -49,7 +57,7 @@ def mixed_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for rel, freq, seconds, sr, ch in MIXED:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         write_audio(root / rel, tone(freq, seconds, sr, channels=ch), sr)
-    (root / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt " + os.urandom(300))
+    (root / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt " + noise_bytes(300, seed=1))
     write_audio(root / "silent.wav", np.zeros(16000), 16000)
     (root / "notes.txt").write_text("not audio")
     frames = np.zeros((16, 32, 32, 3), np.uint8)

@@ -8,7 +8,7 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import tone
+from conftest import noise_bytes, tone
 
 from diffgap.index.build import build_index, scan_folder
 from diffgap.index.store import IndexStore
@@ -54,9 +54,9 @@ def hostile(tmp_path_factory):
     full = (root / "odd_rate_96k.wav").read_bytes()
     (bad / "truncated_header.wav").write_bytes(full[:30])
     (bad / "text_as.flac").write_text("this is not audio\n" * 50)
-    (bad / "random.ogg").write_bytes(os.urandom(20000))
-    (bad / "huge_header.wav").write_bytes(_wav_header(2, 44100, 16, 0xFFFFFF00) + os.urandom(1000))
-    (bad / "absurd_format.wav").write_bytes(_wav_header(65535, 4_000_000_000, 64, 4000) + os.urandom(4000))
+    (bad / "random.ogg").write_bytes(noise_bytes(20000, seed=2))
+    (bad / "huge_header.wav").write_bytes(_wav_header(2, 44100, 16, 0xFFFFFF00) + noise_bytes(1000, seed=3))
+    (bad / "absurd_format.wav").write_bytes(_wav_header(65535, 4_000_000_000, 64, 4000) + noise_bytes(4000, seed=4))
     write_audio(bad / "silence.m4a", np.zeros(32000), 16000)
     os.mkfifo(bad / "named_pipe.wav")  # opening it blocks forever: the per-file time limit must fire
     return root

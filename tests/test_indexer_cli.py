@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MIXED, tone
+from conftest import MIXED, noise_bytes, tone
 
 from diffgap.index.store import IndexStore
 from diffgap.media.audio import write_audio
@@ -118,7 +117,7 @@ def many_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     corpus = tmp_path_factory.mktemp("many")
     for i in range(60):
         write_audio(corpus / f"f{i:03d}.wav", tone(150 + 37 * i, 3.0, 16000), 16000)
-    (corpus / "f999_bad.wav").write_bytes(b"RIFF" + os.urandom(64))
+    (corpus / "f999_bad.wav").write_bytes(b"RIFF" + noise_bytes(64, seed=5))
     return corpus
 
 

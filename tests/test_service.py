@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import math
-import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import Server, tone
+from conftest import Server, noise_bytes, tone
 
 from diffgap.media.audio import write_audio
 
@@ -145,11 +144,11 @@ def test_bad_uploads(client, served_index, tmp_path):
     video = sorted((served_index.parent / "corpus" / "video").iterdir())[0]
     res = client.post("/v1/search/video", files={"file": ("x.txt", b"hello", "text/plain")})
     assert res.status_code == 415
-    res = client.post("/v1/search/video", files={"file": ("x.mp4", os.urandom(5000), "video/mp4")})
+    res = client.post("/v1/search/video", files={"file": ("x.mp4", noise_bytes(5000, seed=6), "video/mp4")})
     assert res.status_code == 422 and "cannot read" in res.text
     res = client.post("/v1/search/video", files={"file": ("x.mp4", b"", "video/mp4")})
     assert res.status_code == 422
-    big = video.read_bytes() + os.urandom(3 * 1024 * 1024)
+    big = video.read_bytes() + noise_bytes(3 * 1024 * 1024, seed=7)
     res = client.post("/v1/search/video", files={"file": ("big.mp4", big, "video/mp4")})
     assert res.status_code == 413
 
@@ -157,7 +156,7 @@ def test_bad_uploads(client, served_index, tmp_path):
         yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.mp4"\r\n'
         yield b"Content-Type: video/mp4\r\n\r\n"
         for _ in range(40):
-            yield os.urandom(128 * 1024)
+            yield noise_bytes(128 * 1024, seed=8)
         yield b"\r\n--b--\r\n"
 
     res = client.post("/v1/search/video", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=b"})
