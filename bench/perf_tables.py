@@ -1,4 +1,5 @@
-"""Render the JSON of search_bench.py, query_load.py and index_bench.py as BENCHMARKS.md tables.
+"""Render the JSON of search_bench.py, query_load.py and index_bench.py as BENCHMARKS.md tables
+(runs/search*.json, runs/auto*.json, runs/clap_text*.json, runs/query_load*.json, runs/index*.json).
 
     .venv/bin/python bench/perf_tables.py [--runs runs] [--out BENCHMARKS.md]
 
@@ -47,9 +48,11 @@ def search_tables(data: dict) -> str:
 
 
 def load_tables(data: dict) -> str:
-    rows = [[r["encoder"], f"{r['items']:,}", r["query"], r["clients"], r["p50_ms"], r["p99_ms"], r["req_per_s"],
-             r["errors"], r["rss_mb"]] for r in data["rows"]]  # fmt: skip
-    head = ["encoder", "items", "query", "clients", "p50 ms", "p99 ms", "req/s", "errors", "server RSS MB"]
+    rows = [[r["encoder"], f"{r['items']:,}", r["query"], r.get("threads", 1), r["clients"], r["p50_ms"], r["p99_ms"],
+             round(r["p99_ms"] / r["p50_ms"], 1), r["req_per_s"], r["errors"], r["rss_mb"]]
+            for r in data["rows"]]  # fmt: skip
+    head = ["encoder", "items", "query", "threads", "clients", "p50 ms", "p99 ms", "p99/p50", "req/s", "errors",
+            "server RSS MB"]  # fmt: skip
     text = f"Machine: {data['machine']}; {data['seconds_per_run']} s per row.\n\n" + table(head, rows)
     if "in_process_100k" in data:
         stages = [[k, v] for k, v in data["in_process_100k"].items()]
@@ -75,6 +78,23 @@ def index_tables(data: dict) -> str:
     return "\n".join(parts)
 
 
+def auto_tables(data: dict) -> str:
+    rows = [[f"{r['n']:,}", r["dim"], r["flat_ms"], r["hnsw_ms"], f"efSearch={r['effort']}", r["recall_held_out"],
+             r["recall_fresh_queries"], r["hnsw_sync_s"], r["auto_picks"]] for r in data["auto"]]  # fmt: skip
+    head = ["items", "dim", "Flat ms / query", "HNSW32 ms / query", "tuned effort", "recall@10 held out (info)",
+            "recall@10 fresh queries", "HNSW build + tune s", "auto picks"]  # fmt: skip
+    return (f"Machine: {data['machine']}; {data['threads']} thread(s); medians of 50 single-query calls.\n\n"
+            + table(head, rows))  # fmt: skip
+
+
+def clap_text_tables(data: dict) -> str:
+    rows = [[r["threads"], r["batch"], r["ms_per_call"], r["ms_per_sentence"], r["sentences_per_s"]]
+            for r in data["rows"]]  # fmt: skip
+    return (f"Machine: {data['machine']}; queries of {data['mean_tokens']} tokens on average, padded to the "
+            "batch's longest; median of 7 calls.\n\n"
+            + table(["threads", "batch", "ms per call", "ms per sentence", "sentences / s"], rows))  # fmt: skip
+
+
 def insert(text: str, name: str, block: str) -> str:
     begin, end = f"<!-- perf:{name}:begin -->", f"<!-- perf:{name}:end -->"
     body = f"{begin}\n\n{block}\n\n{end}"
@@ -90,15 +110,18 @@ def main() -> None:
     args = ap.parse_args()
     runs, out = Path(args.runs), Path(args.out)
     text = out.read_text()
-    for name, render in (("search", search_tables), ("query_load", load_tables), ("index", index_tables)):
+    renderers = (("search", search_tables), ("query_load", load_tables), ("index", index_tables), ("auto", auto_tables),
+                 ("clap_text", clap_text_tables))  # fmt: skip
+    for name, render in renderers:
         parts = [json.loads(p.read_text()) for p in sorted(runs.glob(f"{name}*.json"))]  # name_a, name_b: runs
         if parts:
             data = parts[0]
-            if "rows" in data:  # several load runs: one table, sorted by encoder, size, query
+            if name == "query_load":  # several load runs: one table, sorted by encoder, size, query
                 rows = [r for p in parts for r in p["rows"]]
                 labels = ["refine off", "refine 5 steps", "refine 20 steps", "refine 50 steps"]
                 order = {q: i for i, q in enumerate(labels)}
-                rows.sort(key=lambda r: (r["encoder"] != "compact", r["items"], order.get(r["query"], 9), r["clients"]))
+                rows.sort(key=lambda r: (r["encoder"] != "compact", r["items"], order.get(r["query"], 9),
+                                         r.get("threads", 1), r["clients"]))  # fmt: skip
                 data = {**data, "rows": rows}
             text = insert(text, name, render(data))
     atomic_write_text(out, text)

@@ -84,10 +84,11 @@ def make_compact(out: Path) -> str:
 
 
 def make_full_clap(out: Path) -> str:
-    from tiny_models import _tokenizer
+    from clap_text_batch import word_list_tokenizer
     from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor
 
-    tokenizer = _tokenizer(out / "_bpe")
+    (out / "_bpe").mkdir(parents=True, exist_ok=True)
+    tokenizer = word_list_tokenizer(out / "_bpe")  # English queries as long as RoBERTa would make them
     ClapModel(ClapConfig()).eval().save_pretrained(out)
     # the unfused model (as laion/clap-htsat-unfused) takes one mel channel: no "fusion" truncation
     extractor = ClapFeatureExtractor(truncation="rand_trunc")
@@ -133,11 +134,10 @@ def build_index(root: Path, spec: str, n: int) -> None:
 
 def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]:
     """Median ms of each stage for one query, in this process (no HTTP): where a request's time goes."""
-    import torch
-
+    from diffgap.resources import set_compute_threads
     from diffgap.retrieval.search import Query, RefineSpec, Searcher
 
-    torch.set_num_threads(threads)
+    set_compute_threads(threads)  # as the service does
     encoders = load_encoders(spec)
     refiner = Refiner.load(index / "refiner-text")
     store = IndexStore.open(index, readonly=True)
@@ -290,7 +290,8 @@ def main() -> None:
                         if label.endswith(("20 steps", "50 steps")) and n != 100_000:
                             continue
                         stats = run_wrk(server.port, clients, args.seconds, options, tmp)
-                        row = {"encoder": encoder, "items": n, "query": label, "clients": clients, **stats,
+                        row = {"encoder": encoder, "items": n, "query": label, "clients": clients,
+                               "threads": args.threads, **stats,
                                "rss_mb": round(server.rss_mb(), 1)}  # fmt: skip
                         rows.append(row)
                         print(json.dumps(row), flush=True)

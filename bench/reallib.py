@@ -236,9 +236,15 @@ def main() -> None:
     searcher.store.close()
     out = {
         "packages": packages,
-        "files": {"sound_files": len(files), "kept": len(kept), "indexed": len(indexed), "skipped": skipped,
-                  "left_out": [(f["path"], f["left_out"]) for f in files if "left_out" in f],
-                  "held_out": len(held), "duplicate_groups": len(duplicates)},  # fmt: skip
+        "files": {
+            "sound_files": len(files),
+            "kept": len(kept),
+            "indexed": len(indexed),
+            "skipped": skipped,
+            "left_out": [(f["path"], f["left_out"]) for f in files if "left_out" in f],
+            "held_out": len(held),
+            "duplicate_groups": len(duplicates),
+        },  # fmt: skip
         "rows": results,
         "seconds": round(time.time() - t0, 1),
         "words_of_example": words_of("justyouwait mineimpact"),

@@ -1,6 +1,9 @@
-"""Vector search speed and memory: exact search routes, approximate indexes, memory-mapping.
+"""Vector search speed and memory: exact search routes, approximate indexes, memory-mapping, and
+where `--index-type auto` switches from exact to HNSW.
 
     .venv/bin/python bench/search_bench.py [--sizes 10000,100000,1000000] [--out runs/search.json]
+    .venv/bin/python bench/search_bench.py --sections auto --sizes 10000,25000,50000,100000,200000 \
+        --dims 256,512 --threads 1 --out runs/auto.json
 
 Data: unit vectors in 256-d on a smooth 24-dimensional manifold plus noise (`embedding_like`), a
 stand-in for real embeddings: uniform random vectors have no neighbourhoods at all, and separated
@@ -14,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,11 +29,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffgap.index.faiss_sync import save_npy_atomic, write_faiss_atomic  # noqa: E402
-from diffgap.index.vectors import (
-    FlatView,  # noqa: E402
-    new_faiss_index,  # noqa: E402
-)
+from diffgap.encoders.base import EncoderFingerprint  # noqa: E402
+from diffgap.index.ann import APPROXIMATE, resolve_index_type  # noqa: E402
+from diffgap.index.faiss_sync import save_npy_atomic, sync_faiss, write_faiss_atomic  # noqa: E402
+from diffgap.index.store import FileRecord, IndexStore  # noqa: E402
+from diffgap.index.vectors import FlatView, new_faiss_index  # noqa: E402
 
 
 def embedding_like(n: int, dim: int, seed: int, latent: int = 24) -> np.ndarray:
@@ -124,6 +128,45 @@ def approximate(xb: np.ndarray, xq: np.ndarray, tmp: Path) -> list[dict]:
     return rows
 
 
+def auto_crossover(xb: np.ndarray, xq: np.ndarray, tmp: Path) -> dict:
+    """One size and dim: exact search against the HNSW32 index the index store builds and tunes
+    (a real store: SQLite, sync_faiss, the held-out recall measurement), queried with fresh vectors."""
+    n, dim = xb.shape
+    view = FlatView.from_arrays(np.arange(1, n + 1, dtype=np.int64), xb)  # store ids start at 1
+    truth = view.search(xq, 10)[1]
+    fingerprint = EncoderFingerprint("compact", "bench", "00" * 32, "audio", {})
+    root = tmp / f"auto-{n}-{dim}"
+    with IndexStore.create(root, encoder_spec="compact:bench", fingerprint=fingerprint, dim=dim,
+                           index_type=APPROXIMATE) as store:  # fmt: skip
+        for start in range(0, n, 10_000):  # one window per file, in chunks
+            store.commit_files(
+                [
+                    FileRecord(f"{i}.wav", str(i), 1, 0.0, "indexed", windows=[(0.0, 1.0)], vectors=xb[i : i + 1])
+                    for i in range(start, min(n, start + 10_000))
+                ]  # fmt: skip
+            )
+        t = time.perf_counter()
+        sync_faiss(store)
+        sync_s = time.perf_counter() - t
+        tuning = store.manifest.tuning
+        index = store.vector_index()
+        found = index.search(xq, 10)[1]
+        row = {
+            "n": n,
+            "dim": dim,
+            "flat_ms": round(median_ms(lambda: view.search(xq[:1], 10), 50), 3),
+            "hnsw_sync_s": round(sync_s, 1),
+            "effort": tuning["effort"],
+            "recall_held_out": tuning["recall_at_10"],
+            "recall_fresh_queries": round(recall_at(found, truth), 4),
+            "hnsw_ms": round(median_ms(lambda: index.search(xq[:1], 10), 50), 3),
+            "auto_picks": resolve_index_type("auto", n, dim),
+        }
+    shutil.rmtree(root)
+    print(row, flush=True)
+    return row
+
+
 def _flat(xb: np.ndarray) -> faiss.Index:
     index = new_faiss_index(xb.shape[1], "Flat")
     index.add_with_ids(xb, np.arange(len(xb), dtype=np.int64))
@@ -179,6 +222,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--dims", default="256,512", help="the auto section's dimensions (comma-separated)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/search.json")
     ap.add_argument("--sections", default="exact,approximate,mmap", help="which parts to run (comma-separated)")
@@ -193,9 +237,17 @@ def main() -> None:
         f"faiss {faiss.__version__}, torch {torch.__version__}",
         "exact": [],
     }
+    if "auto" in sections:
+        result["auto"], result["threads"] = [], args.threads
+        with tempfile.TemporaryDirectory() as tmp_name:
+            for dim in (int(d) for d in args.dims.split(",")):
+                for n in sizes:
+                    xb, xq = embedding_like(n, dim, seed=0), embedding_like(200, dim, seed=1)
+                    result["auto"].append(auto_crossover(xb, xq, Path(tmp_name)))
+        sections.discard("auto")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        for n in sizes:
+        for n in sizes if sections & {"exact", "approximate", "mmap"} else []:
             xb = embedding_like(n, args.dim, seed=0)
             if "exact" in sections:
                 result["exact"] += exact_routes(xb, xq, args.threads)

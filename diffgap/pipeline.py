@@ -300,9 +300,7 @@ class RefinerJob:
         return Path(self.index) / CACHE_DIR if self.index else None
 
 
-def train_refiner_job(
-    job: RefinerJob, progress: ProgressFactory = no_progress
-) -> tuple[Refiner, dict[str, Any], Path]:
+def train_refiner_job(job: RefinerJob, progress: ProgressFactory = no_progress) -> tuple[Refiner, dict[str, Any], Path]:
     """Embed the job's pairs and fit a refiner on them (`fit_refiner`); returns it, its report and where
     it was saved."""
     encoders, spec = encoders_for(job.index, job.encoder, job.video_encoder)

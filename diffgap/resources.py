@@ -1,4 +1,5 @@
-"""How many CPUs this process may really use (affinity and container CPU quotas included).
+"""How many CPUs this process may really use (affinity and container CPU quotas included), and
+how its thread pools are sized.
 
 `os.cpu_count()` reports the host's cores; inside a container limited to 2 CPUs, torch and FAISS
 would start one thread per host core and thrash. Both faces size their thread pools from this.
@@ -48,3 +49,30 @@ def free_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     except OSError:
         return cpus
     return max(1, min(cpus, int(cpus - load + 0.5)))
+
+
+def blas_threads_beside(torch_threads: int) -> int:
+    """numpy's BLAS threads (exact search) beside a torch pool of `torch_threads`.
+
+    Both pools spin-wait after each parallel region, so with torch running a pool, a BLAS call right
+    after a torch call (search after encode, in every query) finds torch's threads still spinning on
+    the same cores, and the reverse. Measured on 2 cores, full-size CLAP text encode (torch, 2
+    threads) alternating with a 10k x 512 exact search: encode 40 -> 89 ms and search 0.2 -> 3.9 ms
+    with BLAS at 2 threads; 46 and 0.9 ms with BLAS at 1. With torch on one thread there is no pool
+    to spin against, and BLAS on both cores searched 100k x 256 in 3.1 ms instead of 4.6 between
+    the compact encoder's calls (BENCHMARKS.md, "Two thread pools on two cores").
+    """
+    return 1 if torch_threads > 1 else available_cpus()
+
+
+def set_compute_threads(threads: int, blas_threads: int | None = None) -> None:
+    """torch's and FAISS's pools get `threads`; numpy's BLAS gets `blas_threads`, by default
+    `blas_threads_beside(threads)`."""
+    import faiss
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(max(1, threads))
+    faiss.omp_set_num_threads(max(1, threads))
+    blas = blas_threads if blas_threads is not None else blas_threads_beside(threads)
+    threadpool_limits(limits=max(1, blas), user_api="blas")

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from diffgap.index.vectors import MAX_EFFORT
 from diffgap.pipeline import ProgressFactory, Step
 
 log = logging.getLogger("diffgap.progress")
@@ -61,13 +62,11 @@ def progress_lines(total: int | None, unit: str, desc: str, every_s: float = PRO
 
 
 def set_threads(threads: int | None) -> int:
-    """torch intra-op threads: as asked, else the CPUs not busy with other work (`free_cpus`)."""
-    import torch
+    """Compute threads: as asked, else the CPUs not busy with other work (`free_cpus`)."""
+    from diffgap.resources import available_cpus, free_cpus, set_compute_threads
 
-    from diffgap.resources import available_cpus, free_cpus
-
-    n = min(threads, available_cpus()) if threads else free_cpus()
-    torch.set_num_threads(max(1, n))
+    n = max(1, min(threads, available_cpus()) if threads else free_cpus())
+    set_compute_threads(n)
     return n
 
 
@@ -86,6 +85,17 @@ def unit_interval(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def search_effort(text: str) -> int:
+    """argparse type: an approximate index's search effort, 1 to MAX_EFFORT."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from exc
+    if not 1 <= value <= MAX_EFFORT:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_EFFORT}, got {text}")
     return value
 
 

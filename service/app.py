@@ -140,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
             swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
         )
+
     app.state.settings = settings
     app.state.metrics = Metrics()
     if settings.cors_origins:

@@ -8,6 +8,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from diffgap.index.store import Item
+from diffgap.index.vectors import MAX_EFFORT
 from diffgap.retrieval.search import Hit, ItemFilter, QueryInputError, RefineSpec, check_text
 
 REFINE_DESCRIPTION = (
@@ -68,6 +69,23 @@ class RankOptions(BaseModel):
     collapse: bool = Field(
         True, description="one hit per file (its best window) and per content (byte-identical files listed)"
     )
+    search_effort: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_EFFORT,
+        description="approximate indexes: candidates explored (HNSW efSearch, IVF nprobe); more is slower and finds "
+        "more of the true nearest items. Default: the value tuned when the index was built for recall@10 >= 0.95 "
+        "(/readyz shows it). Exact indexes ignore it",
+    )
+
+    def ranking(self) -> dict[str, Any]:
+        """The Query fields these options set."""
+        return {
+            "lexical": self.lexical,
+            "lexical_weight": self.lexical_weight,
+            "collapse": self.collapse,
+            "effort": self.search_effort,
+        }
 
 
 class SearchRequest(RefineOptions, RankOptions):
@@ -185,7 +203,12 @@ class ReadyOut(BaseModel):
     items: int
     dim: int
     encoder: str
-    index_type: str
+    index_type: str = Field(description="what the index was built with: auto or a FAISS factory string")
+    faiss_type: str = Field("", description="the FAISS index as it stands (auto: Flat or HNSW32 by size)")
+    search: dict[str, Any] = Field(
+        default_factory=dict,
+        description="an approximate index's default search effort and its measured recall@10; empty when exact",
+    )
     refiners: dict[str, dict[str, Any]]
     video: bool
     lexical: bool = Field(False, description="the index has a full-text index of its files' words")

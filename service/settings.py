@@ -20,6 +20,13 @@ class Settings(BaseSettings):
     # the event loop doubled p50 (bench/query_load.py, BENCHMARKS.md); exact search uses numpy's BLAS
     # threads regardless. Raise it for a full-size CLAP encoder on a many-core machine.
     threads: int = Field(1, ge=1, le=256, description="torch and FAISS threads (intra-op)")
+    blas_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="numpy's BLAS threads (exact search); default: 1 when torch has several (the two pools spin "
+        "against each other), else every CPU (BENCHMARKS.md)",
+    )
     video_encoder: str | None = Field(None, description="video encoder spec (default: the index's own, if any)")
     api_key: str | None = Field(None, description="bearer token required on everything but health checks")
     allow_open_admin: bool = Field(
@@ -39,6 +46,13 @@ class Settings(BaseSettings):
     )
     limit_concurrency: int = Field(512, ge=8, description="open connections and requests at most; more get 503")
     batch_wait_ms: float = Field(2.0, ge=0, le=100, description="how long the micro-batcher waits for company")
+    batch_fill_fraction: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="after a batch with company, wait up to this fraction of its run time for as many queries as it "
+        "had (big batches when the encoder is the expensive stage; a fraction of a ms with the compact encoder)",
+    )
     batch_max: int = Field(32, ge=1, le=1024, description="most queries run through the models at once")
     default_steps: int = Field(
         DEFAULT_STEPS, ge=1, le=200, description="DDIM steps of a refined search that names none"

@@ -15,14 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
-import torch
-
 from diffgap.encoders import EncoderSet
 from diffgap.index.layout import CACHE_DIR
 from diffgap.index.store import IndexStore
 from diffgap.media.waveform import WaveformCache
-from diffgap.resources import available_cpus
+from diffgap.resources import available_cpus, set_compute_threads
 from diffgap.retrieval.batching import MicroBatcher
 from diffgap.retrieval.search import Query, QueryResult, Searcher, open_searcher
 from diffgap.retrieval.sources import SourceFiles
@@ -100,11 +97,15 @@ class StateHolder:
         self._asked = self._started = self._finished = 0  # reload tickets
         self._running = False
         self._outcome: dict[int, BaseException | None] = {}
-        threads = min(settings.threads, available_cpus())  # never more than the container's CPU quota
-        torch.set_num_threads(threads)
-        faiss.omp_set_num_threads(threads)
+        cpus = available_cpus()  # never more threads than the container's quota
+        blas = min(settings.blas_threads, cpus) if settings.blas_threads else None
+        set_compute_threads(min(settings.threads, cpus), blas)
         self.batcher: MicroBatcher[Query, QueryResult] = MicroBatcher(
-            self._run_batch, key=lambda q: q.batch_key, max_batch=settings.batch_max, wait_ms=settings.batch_wait_ms
+            self._run_batch,
+            key=lambda q: q.batch_key,
+            max_batch=settings.batch_max,
+            wait_ms=settings.batch_wait_ms,
+            fill_fraction=settings.batch_fill_fraction,
         )
 
     @property

@@ -78,3 +78,36 @@ def test_a_poisoned_request_fails_alone_and_its_batch_neighbours_succeed() -> No
     assert isinstance(outcomes.pop(13), ValueError)
     assert outcomes == {i: i + 1 for i in range(30) if i != 13}
     assert batcher.isolated_retries >= 1 and max(calls) > 1  # it was batched, then isolated
+
+
+def _closed_loop_batches(fill_fraction: float) -> list[int]:
+    """8 clients, each sending its next request 0-20 ms after its last answer, against a 0.15 s model."""
+    sizes: list[int] = []
+
+    def model(xs: Sequence[int]) -> list[int]:
+        sizes.append(len(xs))
+        time.sleep(0.15)
+        return list(xs)
+
+    batcher = MicroBatcher(model, max_batch=32, wait_ms=0, fill_fraction=fill_fraction)
+
+    def client(i: int) -> None:
+        for n in range(6):
+            time.sleep(((i * 7 + n * 3) % 11) * 0.002)  # staggered returns, as answered clients come back
+            assert batcher.submit(i * 100 + n, timeout=30) == i * 100 + n
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    assert sum(sizes) == 48
+    return sizes
+
+
+def test_the_batcher_waits_for_last_batchs_company_when_the_model_is_slow() -> None:
+    filled = _closed_loop_batches(fill_fraction=0.5)  # waits up to 75 ms for the 8 to come back
+    eager = _closed_loop_batches(fill_fraction=0.0)  # runs whoever is there: stragglers make small batches
+    assert len(filled) < len(eager), (filled, eager)
+    assert sum(s >= 7 for s in filled[1:]) >= len(filled[1:]) - 1, filled

@@ -134,8 +134,11 @@ def test_the_page_end_to_end(browser, long_file_server):
     wait.until(lambda d: len(hits(d)) == 10)
     assert "q=a+high+beep" in browser.current_url
     # every hit shows what it is, and its waveform loads
-    wait.until(lambda d: d.execute_script(
-        "return [...document.querySelectorAll('#results img.wave')].every(i => i.complete && i.naturalWidth == 480)"))
+    wait.until(
+        lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#results img.wave')].every(i => i.complete && i.naturalWidth == 480)"
+        )
+    )
     first = hits(browser)[0]
     assert first.find_element(By.CSS_SELECTOR, ".name").text
     assert "score" in first.find_element(By.CSS_SELECTOR, ".bar").get_attribute("title")

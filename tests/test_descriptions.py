@@ -102,7 +102,8 @@ def test_adapt_from_index_beats_direct_on_held_out_files(adapt_setup, capsys):
     assert (
         main(
             [
-                "refiner", "train",
+                "refiner",
+                "train",
                 "-q",
                 "--from-index",
                 "--index",

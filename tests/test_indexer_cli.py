@@ -33,7 +33,8 @@ def test_build_info_search_over_mixed_formats(mixed_corpus, tiny_clap, tmp_path,
     assert info["files_indexed"] == len(MIXED) + 1  # every format plus the video's soundtrack
     assert info["files_skipped"] == 2
     assert {p for p, _ in info["skipped"]} == {"corrupt.wav", "silent.wav"}
-    assert info["dim"] == 16 and info["index_type"] == "Flat"
+    assert info["dim"] == 16 and info["index_type"] == "auto" and info["faiss_type"] == "Flat"
+    assert info["search"] == "exact" and info["tuning"] == {}
     # long files become several windows of at most the encoder's 2 s
     items = _items(index)
     assert sum(p == "tone_1200.m4a" for p, _, _ in items) >= 3

@@ -241,7 +241,8 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
     assert (
         main(
             [
-                "refiner", "train",
+                "refiner",
+                "train",
                 "-q",
                 "--pairs",
                 str(captioned / "pairs.csv"),
@@ -356,7 +357,8 @@ def test_search_command_uses_the_refiner(captioned, tiny_clap, tmp_path, capsys)
     assert (
         main(
             [
-                "refiner", "train",
+                "refiner",
+                "train",
                 "-q",
                 "--pairs",
                 str(captioned / "pairs.csv"),

@@ -28,10 +28,20 @@ def test_health_ready_and_docs(client):
     ready = client.get("/readyz").json()
     assert ready["ready"] and ready["items"] == 30 and ready["dim"] == 32
     assert set(ready["refiners"]) == {"text", "video"} and ready["video"] is True
+    assert (ready["index_type"], ready["faiss_type"], ready["search"]) == ("auto", "Flat", {})  # small: exact
     assert client.get("/openapi.json").json()["info"]["title"] == "diffgap"
     assert client.get("/docs").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and "diffgap audio search" in page.text
+
+
+def test_search_effort_is_bounded_and_exact_indexes_ignore_it(client):
+    body = {"text": "a high beep twice at the start", "k": 5}
+    plain = client.post("/v1/search", json=body).json()["results"]
+    assert client.post("/v1/search", json={**body, "search_effort": 64}).json()["results"] == plain
+    for bad in (0, 4097):
+        res = client.post("/v1/search", json={**body, "search_effort": bad})
+        assert res.status_code == 422 and "search_effort" in res.text
 
 
 def test_text_search_refined_and_direct(client):
@@ -226,6 +236,7 @@ def test_api_key_traversal_and_reload(private_index, tmp_path):
     corpus = Path(json.loads((private_index / "manifest.json").read_text())["corpus_root"])
     outside = tmp_path / "secret.wav"
     write_audio(outside, tone(440, 1.0, 16000), 16000)
+
     def insert_item(db: sqlite3.Connection, path: str) -> int:
         db.execute(
             "INSERT INTO files(path, content_hash, size, mtime, status) VALUES (?, ?, 1, 0, 'indexed')", (path, path)

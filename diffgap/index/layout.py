@@ -1,12 +1,12 @@
 """What an index directory holds, by name: the one place that spells its file and folder names.
 
-    manifest.json        format version, encoder spec + fingerprint, dim, metric, index type, window,
-                         hop, counts (`Manifest`)
-    meta.sqlite          files (one row per source file, indexed or skipped) and items (one per window)
-    index.faiss          IndexIDMap2 over the configured index type; ids == items.id
-    vectors.npy ids.npy  Flat indexes only: the same vectors and ids, 64-byte aligned for memory-mapped BLAS
-    refiner-MODALITY/    a trained refiner for text or video queries (`refiner_dir`)
-    cache/               embeddings of paired data, by content and encoder
+manifest.json        format version, encoder spec + fingerprint, dim, metric, index type, window,
+                     hop, counts (`Manifest`)
+meta.sqlite          files (one row per source file, indexed or skipped) and items (one per window)
+index.faiss          IndexIDMap2 over the index type (`auto`: Flat or HNSW by size); ids == items.id
+vectors.npy ids.npy  Flat indexes only: the same vectors and ids, 64-byte aligned for memory-mapped BLAS
+refiner-MODALITY/    a trained refiner for text or video queries (`refiner_dir`)
+cache/               embeddings of paired data, by content and encoder
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ IDS_FILE = "ids.npy"
 CACHE_DIR = "cache"
 REFINER_MODALITIES = ("text", "video")
 
-DEFAULT_INDEX_TYPE = "Flat"
+AUTO_INDEX_TYPE = "auto"  # Flat while exact search is cheap, HNSW above (diffgap/index/ann.py)
+FLAT_INDEX_TYPE = "Flat"
+DEFAULT_INDEX_TYPE = AUTO_INDEX_TYPE
 DEFAULT_WINDOW_S = 10.0
 DEFAULT_HOP_S = 5.0
 
@@ -90,7 +92,7 @@ class Manifest:
     fingerprint: dict[str, Any]  # of the audio encoder whose vectors fill the index
     dim: int
     metric: str = "ip"  # inner product over unit vectors == cosine
-    index_type: str = DEFAULT_INDEX_TYPE  # faiss factory string
+    index_type: str = DEFAULT_INDEX_TYPE  # what was asked for: "auto" or a faiss factory string
     window_s: float = DEFAULT_WINDOW_S
     hop_s: float = DEFAULT_HOP_S
     format_version: int = FORMAT_VERSION
@@ -99,6 +101,13 @@ class Manifest:
     updated_at: float = field(default_factory=time.time)
     corpus_root: str | None = None
     exclude: list[str] = field(default_factory=list)  # globs (relative paths) that builds and updates leave out
+    faiss_type: str = ""  # the factory string index.faiss was built with ("" before the first sync)
+    tuning: dict[str, Any] = field(default_factory=dict)  # an approximate index's search effort + recall (ann.py)
+
+    @property
+    def current_type(self) -> str:
+        """The factory string of index.faiss as it stands (an empty "auto" index is Flat)."""
+        return self.faiss_type or (FLAT_INDEX_TYPE if self.index_type == AUTO_INDEX_TYPE else self.index_type)
 
     @classmethod
     def load(cls, path: Path) -> Manifest:

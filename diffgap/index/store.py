@@ -22,6 +22,7 @@ import numpy as np
 
 from diffgap.atomic import remove_stale_temps
 from diffgap.encoders.base import EncoderFingerprint
+from diffgap.index.ann import resolve_index_type
 from diffgap.index.layout import (
     DEFAULT_HOP_S,
     DEFAULT_INDEX_TYPE,
@@ -131,7 +132,7 @@ class IndexStore:
             return store
         index_type = index_type or DEFAULT_INDEX_TYPE
         root.mkdir(parents=True, exist_ok=True)
-        new_faiss_index(dim, index_type)  # fail now on a bad factory string, not after encoding
+        new_faiss_index(dim, resolve_index_type(index_type, 0, dim))  # a bad factory string fails before encoding
         manifest = Manifest(
             encoder_spec=encoder_spec,
             fingerprint=fingerprint.to_dict(),
@@ -355,7 +356,9 @@ class IndexStore:
     def vector_index(self, *, mmap: bool = False) -> VectorIndex:
         """The FAISS index and, for Flat, its aligned flat view; `mmap` applies to the first open."""
         if self._vectors is None:
-            self._vectors = VectorIndex.open(self.root, self.manifest.dim, self.manifest.index_type, mmap=mmap)
+            m = self.manifest
+            effort = m.tuning.get("effort") if m.tuning else None
+            self._vectors = VectorIndex.open(self.root, m.dim, m.current_type, mmap=mmap, default_effort=effort)
         return self._vectors
 
     def use_vectors(self, vectors: VectorIndex) -> None:
@@ -366,9 +369,9 @@ class IndexStore:
     def ntotal(self) -> int:
         return self.vector_index().ntotal
 
-    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, xq: np.ndarray, k: int, effort: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) for each query row; ids are -1 where fewer than k items exist."""
-        return self.vector_index().search(xq, k)
+        return self.vector_index().search(xq, k, effort)
 
     def verify(self) -> list[str]:
         """Problems found (empty when healthy): SQLite integrity, FAISS vs SQLite ids, vector sanity."""

@@ -32,6 +32,35 @@ def new_faiss_index(dim: int, index_type: str) -> faiss.Index:
     return faiss.IndexIDMap2(base)
 
 
+MAX_EFFORT = 4096  # the most search effort a query may ask for: a bound on what one query can cost
+
+
+def _inner(index: faiss.Index) -> faiss.Index:
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+
+
+def effort_knob(index: faiss.Index) -> str | None:
+    """The name of the search-effort setting of `index` (an IndexIDMap2 or a bare index), if it has one."""
+    inner = _inner(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return "efSearch"
+    if isinstance(inner, faiss.IndexIVF):
+        return "nprobe"
+    return None
+
+
+def search_params(index: faiss.Index, effort: int | None) -> faiss.SearchParameters | None:
+    """Per-call parameters for `index.search(..., params=)`: nothing is changed on the shared index,
+    so concurrent queries may each ask for their own effort."""
+    knob = effort_knob(index)
+    if effort is None or knob is None:
+        return None
+    assert 1 <= effort <= MAX_EFFORT, f"search effort {effort} outside 1..{MAX_EFFORT}"
+    if knob == "efSearch":
+        return faiss.SearchParametersHNSW(efSearch=int(effort))
+    return faiss.SearchParametersIVF(nprobe=int(min(effort, _inner(index).nlist)))
+
+
 def read_faiss(path: Path, *, mmap: bool = False) -> faiss.Index:
     # IO_FLAG_MMAP_IFC maps a flat index's vectors (IO_FLAG_MMAP alone still reads them in)
     flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
@@ -98,7 +127,7 @@ class FlatView:
 
 
 def is_flat(index: faiss.Index) -> bool:
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    inner = _inner(index)
     return isinstance(inner, faiss.IndexFlat) and inner.metric_type == faiss.METRIC_INNER_PRODUCT
 
 
@@ -118,15 +147,23 @@ def open_flat_view(root: Path, index: faiss.Index) -> FlatView:
 class VectorIndex:
     """The searchable vectors of one index directory, opened once."""
 
-    def __init__(self, index: faiss.Index, flat: FlatView | None = None) -> None:
+    def __init__(self, index: faiss.Index, flat: FlatView | None = None, default_effort: int | None = None) -> None:
         self.faiss = index
         self.flat = flat  # exact search by matmul when the index is Flat (see the module docstring)
+        self.default_effort = default_effort  # an approximate index's tuned effort (diffgap/index/ann.py)
 
     @classmethod
-    def open(cls, root: Path, dim: int, index_type: str, *, mmap: bool = False) -> VectorIndex:
+    def open(
+        cls, root: Path, dim: int, index_type: str, *, mmap: bool = False, default_effort: int | None = None
+    ) -> VectorIndex:
         path = root / FAISS_FILE
         index = read_faiss(path, mmap=mmap) if path.exists() else new_faiss_index(dim, index_type)
-        return cls(index, open_flat_view(root, index) if is_flat(index) else None)
+        return cls(index, open_flat_view(root, index) if is_flat(index) else None, default_effort)
+
+    @property
+    def knob(self) -> str | None:
+        """efSearch (HNSW), nprobe (IVF) or None (exact): what a query's search effort sets."""
+        return effort_knob(self.faiss)
 
     @property
     def ntotal(self) -> int:
@@ -135,10 +172,11 @@ class VectorIndex:
     def ids(self) -> np.ndarray:
         return faiss_ids(self.faiss)
 
-    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids) for each query row; ids are -1 where fewer than k items exist."""
+    def search(self, xq: np.ndarray, k: int, effort: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) for each query row; ids are -1 where fewer than k items exist. `effort`
+        (approximate indexes; exact ones ignore it) overrides the tuned default for this call."""
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         assert xq.ndim == 2 and xq.shape[1] == self.faiss.d, f"query shape {xq.shape}, dim {self.faiss.d}"
         if self.flat is not None:
             return self.flat.search(xq, k)
-        return self.faiss.search(xq, k)
+        return self.faiss.search(xq, k, params=search_params(self.faiss, effort or self.default_effort))

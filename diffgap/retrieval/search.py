@@ -27,7 +27,7 @@ import numpy as np
 from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, is_refiner_dir, load_shared
 from diffgap.encoders import EncoderSet, load_encoders
 from diffgap.encoders.base import l2_normalize
-from diffgap.index.layout import REFINER_MODALITIES, refiner_dir
+from diffgap.index.layout import FLAT_INDEX_TYPE, REFINER_MODALITIES, refiner_dir
 from diffgap.index.store import IndexStore, Item
 from diffgap.media.audio import decode_audio
 from diffgap.media.video import decode_video
@@ -120,6 +120,7 @@ class Query:
     lexical: bool = False  # fuse in a full-text ranking of the files' words (text queries; see `rank`)
     lexical_weight: float = 1.0  # its weight in the fusion; the dense ranking's is 1
     collapse: bool = True  # one hit per file (its best window), and per content (duplicates listed)
+    effort: int | None = None  # an approximate index's search effort (efSearch/nprobe); None: its tuned default
 
     def __post_init__(self) -> None:
         assert self.modality in QUERY_MODALITIES, f"modality {self.modality!r} not in {QUERY_MODALITIES}"
@@ -218,8 +219,10 @@ class Searcher:
         narrowing = any(q.filter is not None or q.collapse or q.lexical for q in queries)
         want = max(q.k for q in queries)
         depth = min(ntotal, max(want * 10, CANDIDATES) if narrowing else want)
+        efforts = [q.effort for q in queries if q.effort is not None]
+        effort = max(efforts) if efforts else None  # one search for the batch: the most asked for serves all
         while True:
-            scores, ids = self.store.search(xq, depth)
+            scores, ids = self.store.search(xq, depth, effort)
             items = self.store.items(int(i) for i in np.unique(ids) if i >= 0)
             out = []
             for q, x, srow, irow in zip(queries, xq, scores, ids, strict=True):
@@ -364,7 +367,7 @@ def open_searcher(
                 continue  # a caller that reads no text (audio search from the CLI) needs no text refiner
             refiner.check_against(encoders)
             refiners[modality] = refiner
-        store.vector_index(mmap=mmap and store.manifest.index_type == "Flat")
+        store.vector_index(mmap=mmap and store.manifest.current_type == FLAT_INDEX_TYPE)
     except BaseException:
         store.close()
         raise

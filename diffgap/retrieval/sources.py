@@ -53,9 +53,7 @@ class SourceFiles:
                 while len(self._checked) > self.remember:
                     self._checked.popitem(last=False)
         if not known:
-            raise SourceError(
-                "changed", "the item's file has changed since it was indexed; run `diffgap-index update`"
-            )
+            raise SourceError("changed", "the item's file has changed since it was indexed; run `diffgap-index update`")
         return path
 
     def _matches_index(self, rel: str, path: Path) -> bool:

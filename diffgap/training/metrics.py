@@ -69,5 +69,3 @@ def choose_blend(
         scores[w] = metrics(ranks_query_to_audio(mixed, val.audio, val.query_group))["MRR@10"]
     best = max(grid, key=lambda w: (scores[w], -w))
     return best, scores
-
-

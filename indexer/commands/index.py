@@ -11,13 +11,14 @@ from pathlib import Path
 
 from diffgap.diffusion.refiner import DEFAULT_STEPS, load_refiner
 from diffgap.encoders.hub import DOWNLOAD_ENV
+from diffgap.index.ann import AUTO_FLAT_MAX_FLOATS
 from diffgap.index.build import BuildReport
 from diffgap.index.duplicates import NEAR_THRESHOLD, near_groups
 from diffgap.index.store import IndexStore
 from diffgap.media.audio import AudioDecodeError
 from diffgap.pipeline import BuildOptions, build, update
 from diffgap.retrieval.search import Query, RefineSpec, decode_query, open_searcher
-from indexer.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, progress_bars, step_count
+from indexer.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, progress_bars, search_effort, step_count
 
 log = logging.getLogger("diffgap.index")
 
@@ -74,8 +75,8 @@ def cmd_update(args: argparse.Namespace) -> int:
     return _exit(report)
 
 
-INFO_KEYS = ("index", "encoder", "dim", "metric", "index_type", "window_s", "hop_s", "corpus_root", "exclude",
-             "items", "files_indexed", "files_skipped", "duplicate_groups")  # fmt: skip
+INFO_KEYS = ("index", "encoder", "dim", "metric", "index_type", "faiss_type", "search", "window_s", "hop_s",
+             "corpus_root", "exclude", "items", "files_indexed", "files_skipped", "duplicate_groups")  # fmt: skip
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -88,6 +89,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             "dim": m.dim,
             "metric": m.metric,
             "index_type": m.index_type,
+            "faiss_type": m.current_type,
+            "search": describe_tuning(m.tuning),
+            "tuning": m.tuning,
             "window_s": m.window_s,
             "hop_s": m.hop_s,
             "corpus_root": m.corpus_root,
@@ -104,6 +108,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     for path, reason in info["skipped"]:
         sys.stdout.write(f"skipped        {path}: {reason}\n")
     return EXIT_OK
+
+
+def describe_tuning(tuning: dict) -> str:
+    if not tuning:
+        return "exact"
+    knob, effort, recall, n = (tuning[k] for k in ("knob", "effort", "recall_at_10", "queries"))
+    return f"{knob}={effort}, recall@10 {recall} on {n} sampled items"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -124,7 +135,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         if args.refiner:  # an explicit refiner folder replaces the index's own
             searcher.refiners["text"] = load_refiner(args.refiner, searcher.encoders)
         spec = RefineSpec(steps=args.steps, mode=args.mode) if args.refine else None
-        ranking = {"lexical": not args.no_lexical, "lexical_weight": args.lexical_weight, "collapse": not args.windows}
+        ranking = {
+            "lexical": not args.no_lexical,
+            "lexical_weight": args.lexical_weight,
+            "collapse": not args.windows,
+            "effort": args.effort,
+        }
         if args.text is not None:
             query = Query("text", args.k, text=args.text, refine=spec, **ranking)
         else:
@@ -132,7 +148,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 wave = decode_query(args.audio, "audio", searcher.encoders)
             except AudioDecodeError as exc:
                 raise CliError(f"{args.audio}: {exc}") from exc
-            query = Query("audio", args.k, media=wave, collapse=not args.windows)
+            query = Query("audio", args.k, media=wave, collapse=not args.windows, effort=args.effort)
         result = searcher.search(query)
     finally:
         searcher.store.close()
@@ -219,8 +235,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", default="clap", help="clap[:ID|DIR] or compact:DIR (default: clap)")
     p.add_argument(
         "--index-type",
-        help="faiss factory string: Flat (default for a new index), HNSW32, IVF1024,Flat, IVF1024,PQ32; "
-        "a resumed index keeps its own",
+        help="auto (default for a new index: exact Flat while small, HNSW32 above "
+        f"{AUTO_FLAT_MAX_FLOATS:,} floats, i.e. items x dim) or a faiss factory string: Flat, HNSW32, "
+        "IVF1024,Flat, IVF1024,PQ32; a resumed index keeps its own",
     )
     p.add_argument("--window", type=float, help="window length in seconds for long files (new index: 10)")
     p.add_argument("--hop", type=float, help="hop between windows in seconds (new index: 5)")
@@ -263,6 +280,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-lexical", action="store_true", help="rank by sound only (no full-text ranking of words)")
     p.add_argument("--lexical-weight", type=float, default=1.0, help="weight of the word ranking in the fusion")
     p.add_argument("--windows", action="store_true", help="every matching window (default: one hit per file)")
+    p.add_argument(
+        "--effort",
+        type=search_effort,
+        help="approximate indexes: candidates explored (HNSW efSearch, IVF nprobe; default: tuned at build time "
+        "for recall@10 >= 0.95, see `info`); exact indexes ignore it",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search)
 

@@ -42,6 +42,8 @@ def readyz(holder: HolderDep, settings: SettingsDep, response: Response) -> Read
         dim=manifest.dim,
         encoder=state.encoders.audio.fingerprint.public_name,
         index_type=manifest.index_type,
+        faiss_type=manifest.current_type,
+        search=manifest.tuning,
         refiners=refiners,
         video=state.encoders.video is not None,
         lexical=state.store.has_lexical,

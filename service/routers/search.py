@@ -15,6 +15,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile, status
 
 from diffgap.diffusion.refiner import RefinerError
+from diffgap.index.vectors import MAX_EFFORT
 from diffgap.media.audio import AudioDecodeError
 from diffgap.media.video import VideoDecodeError
 from diffgap.retrieval.search import (
@@ -35,6 +36,10 @@ router = APIRouter(prefix="/v1/search", tags=["search"], dependencies=[Depends(r
 
 VIDEO_TYPES = {"video/mp4", "video/webm", "video/quicktime", "video/x-matroska", "application/octet-stream"}
 AUDIO_PREFIX = "audio/"
+
+
+# the upload endpoints' form field for what RankOptions.search_effort is in JSON bodies
+SearchEffortForm = Annotated[int | None, Form(ge=1, le=MAX_EFFORT, description="see /v1/search's search_effort")]
 
 
 def check_k(k: int, settings: Settings) -> None:
@@ -68,7 +73,7 @@ def search(
     check_k(body.k, settings)
     spec = body.refine_spec(settings.default_steps)
     item_filter = Filters.to_item_filter(body.filters)
-    ranking = {"lexical": body.lexical, "lexical_weight": body.lexical_weight, "collapse": body.collapse}
+    ranking = body.ranking()
     if body.text is not None:
         if len(body.text) > settings.max_text_chars:
             raise HTTPException(
@@ -116,7 +121,7 @@ def search_batch(
             )
     spec = body.refine_spec(settings.default_steps)
     item_filter = Filters.to_item_filter(body.filters)
-    ranking = {"lexical": body.lexical, "lexical_weight": body.lexical_weight, "collapse": body.collapse}
+    ranking = body.ranking()
     queries = [Query("text", body.k, text=t, refine=spec, filter=item_filter, **ranking) for t in body.texts]
     results = run_queries(holder, metrics, queries)
     return BatchSearchResponse(
@@ -146,7 +151,13 @@ def _spool(upload: UploadFile, settings: Settings) -> tempfile.SpooledTemporaryF
 
 
 def media_query(
-    upload: UploadFile, modality: str, state: ServiceState, settings: Settings, k: int, refine: RefineSpec | None
+    upload: UploadFile,
+    modality: str,
+    state: ServiceState,
+    settings: Settings,
+    k: int,
+    refine: RefineSpec | None,
+    effort: int | None = None,
 ) -> tuple[Query, float]:
     """Decode an upload (in this request's thread, before batching) into a query; ms spent decoding."""
     if state.encoders.get(modality) is None:
@@ -161,7 +172,7 @@ def media_query(
             raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, str(exc)) from exc
         except QueryInputError as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from exc
-    return Query(modality, k, media=media, refine=refine), (time.perf_counter() - t0) * 1e3
+    return Query(modality, k, media=media, refine=refine, effort=effort), (time.perf_counter() - t0) * 1e3
 
 
 @router.post("/video", response_model=SearchResponse)
@@ -174,6 +185,7 @@ def search_video(
     k: Annotated[int, Form(ge=1, le=10_000)] = 10,
     refine: Annotated[bool, Form()] = True,
     steps: Annotated[int | None, Form(ge=1, le=200)] = None,
+    search_effort: SearchEffortForm = None,
 ) -> SearchResponse:
     """Search the audio index with an uploaded video clip (video encoder, then the video refiner)."""
     check_k(k, settings)
@@ -183,7 +195,7 @@ def search_video(
             f"expected a video upload (mp4, webm, mov), got {file.content_type!r}",
         )
     spec = RefineSpec(steps or settings.default_steps) if refine else None
-    query, decode_ms = media_query(file, "video", state, settings, k, spec)
+    query, decode_ms = media_query(file, "video", state, settings, k, spec, search_effort)
     return one_result(holder, metrics, query, decode=decode_ms)
 
 
@@ -195,11 +207,12 @@ def search_audio(
     metrics: MetricsDep,
     file: Annotated[UploadFile, File(description="an audio clip to find similar sounds to")],
     k: Annotated[int, Form(ge=1, le=10_000)] = 10,
+    search_effort: SearchEffortForm = None,
 ) -> SearchResponse:
     """Query by example: the closest indexed windows to an uploaded sound."""
     check_k(k, settings)
     ctype = (file.content_type or "").split(";")[0]
     if not (ctype.startswith(AUDIO_PREFIX) or ctype in VIDEO_TYPES):
         raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, f"expected an audio upload, got {ctype!r}")
-    query, decode_ms = media_query(file, "audio", state, settings, k, None)
+    query, decode_ms = media_query(file, "audio", state, settings, k, None, search_effort)
     return one_result(holder, metrics, query, decode=decode_ms)
