@@ -171,6 +171,9 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
         "whole query, refine 5 steps": median_ms(
             lambda: searcher.run([Query("text", 10, text=QUERIES[2], refine=RefineSpec(steps=5))])
         ),
+        "whole query, refine 1 step (the default)": median_ms(
+            lambda: searcher.run([Query("text", 10, text=QUERIES[2], refine=RefineSpec(steps=1))])
+        ),
     }
     store.close()
     return stages

@@ -7,6 +7,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from diffgap.diffusion.refiner import DEFAULT_STEPS
 from diffgap.index.store import Item
 from diffgap.index.vectors import MAX_EFFORT
 from diffgap.retrieval.search import Hit, ItemFilter, QueryInputError, RefineSpec, check_text
@@ -22,7 +23,10 @@ class RefineOptions(BaseModel):
 
     refine: bool = Field(True, description=REFINE_DESCRIPTION)
     steps: int | None = Field(
-        None, ge=1, le=200, description="DDIM sampling steps; default: the server's DIFFGAP_DEFAULT_STEPS (5)"
+        None,
+        ge=1,
+        le=200,
+        description=f"DDIM sampling steps; default: the server's DIFFGAP_DEFAULT_STEPS ({DEFAULT_STEPS})",
     )
     mode: Literal["sample", "bridge"] = "sample"
     blend: float | None = Field(
@@ -35,11 +39,17 @@ class RefineOptions(BaseModel):
     start_noise: float | None = Field(
         None, ge=0.0, le=1.0, description="starting noise scale; default 0 (prior mean) for sample, 1 for bridge"
     )
+    rerank: bool = Field(
+        False,
+        description="also reorder the top 50 of the refined ranking by how well the refiner denoises each hit "
+        "given the query (its likelihood), fused with the similarity; ~5 ms more per query, a small gain on "
+        "SynthCaps (BENCHMARKS.md). Needs a refiner, like `refine`",
+    )
 
     def refine_spec(self, default_steps: int) -> RefineSpec | None:
         if not self.refine:
             return None
-        return RefineSpec(self.steps or default_steps, self.mode, self.blend, self.start_noise)
+        return RefineSpec(self.steps or default_steps, self.mode, self.blend, self.start_noise, self.rerank)
 
 
 class Filters(BaseModel):

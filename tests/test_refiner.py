@@ -315,6 +315,8 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
         "bridge",
         "blend 0.5",
         "blend chosen on held-out pairs",
+        "direct, top 50 reranked by denoising error",
+        "5 steps, top 50 reranked by denoising error",
     ):
         assert any(expected in n for n in names), (expected, names)
     assert "| direct (no refiner) |" in table

@@ -35,6 +35,17 @@ def test_health_ready_and_docs(client):
     assert page.status_code == 200 and "diffgap audio search" in page.text
 
 
+def test_rerank_reorders_the_refined_ranking(client):
+    body = {"text": "a high beep twice at the start", "k": 30, "collapse": False, "lexical": False}
+    plain = client.post("/v1/search", json=body).json()
+    reranked = client.post("/v1/search", json={**body, "rerank": True}).json()
+    assert plain["refined"] and reranked["refined"]
+    ids = [h["id"] for h in plain["results"]]
+    assert sorted(h["id"] for h in reranked["results"]) == sorted(ids)  # 30 items of 30: the same set
+    direct = client.post("/v1/search", json={**body, "refine": False, "rerank": True}).json()
+    assert not direct["refined"]  # no refinement asked: nothing to rerank with
+
+
 def test_search_effort_is_bounded_and_exact_indexes_ignore_it(client):
     body = {"text": "a high beep twice at the start", "k": 5}
     plain = client.post("/v1/search", json=body).json()["results"]

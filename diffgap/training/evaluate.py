@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from diffgap.diffusion.refiner import Refiner
+from diffgap.diffusion.scoring import ScoreSpec, rerank
 from diffgap.training.embeddings import PairEmbeddings
 from diffgap.training.mapper import MapperConfig, train_mapper
-from diffgap.training.metrics import choose_blend, score_mapping
+from diffgap.training.metrics import choose_blend, metrics, ranks_after_rerank, score_mapping
 from diffgap.training.refiner import RefinerTrainConfig, train_refiner
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class AblationConfig:
     train: RefinerTrainConfig = field(default_factory=RefinerTrainConfig)
     mapper: MapperConfig = field(default_factory=MapperConfig)
     bridge_start: int = 500  # bridge mode rows start from the query noised to this step
+    rerank: ScoreSpec = field(default_factory=ScoreSpec)  # the denoising-error rerank rows (scoring.py)
     blend: float = 0.5  # weight of direct similarity in the blended row
     val_fraction: float = 0.1  # share of training targets held out to pick the shipped blend weight
     n_samples: int = 1
@@ -98,6 +100,23 @@ def run_ablation(
         bidirectional=True,
     )
     s0 = cfg.steps[0]
+
+    def reorder(rows: np.ndarray, top: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        return rerank(full, test.query[rows], top, test.audio[top], cfg.rerank, scores)
+
+    rerank_from = {f"refiner with BST, sample {s0} steps": full.refine(test.query, steps=s0, blend=0.0)}
+    if same_space:
+        rerank_from = {"direct": test.query, **rerank_from}
+    for label, mapped in rerank_from.items():
+        ranks = ranks_after_rerank(mapped, test.audio, test.query_group, reorder, cfg.rerank.depth)
+        rows.append(
+            Row(
+                f"{label}, top {cfg.rerank.depth} reranked by denoising error",
+                metrics(ranks),
+                None,
+                {"rerank_depth": cfg.rerank.depth, "rerank_levels": cfg.rerank.levels},
+            )
+        )
     other = "sample" if cfg.train.prediction_type == "epsilon" else "epsilon"
     alternative = train_one(bidirectional=True, prediction_type=other)
     label = "z_0-prediction" if other == "sample" else "eps-prediction (as in the paper)"

@@ -21,6 +21,28 @@ def ranks_query_to_audio(xq: np.ndarray, xb: np.ndarray, target: np.ndarray) -> 
     return (scores > own[:, None]).sum(1) + 1
 
 
+def ranks_after_rerank(
+    xq: np.ndarray,
+    xb: np.ndarray,
+    target: np.ndarray,
+    reorder: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+    depth: int,
+) -> np.ndarray:
+    """`ranks_query_to_audio` when each query's top `depth` (by xq . xb) is reordered by
+    `reorder(rows, top_ids (Q, depth), top_scores (Q, depth)) -> reordered ids`; targets below the
+    top keep their rank."""
+    ranks = ranks_query_to_audio(xq, xb, target)
+    depth = min(depth, len(xb))
+    sims = xq @ xb.T  # (Q, G)
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :depth]  # (Q, depth)
+    reordered = reorder(np.arange(len(xq)), top, np.take_along_axis(sims, top, axis=1))  # (Q, depth)
+    for i, row in enumerate(reordered):
+        hit = np.flatnonzero(row == target[i])
+        if hit.size:
+            ranks[i] = int(hit[0]) + 1
+    return ranks
+
+
 def ranks_audio_to_query(xa: np.ndarray, xq_all: np.ndarray, query_group: np.ndarray) -> np.ndarray:
     """1-based rank of the best-ranked query belonging to each audio row."""
     scores = xa @ xq_all.T  # (G, P)

@@ -134,7 +134,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         if args.refiner:  # an explicit refiner folder replaces the index's own
             searcher.refiners["text"] = load_refiner(args.refiner, searcher.encoders)
-        spec = RefineSpec(steps=args.steps, mode=args.mode) if args.refine else None
+        spec = RefineSpec(steps=args.steps, mode=args.mode, rerank=args.rerank) if args.refine else None
         ranking = {
             "lexical": not args.no_lexical,
             "lexical_weight": args.lexical_weight,
@@ -277,6 +277,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refiner", help="refiner folder (default: INDEX/refiner-text)")
     p.add_argument("--steps", type=step_count, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")
     p.add_argument("--mode", default="sample", choices=["sample", "bridge"])
+    p.add_argument(
+        "--rerank",
+        action="store_true",
+        help="with --refine: reorder the top 50 by the refiner's denoising error (BENCHMARKS.md)",
+    )
     p.add_argument("--no-lexical", action="store_true", help="rank by sound only (no full-text ranking of words)")
     p.add_argument("--lexical-weight", type=float, default=1.0, help="weight of the word ranking in the fusion")
     p.add_argument("--windows", action="store_true", help="every matching window (default: one hit per file)")
