@@ -44,7 +44,7 @@ def test_auto_index_switches_to_hnsw_and_back(tmp_path, monkeypatch):
     assert store.manifest.faiss_type == "Flat" and store.manifest.tuning == {}
     assert (store.root / VECTORS_FILE).exists()
 
-    _fill_more(store, xb[100:], first_file=25)
+    _fill(store, xb[100:], first_file=25)
     assert sync_faiss(store) == {"added": 1200, "removed": 0, "total": 1200}  # outgrew Flat: rebuilt
     m = store.manifest
     assert m.faiss_type == "HNSW32" and effort_knob(store.vector_index().faiss) == "efSearch"
@@ -70,19 +70,6 @@ def test_auto_index_switches_to_hnsw_and_back(tmp_path, monkeypatch):
     assert store.manifest.faiss_type == "Flat" and store.manifest.tuning == {}
     assert (store.root / VECTORS_FILE).exists() and store.verify() == []
     store.close()
-
-
-def _fill_more(store: IndexStore, xb: np.ndarray, first_file: int, per_file: int = 4) -> None:
-    """_fill with file names that continue after the ones already stored."""
-    from diffgap.index.store import FileRecord
-
-    records = []
-    for f in range(len(xb) // per_file):
-        windows = [(float(i), float(i + 1)) for i in range(per_file)]
-        vectors = xb[f * per_file : (f + 1) * per_file]
-        name = f"f{first_file + f}.wav"
-        records.append(FileRecord(name, f"h{first_file + f}", 10, 0.0, "indexed", windows=windows, vectors=vectors))
-    store.commit_files(records)
 
 
 def _hnsw(xb: np.ndarray) -> faiss.Index:
@@ -150,9 +137,9 @@ def test_named_hnsw_is_measured_on_vectors_outside_the_graph(tmp_path):
     fresh = _clustered(200, 16, 5)
     truth = exact_neighbours(fresh, [(np.arange(1, 1201), xb[:1200])], 10)
     assert abs(ann.recall_at_10(store.search(fresh, 10)[1], truth) - first["recall_at_10"]) <= 0.05
-    _fill_more(store, xb[1200:1240], first_file=300)  # 40 new vectors: too few to measure with
+    _fill(store, xb[1200:1240], first_file=300)  # 40 new vectors: too few to measure with
     assert sync_faiss(store)["added"] == 40 and store.manifest.tuning == first
-    _fill_more(store, xb[1240:], first_file=310)  # 760 new: measured again with them, before they join
+    _fill(store, xb[1240:], first_file=310)  # 760 new: measured again with them, before they join
     assert sync_faiss(store)["added"] == 760 and store.manifest.tuning["queries"] == 200
     assert store.verify() == []
     store.close()

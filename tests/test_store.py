@@ -15,14 +15,15 @@ def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _fill(store: IndexStore, xb: np.ndarray, per_file: int = 4) -> None:
+def _fill(store: IndexStore, xb: np.ndarray, per_file: int = 4, first_file: int = 0) -> None:
+    """Files f{first_file}.wav, ... of `per_file` windows each, holding the rows of xb in order."""
     records = []
     for f in range(len(xb) // per_file):
         windows = [(float(i), float(i + 1)) for i in range(per_file)]
         records.append(
             FileRecord(
-                f"f{f}.wav",
-                f"h{f}",
+                f"f{first_file + f}.wav",
+                f"h{first_file + f}",
                 10,
                 0.0,
                 "indexed",

@@ -246,13 +246,14 @@ class Searcher:
             scores, ids = self.store.search(xq, depth, effort)
             items = self.store.items(int(i) for i in np.unique(ids) if i >= 0)
             out = []
-            for i, (q, x, srow, irow) in enumerate(zip(queries, xq, scores, ids, strict=True)):
+            for q, x, srow, irow in zip(queries, xq, scores, ids, strict=True):
                 dense = [Hit(items[int(j)], float(s)) for s, j in zip(srow, irow, strict=True) if int(j) in items]
-                ranked = self.rank(q, x, dense)
-                out.append((reorder(i, ranked) if reorder else ranked)[: q.k])
+                out.append(self.rank(q, x, dense))
             short = any(len(r) < q.k for r, q in zip(out, queries, strict=True) if q.filter is not None or q.collapse)
-            if not short or depth >= ntotal:
-                return out
+            if not short or depth >= ntotal:  # reordered once, on the ranking that is kept
+                return [
+                    (reorder(i, r) if reorder else r)[: q.k] for i, (r, q) in enumerate(zip(out, queries, strict=True))
+                ]
             depth = min(ntotal, depth * 4)  # a selective filter or many windows per file: look deeper
 
     def _rerank(self, refiner: Refiner, raw: np.ndarray, hits: list[Hit]) -> list[Hit]:
