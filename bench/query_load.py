@@ -186,12 +186,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, index: Path, threads: int) -> None:
+    def __init__(self, index: Path, threads: int | None, workers: int = 1) -> None:
         self.port = free_port()
         self.log = open(index / "serve.log", "w")  # noqa: SIM115
+        threads_flag = ["--threads", str(threads)] if threads else []  # none: the service's default per worker
         self.proc = subprocess.Popen(
             [str(ROOT / ".venv" / "bin" / "diffgap-serve"), "--index", str(index), "--port", str(self.port),
-             "--threads", str(threads)],
+             "--workers", str(workers), *threads_flag],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "DIFFGAP_LOG_LEVEL": "WARNING"},
         )  # fmt: skip
         deadline = time.monotonic() + 300
@@ -214,6 +215,71 @@ class Server:
         self.proc.terminate()
         self.proc.wait(timeout=30)
         self.log.close()
+
+
+def children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def memory_mb(pid: int, mapping: str | None = None) -> dict[str, float]:
+    """Rss and Pss (a shared page counted once across the processes that map it) of a process, or of
+    its mappings of one file, from /proc/PID/smaps."""
+    totals = {"Rss": 0, "Pss": 0}
+    inside = mapping is None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = mapping is None or line.endswith(mapping)
+        elif inside and head[0].rstrip(":") in totals:
+            totals[head[0].rstrip(":")] += int(head[1])
+    return {k.lower() + "_mb": round(v / 1024, 1) for k, v in totals.items()}
+
+
+def worker_sweep(args: argparse.Namespace) -> None:
+    """Saturated throughput with 1..N server processes on one 100k-item compact index (service default
+    threads per worker), and what each process holds: every worker maps the same vectors.npy."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        spec = make_compact(tmp / "compact")
+        index = tmp / "index"
+        build_index(index, spec, args.workers_items)
+        vectors = str((index / "vectors.npy").resolve())
+        for workers in [int(w) for w in args.workers.split(",")]:
+            server = Server(index, None, workers)
+            try:
+                time.sleep(3)  # every worker loaded (the supervisor's /readyz came from one of them)
+                for label, options in (("refine off", '"refine": false'), ("refine 1 step", '"refine": true')):
+                    for clients in (8, 32):
+                        run_wrk(server.port, clients, 2, options, tmp)  # warm every worker
+                        stats = run_wrk(server.port, clients, args.seconds, options, tmp)
+                        pids = children(server.proc.pid) if workers > 1 else [server.proc.pid]
+                        per = [memory_mb(p) for p in pids]
+                        shared = [memory_mb(p, vectors) for p in pids]
+                        row = {"items": args.workers_items, "workers": workers, "query": label, "clients": clients,
+                               **stats, "rss_mb": round(sum(m["rss_mb"] for m in per), 1),
+                               "pss_mb": round(sum(m["pss_mb"] for m in per), 1),
+                               "vectors_rss_mb": round(sum(m["rss_mb"] for m in shared), 1),
+                               "vectors_pss_mb": round(sum(m["pss_mb"] for m in shared), 1),
+                               "processes": len(pids)}  # fmt: skip
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+            finally:
+                server.stop()
+    out = Path(args.out)
+    data = json.loads(out.read_text()) if out.exists() else {}
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    data["workers"] = {"machine": machine, "seconds_per_run": args.seconds, "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1))
 
 
 def to_ms(value: str) -> float:
@@ -254,7 +320,14 @@ def main() -> None:
     ap.add_argument("--clap-size", type=int, default=100_000, help="index size for the full-size CLAP rows (0: skip)")
     ap.add_argument("--out", default="runs/query_load.json")
     ap.add_argument("--profile-only", action="store_true", help="only the in-process stage profile at 100k items")
+    ap.add_argument("--workers", help="only the worker sweep, e.g. 1,2: saturated throughput and memory")
+    ap.add_argument("--workers-items", type=int, default=100_000)
     args = ap.parse_args()
+    if args.workers:
+        if not shutil.which("wrk"):
+            raise SystemExit("wrk is missing: apt-get install wrk")
+        worker_sweep(args)
+        return
     if args.profile_only:
         with tempfile.TemporaryDirectory() as tmp_name:
             tmp = Path(tmp_name)

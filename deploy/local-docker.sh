@@ -5,9 +5,10 @@
 #   deploy/local-docker.sh setup     install docker.io/debootstrap/compose, start dockerd, import the base
 #   deploy/local-docker.sh up        build the image, `compose up` the indexer job and the API, print the URL
 #   deploy/local-docker.sh smoke     search through the published port; fails unless results come back
+#   deploy/local-docker.sh failover  kill one of two or more API replicas under load; fails on any failed request
 #   deploy/local-docker.sh down      `compose down` (containers, network, volumes)
 #   deploy/local-docker.sh teardown  stop dockerd and undo its network changes (iptables, bridges, ip_forward)
-#   deploy/local-docker.sh test      all of the above, tearing down whatever happens
+#   deploy/local-docker.sh test      all of the above with 2 API replicas, tearing down whatever happens
 #
 # Needs root (apt, dockerd, iptables). State (saved network settings, the rootfs tarball, the
 # compose venv, dockerd's log) lives in $DIFFGAP_DOCKER_STATE (default /var/tmp/diffgap-docker).
@@ -18,10 +19,11 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 state="${DIFFGAP_DOCKER_STATE:-/var/tmp/diffgap-docker}"
 base_image="${DIFFGAP_BASE_IMAGE:-diffgap-base:bookworm}"
 image="${DIFFGAP_IMAGE:-diffgap:local}"
+lb_image="${DIFFGAP_LB_IMAGE:-diffgap-lb:local}"
 port="${DIFFGAP_PORT:-8000}"
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 compose_file="$here/deploy/docker-compose.yml"
-export DIFFGAP_IMAGE="$image" DIFFGAP_BASE_IMAGE="$base_image" DIFFGAP_PORT="$port"
+export DIFFGAP_IMAGE="$image" DIFFGAP_LB_IMAGE="$lb_image" DIFFGAP_BASE_IMAGE="$base_image" DIFFGAP_PORT="$port"
 export DIFFGAP_TORCH_INDEX_URL="${DIFFGAP_TORCH_INDEX_URL-}"  # the local wheel folder has the CPU torch
 export DOCKER_BUILDKIT=0  # Debian's docker.io has no buildx; the classic builder handles this Dockerfile
 
@@ -125,6 +127,9 @@ cmd_up() {
   log "building $image on $base_image"
   docker build -q --build-arg BASE_IMAGE="$base_image" --build-arg TORCH_INDEX_URL="$DIFFGAP_TORCH_INDEX_URL" \
     -t "$image" "$here" >/dev/null
+  log "building $lb_image (Debian's HAProxy)"
+  docker build -q --build-arg BASE_IMAGE="$base_image" -t "$lb_image" -f "$here/deploy/haproxy/Dockerfile" \
+    "$here/deploy" >/dev/null
   log "compose up: indexer job, then the API (the demo indexer trains compact encoders: a few minutes)"
   if ! compose up -d --no-build --wait --wait-timeout "${DIFFGAP_UP_TIMEOUT:-1200}"; then
     compose logs --tail 40 >&2 || true
@@ -135,7 +140,12 @@ cmd_up() {
 }
 
 cmd_smoke() {
-  "$here/deploy/smoke.py" "http://127.0.0.1:$port" "$(compose ps -q api)"
+  "$here/deploy/smoke.py" "http://127.0.0.1:$port" "$(compose ps -q api | head -1)"
+}
+
+cmd_failover() {
+  # shellcheck disable=SC2046  # one argument per container id
+  "$here/deploy/failover.py" "http://127.0.0.1:$port" $(compose ps -q api)
 }
 
 cmd_down() {
@@ -185,13 +195,15 @@ cmd_test() {
   # Tear down only a dockerd this run started (or adopted): one that was already serving others stays.
   started_dockerd=0
   trap 'cmd_down >/dev/null 2>&1 || true; if [ "$started_dockerd" = 1 ]; then cmd_teardown; fi' EXIT
+  export DIFFGAP_API_REPLICAS="${DIFFGAP_API_REPLICAS:-2}"  # two, so one can be killed under load
   cmd_setup
   cmd_up
   cmd_smoke
+  cmd_failover
   cmd_down
 }
 
 case "${1:-}" in
-  setup | up | smoke | down | teardown | test) "cmd_$1" ;;
+  setup | up | smoke | failover | down | teardown | test) "cmd_$1" ;;
   *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

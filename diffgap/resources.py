@@ -51,7 +51,7 @@ def free_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     return max(1, min(cpus, int(cpus - load + 0.5)))
 
 
-def blas_threads_beside(torch_threads: int) -> int:
+def blas_threads_beside(torch_threads: int, cpus: int | None = None) -> int:
     """numpy's BLAS threads (exact search) beside a torch pool of `torch_threads`.
 
     Both pools spin-wait after each parallel region, so with torch running a pool, a BLAS call right
@@ -62,17 +62,18 @@ def blas_threads_beside(torch_threads: int) -> int:
     to spin against, and BLAS on both cores searched 100k x 256 in 3.1 ms instead of 4.6 between
     the compact encoder's calls (BENCHMARKS.md, "Two thread pools on two cores").
     """
-    return 1 if torch_threads > 1 else available_cpus()
+    return 1 if torch_threads > 1 else (cpus or available_cpus())
 
 
-def set_compute_threads(threads: int, blas_threads: int | None = None) -> None:
+def set_compute_threads(threads: int, blas_threads: int | None = None, cpus: int | None = None) -> None:
     """torch's and FAISS's pools get `threads`; numpy's BLAS gets `blas_threads`, by default
-    `blas_threads_beside(threads)`."""
+    `blas_threads_beside(threads, cpus)`, `cpus` being this process's share (a server's worker gets
+    the available CPUs divided by the workers)."""
     import faiss
     import torch
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(max(1, threads))
     faiss.omp_set_num_threads(max(1, threads))
-    blas = blas_threads if blas_threads is not None else blas_threads_beside(threads)
+    blas = blas_threads if blas_threads is not None else blas_threads_beside(threads, cpus)
     threadpool_limits(limits=max(1, blas), user_api="blas")

@@ -28,6 +28,7 @@ from service.routers import admin, health, items, search, ui
 from service.server import HeaderDeadlineH11
 from service.settings import Settings
 from service.state import StateHolder
+from service.workers import run_workers, worker_settings
 
 log = logging.getLogger("diffgap.serve")
 UPLOAD_PATHS = ("/v1/search/video", "/v1/search/audio")
@@ -176,6 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics: Metrics = request.app.state.metrics
         metrics.requests.labels(name, request.method, str(response.status_code)).inc()
         metrics.latency.labels(name).observe(time.perf_counter() - t0)
+        metrics.track(request.app.state.holder)
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -216,6 +218,19 @@ def _install_sighup(holder: StateHolder) -> None:
     signal.signal(signal.SIGHUP, on_hup)
 
 
+def worker_app() -> FastAPI:
+    """One worker's app: uvicorn calls this factory in each process `--workers N` spawns."""
+    settings, log_level = worker_settings()
+    configure_logging(log_level)
+    HeaderDeadlineH11.header_timeout_s = settings.header_timeout_s
+    return create_app(settings)
+
+
+def configure_logging(level: str) -> None:
+    """The service's log format, once per process (a worker of several configures its own)."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
@@ -224,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", help="bind address (env DIFFGAP_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (env DIFFGAP_PORT, default 8000)")
     parser.add_argument("--threads", type=int, help="torch/FAISS intra-op threads (env DIFFGAP_THREADS, default 1)")
+    parser.add_argument(
+        "--workers", type=int, help="server processes sharing the port and the index (env DIFFGAP_WORKERS, default 1)"
+    )
     parser.add_argument("--video-encoder", help="video encoder spec, e.g. clip (env DIFFGAP_VIDEO_ENCODER)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
@@ -234,18 +252,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             "host": args.host,
             "port": args.port,
             "threads": args.threads,
+            "workers": args.workers,
             "video_encoder": args.video_encoder,
         }.items()
         if v is not None
     }
     settings = Settings(**overrides)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     if not (settings.index_dir / "manifest.json").exists():
         log.error(
             "%s is not an index directory; build one with `diffgap-index build` or `make demo`", settings.index_dir
         )
         return 2
-    log.info("serving %s on http://%s:%d", settings.index_dir, settings.host, settings.port)
+    log.info(
+        "serving %s on http://%s:%d (%d worker%s)",
+        settings.index_dir,
+        settings.host,
+        settings.port,
+        settings.workers,
+        "s" if settings.workers > 1 else "",
+    )
+    if settings.workers > 1:
+        run_workers(settings, args.log_level, timeout_graceful_shutdown=10)
+        return 0
     HeaderDeadlineH11.header_timeout_s = settings.header_timeout_s
     uvicorn.run(
         create_app(settings),

@@ -224,3 +224,5 @@ class ReadyOut(BaseModel):
     lexical: bool = Field(False, description="the index has a full-text index of its files' words")
     max_upload_bytes: int = Field(0, description="largest upload accepted (pages check before sending)")
     max_media_seconds: float = Field(0.0, description="longest audio or video query")
+    generation: int = Field(0, description="index loads this server process has swapped in (reloads count)")
+    worker_pid: int = Field(0, description="the process that answered (one of several with --workers)")

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     # the event loop doubled p50 (bench/query_load.py, BENCHMARKS.md); exact search uses numpy's BLAS
     # threads regardless. Raise it for a full-size CLAP encoder on a many-core machine.
     threads: int = Field(1, ge=1, le=256, description="torch and FAISS threads (intra-op)")
+    # Each worker is a whole server process over the same memory-mapped index (service/workers.py);
+    # a worker's BLAS pool gets its share of the CPUs, so N workers never run more threads than cores.
+    workers: int = Field(1, ge=1, le=64, description="server processes sharing the port and the index")
     blas_threads: int | None = Field(
         None,
         ge=1,

@@ -97,9 +97,10 @@ class StateHolder:
         self._asked = self._started = self._finished = 0  # reload tickets
         self._running = False
         self._outcome: dict[int, BaseException | None] = {}
-        cpus = available_cpus()  # never more threads than the container's quota
+        # never more threads than the container's quota, shared out between the workers
+        cpus = max(1, available_cpus() // settings.workers)
         blas = min(settings.blas_threads, cpus) if settings.blas_threads else None
-        set_compute_threads(min(settings.threads, cpus), blas)
+        set_compute_threads(min(settings.threads, cpus), blas, cpus)
         self.batcher: MicroBatcher[Query, QueryResult] = MicroBatcher(
             self._run_batch,
             key=lambda q: q.batch_key,

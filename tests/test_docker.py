@@ -39,7 +39,8 @@ def test_scripted_deployment_answers_a_search() -> None:
     run = subprocess.run(["bash", str(SCRIPT), "test"], capture_output=True, text=True, timeout=45 * 60)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-4000:]
-    expected = ("ok   /readyz", "ok   search refine=True", "ok   search refine=False", "not root", "cannot write /data")
+    expected = ("ok   /readyz", "ok   search refine=True", "ok   search refine=False", "not root", "cannot write /data",
+                "ok   2 API replicas", "ok   load spread over 2 replicas", "ok   failover: ")  # fmt: skip
     for line in expected:
         assert line in output, f"{line!r} missing from:\n{output[-4000:]}"
     assert "diffgap is up: http://127.0.0.1:" in output

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Response, status
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.deps import HolderDep, MetricsDep, SettingsDep
 from service.schemas import ReadyOut
@@ -24,7 +26,16 @@ def readyz(holder: HolderDep, settings: SettingsDep, response: Response) -> Read
     if state is None:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         encoder = holder.public_error or "loading"
-        return ReadyOut(ready=False, items=0, dim=0, encoder=encoder, index_type="", refiners={}, video=False)
+        return ReadyOut(
+            ready=False,
+            items=0,
+            dim=0,
+            encoder=encoder,
+            index_type="",
+            refiners={},
+            video=False,
+            worker_pid=os.getpid(),
+        )
     manifest = state.store.manifest
     refiners = {
         m: {
@@ -49,13 +60,12 @@ def readyz(holder: HolderDep, settings: SettingsDep, response: Response) -> Read
         lexical=state.store.has_lexical,
         max_upload_bytes=settings.max_upload_bytes,
         max_media_seconds=settings.max_media_seconds,
+        generation=holder.generation,
+        worker_pid=os.getpid(),
     )
 
 
 @router.get("/metrics", include_in_schema=False)
 def metrics(metrics: MetricsDep, holder: HolderDep) -> Response:
-    if holder.state is not None:
-        metrics.index_items.set(holder.state.store.ntotal)
-    metrics.batched.set(holder.batcher.requests_run)
-    metrics.batches.set(holder.batcher.batches_run)
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    metrics.track(holder)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
