@@ -20,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
@@ -177,7 +178,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics: Metrics = request.app.state.metrics
         metrics.requests.labels(name, request.method, str(response.status_code)).inc()
         metrics.latency.labels(name).observe(time.perf_counter() - t0)
-        metrics.track(request.app.state.holder)
+        if metrics.shared:  # one process answers /metrics for all: each writes its gauges as it goes
+            metrics.track(request.app.state.holder)
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -257,8 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         }.items()
         if v is not None
     }
-    settings = Settings(**overrides)
     configure_logging(args.log_level)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:  # a flag or DIFFGAP_* variable out of bounds: say which, no traceback
+        for error in exc.errors():
+            log.error("setting %s: %s", ".".join(map(str, error["loc"])), error["msg"])
+        return 2
     if not (settings.index_dir / "manifest.json").exists():
         log.error(
             "%s is not an index directory; build one with `diffgap-index build` or `make demo`", settings.index_dir

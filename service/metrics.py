@@ -16,6 +16,7 @@ BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.
 
 class Metrics:
     def __init__(self) -> None:
+        self.shared = metrics_are_shared()  # several workers write where any of them reads
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "diffgap_requests", "HTTP requests", ["route", "method", "status"], registry=self.registry
@@ -43,8 +44,8 @@ class Metrics:
         )
 
     def track(self, holder: StateHolder) -> None:
-        """The gauges from the service's state (after each request: a worker of several has no other
-        moment to write them where /metrics, answered by any worker, reads them)."""
+        """The gauges from the service's state: on /metrics, and after each request when the workers'
+        metrics are shared (the worker answering /metrics cannot read another's state)."""
         state = holder.state
         if state is not None:
             self.index_items.set(state.store.ntotal)
@@ -53,7 +54,7 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The text /metrics answers: this process's registry, or every worker's files when shared."""
-        if metrics_are_shared():
+        if self.shared:
             gathered = CollectorRegistry()
             multiprocess.MultiProcessCollector(gathered)
             return generate_latest(gathered)

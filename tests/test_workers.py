@@ -83,3 +83,13 @@ def test_two_workers_share_the_index_reload_together_and_add_up_their_metrics(se
     assert srv.proc.returncode == 0
     for pid in states:  # the supervisor took its workers with it
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_out_of_bounds_settings_are_a_message_and_exit_2(served_index, monkeypatch, caplog):
+    from service.app import main
+
+    assert main(["--index", str(served_index), "--workers", "0"]) == 2
+    assert "setting workers: Input should be greater than or equal to 1" in caplog.text
+    monkeypatch.setenv("DIFFGAP_THREADS", "-3")
+    assert main(["--index", str(served_index)]) == 2
+    assert "setting threads:" in caplog.text
