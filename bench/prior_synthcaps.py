@@ -4,10 +4,13 @@ then text -> audio R@k of the 1000 test captions against the 1000 test clips, fo
 style (B) and for a style nothing was trained on (bench/styles/everyday_c.json).
 
     python bench/prior_synthcaps.py --data runs/synthcaps-data --work runs/prior [--epochs 6]
-        [--splits pretrain,adapt] [--modes none,frozen,pooled]
+        [--splits pretrain,adapt] [--modes none,frozen,minilm-l6:tokens,minilm-l6:pooled]
+
+A mode is `none` (the corpus tokenizer), a mode of the wordllama table (frozen, finetune, pooled), or
+PRIOR:MODE for another prior (the sentence model: minilm-l6:tokens or minilm-l6:pooled).
 
 The data folder must be generated with `--caption-templates bench/styles/everyday_c.json`.
-Writes WORK/prior.json and prints a markdown table.
+Writes WORK/prior-SPLITS.json and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ def main() -> None:
     parser.add_argument("--work", default="runs/prior")
     parser.add_argument("--epochs", type=int, default=6, help="encoder epochs per variant (the same steps for each)")
     parser.add_argument("--splits", default="pretrain,adapt", help="splits the encoders train on")
-    parser.add_argument("--modes", default="none,frozen", help="none (the corpus tokenizer) and prior modes")
+    parser.add_argument("--modes", default="none,frozen", help="none (the corpus tokenizer) and [PRIOR:]MODE")
+    parser.add_argument("--max-minutes", type=float, default=0.0, help="cap on each variant's training time")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     data, work = Path(args.data).resolve(), Path(args.work).resolve()
@@ -49,11 +53,12 @@ def main() -> None:
     train_pairs = read_pairs(data / "captions.csv", split=args.splits)
     results = {}
     for mode in args.modes.split(","):
-        out = work / f"encoders-{args.splits.replace(',', '+')}-{mode}"
+        out = work / f"encoders-{args.splits.replace(',', '+')}-{mode.replace(':', '-')}"
         if not (out / "config.json").exists():
-            cfg = EncoderTrainConfig(epochs=args.epochs)
+            cfg = EncoderTrainConfig(epochs=args.epochs, max_minutes=args.max_minutes)
             if mode != "none":
-                cfg.text = dataclasses.replace(cfg.text, prior=DEFAULT_PRIOR, prior_mode=mode)
+                prior, _, prior_mode = mode.rpartition(":")
+                cfg.text = dataclasses.replace(cfg.text, prior=prior or DEFAULT_PRIOR, prior_mode=prior_mode)
             t0 = time.time()
             stats = train_compact_encoders(train_pairs, out, cfg, use_video=False)
             log.info("%s: trained in %.1f min (%s steps)", mode, (time.time() - t0) / 60, stats["steps"])
@@ -65,7 +70,7 @@ def main() -> None:
             log.info("%s, style %s: R@1 %.3f R@10 %.3f", mode, name, row[name]["R@1"], row[name]["R@10"])
         results[mode] = row
     summary = {"splits": args.splits, "epochs": args.epochs, "rows": results}
-    (work / "prior.json").write_text(json.dumps(summary, indent=2))
+    (work / f"prior-{args.splits.replace(',', '+')}.json").write_text(json.dumps(summary, indent=2))
     print("| text tower | style B R@1 | R@10 | unseen style C R@1 | R@10 |")
     print("|---|---|---|---|---|")
     for mode, row in results.items():

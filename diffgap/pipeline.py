@@ -19,8 +19,10 @@ import numpy as np
 
 from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, load_refiner
 from diffgap.encoders import EncoderLoadError, EncoderSet, load_encoders
+from diffgap.encoders.sentence import SentenceEncoder
 from diffgap.index.build import BuildReport, SourceFile, build_index, is_excluded, scan_folder, scan_list
 from diffgap.index.layout import CACHE_DIR, is_index_dir, refiner_dir
+from diffgap.index.meaning import AUTO, OFF, resolve_meaning_model, sync_meaning
 from diffgap.index.store import IndexStore
 from diffgap.media.synthetic import generate_demo_corpus
 from diffgap.models.refiner_net import RefinerNetConfig
@@ -70,11 +72,14 @@ def build(
     hop_s: float | None = None,
     prune: bool = False,
     exclude: Sequence[str] = (),
+    meaning: str = AUTO,
     options: BuildOptions | None = None,
     progress: ProgressFactory = no_progress,
 ) -> BuildReport:
     """Index a folder (or the files a CSV names) into `index`, creating it or resuming it. `exclude`
-    globs are kept in the manifest, so later updates leave the same files out."""
+    globs are kept in the manifest, so later updates leave the same files out. `meaning` names the
+    sentence model that embeds each file's description for search by meaning (`auto`: the default one
+    when installed; `off`: none; diffgap/index/meaning.py)."""
     if manifest_csv:
         root, files = scan_list(manifest_csv, column=column, split=split)
         files = [f for f in files if not is_excluded(f.rel, exclude)]
@@ -83,6 +88,7 @@ def build(
     else:
         raise ValueError("give a corpus folder or a manifest CSV")
     encoders = load_encoders(encoder_spec, need_text=False)
+    sentence = resolve_meaning_model(meaning)
     store = IndexStore.create(
         index,
         encoder_spec=encoder_spec,
@@ -96,7 +102,9 @@ def build(
     if exclude:
         store.manifest.exclude = list(exclude)
     log.info("indexing %d files from %s into %s (%s)", len(files), root, index, encoder_spec)
-    return _run_build(store, encoders, files, options or BuildOptions(), remove_missing=prune, progress=progress)
+    return _run_build(
+        store, encoders, sentence, files, options or BuildOptions(), remove_missing=prune, progress=progress
+    )
 
 
 def update(
@@ -104,11 +112,13 @@ def update(
     corpus: str | Path | None = None,
     *,
     exclude: Sequence[str] | None = None,
+    meaning: str | None = None,
     options: BuildOptions | None = None,
     progress: ProgressFactory = no_progress,
 ) -> BuildReport:
     """Add new and changed files of the corpus (default: the one the index was built from), drop removed
-    ones. `exclude` replaces the index's globs (None keeps them)."""
+    ones. `exclude` replaces the index's globs (None keeps them); `meaning` the index's sentence model
+    (None keeps it; an index that has none gets the default one when it is installed)."""
     store = IndexStore.open(index)
     try:
         root = Path(corpus or store.manifest.corpus_root or "").resolve()
@@ -121,16 +131,23 @@ def update(
         if exclude is not None:
             store.manifest.exclude = list(exclude)
         files = scan_folder(root, exclude=store.manifest.exclude)
+        own = store.manifest.meaning
+        sentence = resolve_meaning_model(meaning or (own["name"] if own else AUTO))
+        if meaning == OFF:
+            store.set_meaning_model(None)
     except BaseException:
         store.close()
         raise
     log.info("updating %s from %s (%d files found)", index, root, len(files))
-    return _run_build(store, encoders, files, options or BuildOptions(), remove_missing=True, progress=progress)
+    return _run_build(
+        store, encoders, sentence, files, options or BuildOptions(), remove_missing=True, progress=progress
+    )
 
 
 def _run_build(
     store: IndexStore,
     encoders: EncoderSet,
+    sentence: SentenceEncoder | None,
     files: list[SourceFile],
     options: BuildOptions,
     *,
@@ -166,7 +183,11 @@ def _run_build(
                 max_file_seconds=options.max_file_seconds,
             )
     finally:
-        store.close()
+        try:
+            with progress(None, "file", "meaning") as step:
+                sync_meaning(store, sentence, progress=step)
+        finally:
+            store.close()
 
 
 # ---- encoders and paired data --------------------------------------------------------------------------
@@ -229,6 +250,10 @@ def train_encoders(
     return stats
 
 
+# How `encoders train --from-index` trains by default: a few hundred to a few thousand names.
+LIBRARY_TRAINING: dict[str, Any] = {"epochs": 60, "batch_size": 32, "augment": True, "patience": 8}
+
+
 def train_encoders_from_index(
     index: str | Path,
     out: str | Path,
@@ -241,8 +266,11 @@ def train_encoders_from_index(
     """Compact encoders for a library with no captions: (description, audio) pairs of the files of an
     index built with any encoder (its descriptions come from tags and names), a share of the files
     held out (as `refiner train --from-index` does) and scored at the end: held-out description ->
-    audio R@1/R@10 among the held-out files. Rebuild the index with `compact:OUT` to use them."""
-    cfg = cfg or EncoderTrainConfig()
+    audio R@1/R@10 among the held-out files. Rebuild the index with `compact:OUT` to use them.
+
+    Names describe whole clips, so the default config for this path trains with augmentation (crops,
+    noise, SpecAugment masks) and early stopping on the held-out files (`LIBRARY_TRAINING`)."""
+    cfg = cfg or EncoderTrainConfig(**LIBRARY_TRAINING)
     with IndexStore.open(index, readonly=True) as store:
         root = Path(store.manifest.corpus_root or ".")
         described = {path: text for _, path, text in store.described_items() if not is_excluded(path, exclude)}
@@ -253,17 +281,24 @@ def train_encoders_from_index(
     n_val = min(max(int(round(len(paths) * val_fraction)), 1), len(paths) - 4) if val_fraction > 0 else 0
     held = {paths[i] for i in order[:n_val]}
     pairs = [Pair(root / p, text=described[p]) for p in paths if p not in held]
+    val_pairs = [Pair(root / p, text=described[p]) for p in sorted(held)]
     log.info("training compact encoders on %d described files of %s (%d held out)", len(pairs), index, len(held))
     with progress(None, "clip", "decoding") as load_step, progress(None, "step", "training") as train_step:
         stats: dict[str, Any] = train_compact_encoders(
-            pairs, out, cfg, use_video=False, progress=lambda *_: train_step(1), load_progress=load_step
+            pairs,
+            out,
+            cfg,
+            use_video=False,
+            val_pairs=val_pairs,
+            progress=lambda *_: train_step(1),
+            load_progress=load_step,
         )
     if held:
-        val_pairs = [Pair(root / p, text=described[p]) for p in sorted(held)]
         data = embed_pairs(val_pairs, load_encoders(f"compact:{out}"), "text")
         held_metrics = metrics(ranks_query_to_audio(data.query, data.audio, data.query_group))
         stats["held_out"] = held_metrics
-        log.info("held-out description->audio among %d files: R@1 %.3f, R@10 %.3f", held_metrics["n"],
+        chose = " (they also chose the epoch kept)" if cfg.patience else ""
+        log.info("held-out description->audio among %d files%s: R@1 %.3f, R@10 %.3f", held_metrics["n"], chose,
                  held_metrics["R@1"], held_metrics["R@10"])  # fmt: skip
     return stats
 

@@ -109,16 +109,22 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, load_before_serving: bool = False) -> FastAPI:
+    """The service. One process loads its index in the background: /healthz answers at once and
+    /readyz says 503 until the index is in. A worker of several (`load_before_serving`) loads before
+    uvicorn starts listening on its socket, so no connection reaches a worker that cannot answer yet
+    (a worker that replaces a dead one would otherwise answer 503 for as long as it loads)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         holder = StateHolder(settings)
         app.state.holder = holder
-        # Load in a thread: /healthz answers at once and /readyz says 503 until this is done.
-        loader = threading.Thread(target=_load_quietly, args=(holder,), name="index-loader", daemon=True)
-        loader.start()
+        if load_before_serving:
+            await asyncio.to_thread(_load_quietly, holder)
+        else:
+            loader = threading.Thread(target=_load_quietly, args=(holder,), name="index-loader", daemon=True)
+            loader.start()
         _install_sighup(holder)
         yield
         holder.close()
@@ -225,7 +231,7 @@ def worker_app() -> FastAPI:
     settings, log_level = worker_settings()
     configure_logging(log_level)
     HeaderDeadlineH11.header_timeout_s = settings.header_timeout_s
-    return create_app(settings)
+    return create_app(settings, load_before_serving=True)
 
 
 def configure_logging(level: str) -> None:

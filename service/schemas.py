@@ -72,10 +72,14 @@ class Filters(BaseModel):
 class RankOptions(BaseModel):
     lexical: bool = Field(
         True,
-        description="also rank files by their words (name, tags, folders; full-text, bm25) and fuse that with "
-        "the sound ranking (reciprocal rank fusion); files whose words do not match keep the sound order",
+        description="also rank files by their words (name, tags, folders: exactly, full-text bm25, and by meaning "
+        "when the index has a sentence model) and fuse that with the sound ranking (reciprocal rank fusion); "
+        "files no word ranking holds keep the sound order",
     )
-    lexical_weight: float = Field(1.0, ge=0.0, le=10.0, description="weight of the word ranking in the fusion")
+    lexical_weight: float = Field(1.0, ge=0.0, le=10.0, description="weight of the word rankings in the fusion")
+    meaning: bool = Field(
+        True, description='with lexical: match the words by meaning too ("gunshot" finds musket.ogg), not only exactly'
+    )
     collapse: bool = Field(
         True, description="one hit per file (its best window) and per content (byte-identical files listed)"
     )
@@ -93,6 +97,7 @@ class RankOptions(BaseModel):
         return {
             "lexical": self.lexical,
             "lexical_weight": self.lexical_weight,
+            "meaning": self.meaning,
             "collapse": self.collapse,
             "effort": self.search_effort,
         }
@@ -177,6 +182,9 @@ class HitOut(ItemOut):
     rank: int
     dense_rank: int | None = Field(None, description="place in the sound ranking of the candidates")
     lexical_rank: int | None = Field(None, description="place of the file in the word ranking, when its words matched")
+    meaning_rank: int | None = Field(
+        None, description="place of the file among those whose words mean most like the query, when it is one"
+    )
     windows: int = Field(1, description="windows of this file among the candidates (collapsed to the best)")
     duplicates: list[str] = Field(default_factory=list, description="other files with the same bytes")
 
@@ -189,6 +197,7 @@ class HitOut(ItemOut):
                 rank=r + 1,
                 dense_rank=h.dense_rank,
                 lexical_rank=h.lexical_rank,
+                meaning_rank=h.meaning_rank,
                 windows=h.windows,
                 duplicates=list(h.duplicates),
             )
@@ -222,6 +231,7 @@ class ReadyOut(BaseModel):
     refiners: dict[str, dict[str, Any]]
     video: bool
     lexical: bool = Field(False, description="the index has a full-text index of its files' words")
+    meaning: str | None = Field(None, description="the sentence model that matches the files' words by meaning, if any")
     max_upload_bytes: int = Field(0, description="largest upload accepted (pages check before sending)")
     max_media_seconds: float = Field(0.0, description="longest audio or video query")
     generation: int = Field(0, description="index loads this server process has swapped in (reloads count)")

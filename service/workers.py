@@ -4,12 +4,11 @@ Each worker is a whole service (its own state, micro-batcher, and thread pools s
 the CPUs). The vectors are memory-mapped read-only (`vectors.npy`), so the workers share one copy
 through the page cache instead of holding one each (BENCHMARKS.md shows RSS and PSS).
 
-uvicorn's supervisor answers SIGHUP by replacing its workers, and a new worker takes connections
-while its index is still loading (our lifespan loads in the background so /healthz answers at
-once). Here SIGHUP is forwarded instead: every worker swaps its state in place, exactly as a single
-process does, and no request is dropped. An admin reload lands on one worker; that worker reloads,
-then asks the supervisor (SIGUSR1) to pass SIGHUP on to every worker, so the others follow within
-moments (the asking one reloads a second time; an unchanged refiner is reused, ~35 ms).
+uvicorn's supervisor answers SIGHUP by replacing its workers, and a new worker would take connections
+while its index is still loading. Here SIGHUP is forwarded instead: every worker swaps its state in
+place, exactly as a single process does, and no request is dropped. An admin reload lands on one
+worker; that worker reloads, then asks the supervisor (SIGUSR1) to pass SIGHUP on to every worker, so
+the others follow within moments (the asking one reloads a second time; an unchanged refiner is reused, ~35 ms).
 
 /metrics adds up every worker's counters: prometheus_client's multiprocess mode, with a directory of
 per-process files made for this run (or the operator's PROMETHEUS_MULTIPROC_DIR, emptied first).
@@ -55,9 +54,11 @@ def worker_settings() -> tuple[Settings, str]:
     return Settings.model_validate(config["settings"]), config["log_level"]
 
 
-def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    """A listening socket that shares its port with its siblings (SO_REUSEPORT): the kernel spreads
-    new connections over them by address hash.
+def worker_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to the port its siblings share (SO_REUSEPORT): the kernel spreads new connections
+    over those that listen, by address hash. It is bound, not listening: the worker's uvicorn listens
+    once the worker's lifespan has loaded the index, so a worker that is still loading (at start, or
+    replacing a dead one) is handed no connection.
 
     The protocol is named (IPPROTO_TCP, not 0): asyncio turns Nagle's algorithm off only on sockets
     whose `proto` says TCP, and with it on, a response written in two pieces waits for the client's
@@ -72,7 +73,6 @@ def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket
     except OSError:
         sock.close()
         raise
-    sock.listen(backlog)
     sock.set_inheritable(True)
     return sock
 
@@ -84,8 +84,8 @@ class Supervisor(Multiprocess):
 
     Why a socket each: on one shared socket, whichever worker wakes first accepts a whole burst of
     connections (measured: all 8 of a load generator's connections on one worker, the other idle).
-    With SO_REUSEPORT the kernel hashes each connection to one worker's socket. The supervisor keeps
-    no copy: a socket nobody accepts on would still be handed connections, which would then hang.
+    With SO_REUSEPORT the kernel hashes each connection to one listening worker's socket. The supervisor
+    keeps no copy: a socket nobody accepts on would still be handed connections, which would then hang.
     """
 
     def __init__(self, config: Config, host: str, port: int) -> None:
@@ -96,7 +96,7 @@ class Supervisor(Multiprocess):
     @property
     def sockets(self) -> list[socket.socket]:
         # uvicorn reads this once for each worker it spawns (at start, on replacing a dead one)
-        sock = listening_socket(self.host, self.port)
+        sock = worker_socket(self.host, self.port)
         self._handed_out.append(sock)
         return [sock]
 

@@ -40,6 +40,36 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_clip_vision(tmp_path_factory.mktemp("models") / "clip")
 
 
+def train_tiny_towers(folder: Path, **text: object) -> dict:
+    """Tiny audio + text towers (text config overridden by `text`) trained 3 steps on `captioned_tones`,
+    saved to folder/enc; returns the training stats."""
+    from diffgap.models.audio_net import AudioNetConfig
+    from diffgap.models.text_net import TextNetConfig
+    from diffgap.training.encoders import EncoderTrainConfig, train_compact_encoders
+
+    cfg = EncoderTrainConfig(
+        epochs=3,
+        batch_size=6,
+        warmup_steps=1,
+        audio=AudioNetConfig(channels=(8, 8, 16, 16), d_model=32, n_layers=1, n_heads=2, dim=32),
+        text=TextNetConfig(**{"n_layers": 1, "n_heads": 2, "dim": 32, **text}),
+    )
+    return train_compact_encoders(captioned_tones(folder), folder / "enc", cfg, use_video=False)
+
+
+def captioned_tones(folder: Path) -> list:
+    """Six one-second tones with a caption each, as text pairs: enough for a tiny tower to train on."""
+    from diffgap.training.pairs import Pair
+
+    captions = [(300, "a low hum"), (900, "a dog barks"), (1500, "a bird chirps"), (2400, "a high whistle"),
+                (600, "an engine idles"), (1200, "rain falls")]  # fmt: skip
+    pairs = []
+    for i, (freq, text) in enumerate(captions):
+        write_audio(folder / f"c{i}.wav", tone(freq, 1.0, 16000), 16000)
+        pairs.append(Pair(folder / f"c{i}.wav", text=text))
+    return pairs
+
+
 MIXED = [  # (relative path, freq, seconds, rate, channels)
     ("a/tone_200.wav", 200, 1.5, 16000, 1),
     ("a/tone_350.flac", 350, 2.5, 44100, 2),

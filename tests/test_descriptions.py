@@ -136,17 +136,40 @@ def test_from_index_without_descriptions_is_a_clear_error(tmp_path, tiny_clap, c
     assert "no item descriptions" in caplog.text
 
 
-def test_encoders_from_an_index_own_descriptions(adapt_setup, tmp_path):
-    """A library with no captions and no CLAP weights gets encoders from its own names, then a rebuild."""
+def test_encoders_from_an_index_own_descriptions(adapt_setup, tmp_path, caplog):
+    """A library with no captions and no CLAP weights gets encoders from its own names (augmented, the
+    best epoch on the held-out files kept), then a rebuild."""
     from diffgap.pipeline import build, train_encoders_from_index
     from diffgap.training.encoders import EncoderTrainConfig
 
     work, index = adapt_setup
     tiny = json.loads((work / "enc" / "config.json").read_text())
-    cfg = EncoderTrainConfig(epochs=2, batch_size=16, warmup_steps=2)
+    caplog.set_level("INFO", logger="diffgap.training.encoders")
+    cfg = EncoderTrainConfig(epochs=4, batch_size=16, warmup_steps=2, augment=True, patience=2)
     cfg.audio = type(cfg.audio)(**{k: tuple(v) if isinstance(v, list) else v for k, v in tiny["audio"].items()})
     cfg.text = type(cfg.text)(**{**tiny["text"], "vocab_size": 300})
     stats = train_encoders_from_index(index, tmp_path / "own", cfg, val_fraction=0.2, exclude=["*_0[0-4]*"])
     assert stats["held_out"]["n"] >= 10 and 0 <= stats["held_out"]["R@10"] <= 1
+    assert 0 <= stats["best_epoch"] < 4 and stats["val_clips"] == stats["held_out"]["n"]
+    assert caplog.text.count("validation MRR@10") >= 2  # every finished epoch is scored
     assert build(tmp_path / "own-index", f"compact:{tmp_path / 'own'}", corpus=work / "library").total_items == 100
     assert main(["encoders", "train", "-q", "--out", str(tmp_path / "x")]) == 2  # neither pairs nor an index
+
+
+def test_augmentation_crops_adds_noise_and_masks_bands():
+    import numpy as np
+    import torch
+
+    from diffgap.models.audio_net import mask_bands
+    from diffgap.training.encoders import EncoderTrainConfig, augment_wave
+
+    cfg = EncoderTrainConfig(crop_min=0.5, noise_snr_db=(20.0, 20.0))
+    wave = tone(440, 2.0, 16000).astype(np.float16)
+    rng = np.random.default_rng(0)
+    outs = [augment_wave(wave, cfg, rng) for _ in range(20)]
+    assert all(16000 <= len(o) <= 32000 for o in outs) and len({len(o) for o in outs}) > 1
+    noisy = [o for o in outs if not np.isin(o, wave.astype(np.float32)).all()]
+    assert noisy and len(noisy) < 20  # noise half of the time
+    x = torch.ones(3, 64, 100)
+    masked = mask_bands(x, torch.tensor([100, 50, 100]), 2)
+    assert masked.shape == x.shape and (masked == 0).any() and (masked == 1).float().mean() > 0.5

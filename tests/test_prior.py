@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import tone
+from conftest import train_tiny_towers
 
 from diffgap.encoders import EncoderLoadError, load_encoders
 from diffgap.encoders import prior as prior_module
 from diffgap.encoders.prior import DEFAULT_PRIOR, load_prior
-from diffgap.media.audio import write_audio
-from diffgap.models.audio_net import AudioNetConfig
-from diffgap.models.text_net import TextNetConfig
-from diffgap.training.encoders import EncoderTrainConfig, train_compact_encoders
-from diffgap.training.pairs import Pair
 
 
 def test_the_prior_loads_offline_from_the_installed_wheel(monkeypatch):
@@ -45,21 +40,7 @@ def test_a_missing_package_is_a_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["frozen", "pooled"])
 def test_a_tiny_tower_with_the_prior_trains_and_round_trips(tmp_path, mode):
-    pairs = []
-    captions = [(300, "a low hum"), (900, "a dog barks"), (1500, "a bird chirps"), (2400, "a high whistle"),
-                (600, "an engine idles"), (1200, "rain falls")]  # fmt: skip
-    for i, (freq, text) in enumerate(captions):
-        path = tmp_path / f"c{i}.wav"
-        write_audio(path, tone(freq, 1.0, 16000), 16000)
-        pairs.append(Pair(path, text=text))
-    cfg = EncoderTrainConfig(
-        epochs=3,
-        batch_size=6,
-        warmup_steps=1,
-        audio=AudioNetConfig(channels=(8, 8, 16, 16), d_model=32, n_layers=1, n_heads=2, dim=32),
-        text=TextNetConfig(n_layers=1, n_heads=2, dim=32, prior=DEFAULT_PRIOR, prior_mode=mode),
-    )
-    stats = train_compact_encoders(pairs, tmp_path / "enc", cfg, use_video=False)
+    stats = train_tiny_towers(tmp_path, prior=DEFAULT_PRIOR, prior_mode=mode)
     assert stats["steps"] == 3 and np.isfinite(stats["loss"])
     encoders = load_encoders(f"compact:{tmp_path / 'enc'}")
     fp = encoders.text.fingerprint

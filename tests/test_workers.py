@@ -15,6 +15,13 @@ import httpx
 from tests.conftest import Server
 
 
+def is_gone(pid: int) -> bool:
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
 def worker_states(url: str, want: int, until=lambda states: True, timeout: float = 60) -> dict[int, int]:  # noqa: ANN001
     """{worker pid: generation} from /readyz on fresh connections (the kernel hands each to either
     worker) until `want` ready workers are seen and `until(states)` holds."""
@@ -73,6 +80,11 @@ def test_two_workers_share_the_index_reload_together_and_add_up_their_metrics(se
         # a worker that dies is replaced; the other kept answering meanwhile
         victim = next(iter(states))
         os.kill(victim, signal.SIGKILL)
+        # Connections the kernel queued on the victim's own socket die with it (a balancer retries
+        # those); the ones made once it is gone must all reach the other worker.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not is_gone(victim):
+            time.sleep(0.01)
         for i in range(10):
             r = httpx.post(f"{srv.url}/v1/search", json={"text": f"a tone {i}", "k": 3}, timeout=30)
             assert r.status_code == 200, r.text
@@ -82,7 +94,7 @@ def test_two_workers_share_the_index_reload_together_and_add_up_their_metrics(se
         srv.stop()
     assert srv.proc.returncode == 0
     for pid in states:  # the supervisor took its workers with it
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        assert is_gone(pid)
 
 
 def test_out_of_bounds_settings_are_a_message_and_exit_2(served_index, monkeypatch, caplog):

@@ -29,6 +29,7 @@ from diffgap.encoders.base import (
     VideoEncoder,
     state_dict_sha256,
 )
+from diffgap.encoders.sentence import SentenceEncoder, load_sentence_encoder
 from diffgap.models.audio_net import AudioNet, AudioNetConfig
 from diffgap.models.text_net import TextNet, TextNetConfig
 from diffgap.models.video_net import VideoNet, VideoNetConfig
@@ -60,6 +61,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
+def load_text_prior_model(cfg: TextNetConfig) -> SentenceEncoder:
+    """The frozen sentence model a text tower was trained over, checked to be the same weights."""
+    assert cfg.prior, "a tower that reads sentence states names its sentence model"
+    sentence = load_sentence_encoder(cfg.prior)
+    if cfg.prior_sha256 and sentence.ref.sha256 != cfg.prior_sha256:
+        raise EncoderLoadError(
+            f"this text tower was trained over sentence model {cfg.prior!r} with sha256 {cfg.prior_sha256[:16]}..., "
+            f"and the one installed has {sentence.ref.sha256[:16]}...: install the same model or retrain the encoders"
+        )
+    return sentence
+
+
 class CompactModel(torch.nn.Module):
     """The three towers trained together; any of them may be absent (no video in the training pairs)."""
 
@@ -75,9 +88,18 @@ class CompactModel(torch.nn.Module):
         self.text = TextNet(text) if text else None
         self.video = VideoNet(video) if video else None
         self.tokenizer = tokenizer
+        # A sentence prior is frozen and read from its package, never saved with the towers.
+        self.sentence = load_text_prior_model(text) if text and text.prior_dim else None
         # CLIP-style learnable temperatures: log(1/0.07)
         self.logit_scale_text = torch.nn.Parameter(torch.tensor(2.659))
         self.logit_scale_video = torch.nn.Parameter(torch.tensor(2.659))
+
+    def text_inputs(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """What the text tower reads for these texts: token ids, or a sentence model's states and mask."""
+        if self.sentence is not None:
+            states, mask = self.sentence.token_states(texts)  # (B, L, P), (B, L)
+            return {"states": states, "mask": mask}
+        return {"ids": self.tokenize(texts)}
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         assert self.tokenizer is not None and self.text is not None, "this compact model has no text tower"
@@ -200,7 +222,7 @@ class CompactTextEncoder(TextEncoder):
     @torch.inference_mode()
     def encode(self, batch: Sequence[str]) -> np.ndarray:
         assert len(batch) > 0, "empty batch"
-        return self.model.text(self.model.tokenize(batch)).numpy()  # (N, dim)
+        return self.model.text(**self.model.text_inputs(batch)).numpy()  # (N, dim)
 
 
 class CompactVideoEncoder(VideoEncoder):

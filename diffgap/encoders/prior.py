@@ -1,5 +1,6 @@
 """A pretrained language prior for the compact text tower: a token-embedding table and its tokenizer,
-read from the files a PyPI wheel installs (no hub, no network).
+read from the files a PyPI wheel installs (no hub, no network). The other kind of prior, a frozen
+sentence model, lives in diffgap/encoders/sentence.py; `prior_kind` tells them apart.
 
 `wordllama` 0.4 (MIT) ships a 32,000 x 256 token-embedding table distilled from LLM embeddings
 (`wordllama/weights/l2_supercat_256.safetensors`) and the matching `tokenizers` JSON (a Llama-2 BPE
@@ -10,7 +11,6 @@ from the hub and fails offline, so the files are read directly from the installe
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +19,7 @@ import numpy as np
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer, normalizers
 
-from diffgap.encoders.base import EncoderLoadError
+from diffgap.encoders.base import EncoderLoadError, file_sha256
 
 # name -> (package, table file, tokenizer file), paths inside the installed package
 PRIORS = {
@@ -30,6 +30,22 @@ PRIORS = {
     ),
 }
 DEFAULT_PRIOR = "wordllama-l2-supercat-256"
+# What a text tower can do with each kind of prior (diffgap/models/text_net.py explains the modes).
+PRIOR_MODES = {"table": ("frozen", "finetune", "pooled"), "sentence": ("tokens", "pooled")}
+
+
+def prior_kind(name: str) -> str:
+    """ "table" for a token-embedding table (PRIORS), "sentence" for a sentence model (a known name or a
+    model directory, diffgap/encoders/sentence.py)."""
+    return "table" if name in PRIORS else "sentence"
+
+
+def check_prior_mode(name: str, mode: str) -> None:
+    modes = PRIOR_MODES[prior_kind(name)]
+    if mode not in modes:
+        raise ValueError(
+            f"prior {name!r} is a {prior_kind(name)} prior: its modes are {', '.join(modes)}, not {mode!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -63,5 +79,5 @@ def load_prior(name: str = DEFAULT_PRIOR) -> LanguagePrior:
         raise EncoderLoadError(f"{package!r} has no readable {table_file} or {tokenizer_file}: {exc}") from exc
     (table,) = tensors.values()
     tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), tokenizer.normalizer])
-    digest = hashlib.sha256(table_path.read_bytes()).hexdigest()
+    digest = file_sha256(table_path)
     return LanguagePrior(name, np.ascontiguousarray(table, dtype=np.float32), tokenizer.to_str(), digest)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import fnmatch
-import hashlib
 import logging
 import multiprocessing as mp
 import os
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from diffgap.encoders.base import AudioEncoder
+from diffgap.encoders.base import AudioEncoder, file_sha256
 from diffgap.index.faiss_sync import sync_faiss
 from diffgap.index.store import FileRecord, IndexStore
 from diffgap.media.audio import (
@@ -110,12 +109,9 @@ def scan_list(csv_path: str | Path, column: str = "audio", split: str | None = N
     return root, found
 
 
-def content_hash(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def content_hash(path: Path) -> str:
+    """What identifies a file's content in the index (equal hashes: duplicates)."""
+    return file_sha256(path, 1 << 20)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 manifest.json        format version, encoder spec + fingerprint, dim, metric, index type, window,
                      hop, counts (`Manifest`)
-meta.sqlite          files (one row per source file, indexed or skipped) and items (one per window)
+meta.sqlite          files (one row per source file, indexed or skipped) and items (one per window);
+                     the files' words (full text) and what they mean (one sentence vector per file)
 index.faiss          IndexIDMap2 over the index type (`auto`: Flat or HNSW by size); ids == items.id
 vectors.npy ids.npy  Flat indexes only: the same vectors and ids, 64-byte aligned for memory-mapped BLAS
 refiner-MODALITY/    a trained refiner for text or video queries (`refiner_dir`)
@@ -71,6 +72,17 @@ CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_TABLE} USING fts5(
 """
 FTS_WEIGHTS = (3.0, 2.0, 1.0)  # name, tags, folders
 
+# What each indexed file's words mean: one sentence vector of its description per file, keyed by the
+# file's rowid like the full-text rows (diffgap/index/meaning.py). Derived state, like index.faiss:
+# build and update fill the rows that are missing, so a crash in between only delays them.
+MEANING_TABLE = "file_meaning"
+MEANING_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {MEANING_TABLE} (
+    file_rowid INTEGER PRIMARY KEY,  -- files.rowid
+    vector BLOB NOT NULL             -- float32 little-endian, manifest.meaning["dim"] values
+);
+"""
+
 
 class IndexStoreError(RuntimeError):
     """The index directory is missing, corrupt or made for another encoder; the message says which."""
@@ -103,6 +115,7 @@ class Manifest:
     exclude: list[str] = field(default_factory=list)  # globs (relative paths) that builds and updates leave out
     faiss_type: str = ""  # the factory string index.faiss was built with ("" before the first sync)
     tuning: dict[str, Any] = field(default_factory=dict)  # an approximate index's search effort + recall (ann.py)
+    meaning: dict[str, Any] | None = None  # the sentence model (name, sha256, dim) behind file_meaning, if any
 
     @property
     def current_type(self) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ from diffgap.index.layout import (
     FTS_TABLE,
     FTS_WEIGHTS,
     MANIFEST,
+    MEANING_SCHEMA,
+    MEANING_TABLE,
     OLD_FTS_TABLES,
     SCHEMA,
     SQLITE,
@@ -73,12 +75,14 @@ class IndexStore:
             if "description" not in columns:  # indexes made before descriptions existed
                 self.db.execute("ALTER TABLE files ADD COLUMN description TEXT NOT NULL DEFAULT ''")
             self._migrate_fts()
+            self.db.executescript(MEANING_SCHEMA)
         self._vectors: VectorIndex | None = None
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(files)")}
         # Indexes from before descriptions existed still open read-only (a writer adds the column).
         self._description_sql = "f.description" if "description" in columns else "''"
         tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.has_lexical = FTS_TABLE in tables  # indexes from before full-text search open without it
+        self.has_meaning = MEANING_TABLE in tables and self.manifest.meaning is not None
 
     def _migrate_fts(self) -> None:
         """Create the full-text table, and fill it for indexes made before it existed."""
@@ -101,6 +105,7 @@ class IndexStore:
         row = self.db.execute("SELECT rowid FROM files WHERE path = ?", (path,)).fetchone()
         if row is not None:
             self.db.execute(f"DELETE FROM {FTS_TABLE} WHERE rowid = ?", row)
+            self.db.execute(f"DELETE FROM {MEANING_TABLE} WHERE file_rowid = ?", row)
             self.db.execute("DELETE FROM files WHERE rowid = ?", row)
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -301,6 +306,45 @@ class IndexStore:
             (match, limit),
         ).fetchall()
         return [(path, -float(r)) for path, r in rows]  # sqlite's bm25 is lower-is-better
+
+    # ---- what the files' words mean (diffgap/index/meaning.py) ------------------------------------------
+    def files_without_meaning(self) -> list[tuple[int, str]]:
+        """(file rowid, description) of the indexed files that have no meaning vector yet."""
+        return self.db.execute(
+            f"SELECT f.rowid, f.description FROM files f LEFT JOIN {MEANING_TABLE} m ON m.file_rowid = f.rowid "
+            "WHERE f.status = 'indexed' AND m.file_rowid IS NULL ORDER BY f.rowid"
+        ).fetchall()
+
+    def put_meaning(self, rowids: Sequence[int], xb: np.ndarray) -> None:
+        """Store meaning vectors (N, D) for files by rowid, in one transaction."""
+        assert len(rowids) == len(xb), f"{len(rowids)} files for {len(xb)} vectors"
+        xb = np.ascontiguousarray(xb, dtype="<f4")
+        with self.db:
+            self.db.executemany(
+                f"INSERT OR REPLACE INTO {MEANING_TABLE}(file_rowid, vector) VALUES (?,?)",
+                [(int(r), xb[i].tobytes()) for i, r in enumerate(rowids)],
+            )
+
+    def set_meaning_model(self, ref: dict[str, Any] | None) -> None:
+        """Record the sentence model behind the meaning vectors; a different one drops the old vectors."""
+        if ref != self.manifest.meaning:
+            with self.db:
+                self.db.execute(f"DELETE FROM {MEANING_TABLE}")
+            self.manifest.meaning = ref
+            self.manifest.save(self.root / MANIFEST)
+        self.has_meaning = ref is not None
+
+    def meaning_vectors(self) -> tuple[list[str], np.ndarray]:
+        """(paths, (N, D) float32) of every indexed file with a meaning vector, in rowid order."""
+        if not self.has_meaning:
+            return [], np.zeros((0, 0), np.float32)
+        rows = self.db.execute(
+            f"SELECT f.path, m.vector FROM {MEANING_TABLE} m JOIN files f ON f.rowid = m.file_rowid "
+            "WHERE f.status = 'indexed' ORDER BY m.file_rowid"
+        ).fetchall()
+        dim = int(self.manifest.meaning["dim"])  # type: ignore[index]
+        xb = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
+        return [r[0] for r in rows], xb.astype(np.float32)
 
     def duplicate_groups(self) -> list[list[str]]:
         """Paths of indexed files that share a content hash (the same bytes), in groups of two or more."""

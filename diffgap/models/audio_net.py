@@ -55,6 +55,23 @@ def mel_filterbank(cfg: AudioNetConfig) -> np.ndarray:
     return np.maximum(0.0, np.minimum(up, down)).astype(np.float32)
 
 
+def mask_bands(x: torch.Tensor, frames: torch.Tensor, n: int) -> torch.Tensor:
+    """SpecAugment (Park et al. 2019): in each clip of x (B, M, T), n random mel bands of up to M/8
+    bins and n random time spans of up to 1/8 of the clip's own frames set to 0 (the normalised mean)."""
+    b, m, t = x.shape
+    keep = torch.ones_like(x)
+    for i in range(b):
+        real = int(min(frames[i], t))
+        for _ in range(n):
+            width = int(torch.randint(0, max(1, m // 8) + 1, ()))
+            start = int(torch.randint(0, m - width + 1, ()))
+            keep[i, start : start + width, :] = 0
+            span = int(torch.randint(0, max(1, real // 8) + 1, ()))
+            begin = int(torch.randint(0, max(1, real - span + 1), ()))
+            keep[i, :, begin : begin + span] = 0
+    return x * keep
+
+
 class ConvBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, time_pool: int, strided: bool = False) -> None:
         super().__init__()
@@ -100,8 +117,11 @@ class AudioNet(nn.Module):
         power = spec.abs().pow(2)  # (B, n_fft/2+1, frames)
         return torch.log(self.mel @ power + 1e-6)
 
-    def forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """wave (B, S) zero-padded, lengths (B,) in samples -> (clip (B, dim), steps (B, T, dim), mask (B, T))."""
+    def forward(
+        self, wave: torch.Tensor, lengths: torch.Tensor, spec_masks: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """wave (B, S) zero-padded, lengths (B,) in samples -> (clip (B, dim), steps (B, T, dim), mask (B, T)).
+        `spec_masks` > 0 (training only) zeroes that many random mel bands and time spans per clip."""
         x = self.log_mel(wave)  # (B, M, frames)
         # Normalise each clip over its own frames only, then zero the padding: a clip encodes the same
         # alone or next to longer ones in a batch (zeros are what the convolutions pad with anyway).
@@ -112,6 +132,8 @@ class AudioNet(nn.Module):
         mean = (x * w).sum(dim=(1, 2), keepdim=True) / count
         std = (((x - mean) ** 2 * w).sum(dim=(1, 2), keepdim=True) / count).sqrt()
         x = (x - mean) / (std + 1e-5) * w  # gain invariance; padding -> 0
+        if spec_masks:
+            x = mask_bands(x, lengths // self.cfg.hop + 1, spec_masks)
         x = x.unsqueeze(1)  # (B, 1, M, frames)
         for block in self.blocks:
             x = block(x)

@@ -1,5 +1,6 @@
-"""Compact text encoder: a small transformer over a corpus-trained WordPiece vocabulary, or over a
-pretrained token-embedding table (a language prior), or that table's pooled vectors alone."""
+"""Compact text encoder: a small transformer over a corpus-trained WordPiece vocabulary, over a
+pretrained token-embedding table (a language prior), over a frozen sentence model's token states,
+or a prior's pooled vectors alone through a trained projection."""
 
 from __future__ import annotations
 
@@ -19,22 +20,31 @@ class TextNetConfig:
     n_heads: int = 4
     dim: int = 256  # shared embedding size
     pad_id: int = 0
-    # A pretrained token-embedding table as the input embeddings (diffgap/encoders/prior.py), or None:
-    # its vocabulary knows words no training caption has. vocab_size and d_model then follow the table.
+    # A language prior, or None. Two kinds (diffgap/encoders/prior.py, diffgap/encoders/sentence.py):
+    # a pretrained token-embedding table as the input embeddings (its vocabulary knows words no training
+    # caption has; vocab_size and d_model then follow the table), or a frozen pretrained sentence model
+    # whose contextual token states are the input (it also knows phrasings: "two times" ~ "twice").
     prior: str | None = None
-    prior_sha256: str | None = None  # of the table the tower started from: part of the fingerprint
-    # "frozen": the table stays as it is, the layers learn; "finetune": the table learns too, at
-    # prior_lr_scale x the learning rate; "pooled": no transformer, the mean of the table's vectors
-    # through a trained projection (with ~1k pairs, the least to overfit)
+    prior_sha256: str | None = None  # of the weights the tower started from: part of the fingerprint
+    # Table priors: "frozen" (the table stays, the layers learn), "finetune" (the table learns too, at
+    # prior_lr_scale x the learning rate) or "pooled" (no transformer: the mean of the table's vectors
+    # through a trained projection). Sentence priors: "tokens" (the layers learn over the frozen
+    # model's token states) or "pooled" (its sentence vector through a trained projection; with ~1k
+    # pairs, the least to overfit).
     prior_mode: str = "frozen"
     prior_lr_scale: float = 0.1
+    prior_dim: int = 0  # a sentence prior's state width (its hidden size); 0: the input is token ids
 
 
 class TextNet(nn.Module):
     def __init__(self, cfg: TextNetConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        self.from_states = cfg.prior_dim > 0  # a frozen sentence model feeds token states, not ids
+        if self.from_states:
+            self.inp = nn.Linear(cfg.prior_dim, cfg.d_model)
+        else:
+            self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         self.pooled = cfg.prior is not None and cfg.prior_mode == "pooled"
         if not self.pooled:
             self.pos = nn.Parameter(torch.randn(cfg.max_tokens, cfg.d_model) * 0.02)
@@ -45,13 +55,23 @@ class TextNet(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.dim)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, L) token ids -> (B, dim) unit vectors
-        ids = ids[:, : self.cfg.max_tokens]
-        mask = ids != self.cfg.pad_id  # (B, L)
-        h = self.tok(ids)  # (B, L, D)
+    def forward(
+        self, ids: torch.Tensor | None = None, *, states: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token ids (B, L), or a sentence model's states (B, L, prior_dim) with their mask (B, L)
+        -> (B, dim) unit vectors."""
+        if states is None:
+            assert ids is not None and not self.from_states, "this tower reads token ids"
+            ids = ids[:, : self.cfg.max_tokens]
+            mask = ids != self.cfg.pad_id  # (B, L)
+            h = self.tok(ids)  # (B, L, D)
+        else:
+            assert mask is not None and self.from_states, "this tower reads a sentence model's states and mask"
+            states, mask = states[:, : self.cfg.max_tokens], mask[:, : self.cfg.max_tokens]
+            h = self.inp(states)  # (B, L, D)
         if not self.pooled:
-            h = self.encoder(h + self.pos[: ids.shape[1]], src_key_padding_mask=~mask)  # (B, L, D)
+            h = self.encoder(h + self.pos[: h.shape[1]], src_key_padding_mask=~mask)  # (B, L, D)
         h = self.norm(h)  # (B, L, D)
-        w = mask.unsqueeze(-1).float()
+        w = mask.unsqueeze(-1).to(h.dtype)  # (B, L, 1)
         pooled = (h * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, D)
         return F.normalize(self.proj(pooled), dim=-1)

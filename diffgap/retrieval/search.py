@@ -29,6 +29,7 @@ from diffgap.diffusion.scoring import ScoreSpec, rerank
 from diffgap.encoders import EncoderSet, load_encoders
 from diffgap.encoders.base import l2_normalize
 from diffgap.index.layout import FLAT_INDEX_TYPE, REFINER_MODALITIES, refiner_dir
+from diffgap.index.meaning import MeaningIndex
 from diffgap.index.store import IndexStore, Item
 from diffgap.media.audio import decode_audio
 from diffgap.media.video import decode_video
@@ -125,8 +126,9 @@ class Query:
     media: np.ndarray | None = None
     refine: RefineSpec | None = None
     filter: ItemFilter | None = None
-    lexical: bool = False  # fuse in a full-text ranking of the files' words (text queries; see `rank`)
-    lexical_weight: float = 1.0  # its weight in the fusion; the dense ranking's is 1
+    lexical: bool = False  # fuse in the rankings of the files' words (text queries; see `rank`)
+    lexical_weight: float = 1.0  # the words' weight in the fusion; the dense ranking's is 1
+    meaning: bool = True  # with lexical: match the words by meaning too, not only exactly (if the index can)
     collapse: bool = True  # one hit per file (its best window), and per content (duplicates listed)
     effort: int | None = None  # an approximate index's search effort (efSearch/nprobe); None: its tuned default
 
@@ -151,6 +153,7 @@ class Hit:
     rank_score: float | None = None  # the fused score hits were ordered by, when words took part
     dense_rank: int | None = None  # place in the dense ranking of the candidates (1 = best)
     lexical_rank: int | None = None  # place of its file in the full-text ranking, if its words matched
+    meaning_rank: int | None = None  # place of its file among the files whose words mean most like the text
     windows: int = 1  # windows of this file among the candidates, when collapsed to its best
     duplicates: tuple[str, ...] = ()  # other files with the same bytes, when collapsed
 
@@ -165,10 +168,17 @@ class QueryResult:
 class Searcher:
     """An open index, its encoders and refiners (by query modality)."""
 
-    def __init__(self, store: IndexStore, encoders: EncoderSet, refiners: dict[str, Refiner] | None = None) -> None:
+    def __init__(
+        self,
+        store: IndexStore,
+        encoders: EncoderSet,
+        refiners: dict[str, Refiner] | None = None,
+        meaning: MeaningIndex | None = None,
+    ) -> None:
         self.store = store
         self.encoders = encoders
         self.refiners: dict[str, Refiner] = refiners or {}
+        self.meaning = meaning  # the files' words by meaning; None: words match exactly only
 
     def query_dim(self, modality: str) -> int:
         return self.encoders.for_modality(modality).dim
@@ -195,6 +205,10 @@ class Searcher:
             timings["refine"] = (time.perf_counter() - t1) * 1e3
         else:
             self._check_direct(modality, xq)
+        t_words = time.perf_counter()
+        words = self._words(queries)
+        if any(w is not None for w in words):
+            timings["words"] = (time.perf_counter() - t_words) * 1e3
         t2 = time.perf_counter()
         reorder = None
         if spec is not None and spec.rerank:
@@ -202,13 +216,26 @@ class Searcher:
             def reorder(i: int, hits: list[Hit]) -> list[Hit]:
                 return self._rerank(self.refiners[modality], raw[i], hits)
 
-        hits = self.search_vectors(xq, queries, reorder)
+        hits = self.search_vectors(xq, queries, reorder, words)
         timings["search"] = (time.perf_counter() - t2) * 1e3
         return [QueryResult(h, timings, spec is not None) for h in hits]
 
     def search(self, query: Query) -> QueryResult:
         """One query on its own (CLI, notebooks); services batch through `run`."""
         return self.run([query])[0]
+
+    def _words(self, queries: Sequence[Query]) -> list[WordRankings | None]:
+        """Each text query's word rankings (exact and by meaning; the meaning side batched), or None."""
+        wanted = [i for i, q in enumerate(queries) if q.lexical and q.text]
+        out: list[WordRankings | None] = [None] * len(queries)
+        by_meaning = [i for i in wanted if queries[i].meaning and self.meaning is not None]
+        rows = self.meaning.scores([queries[i].text for i in by_meaning]) if by_meaning else []  # (B', N)
+        row_of = dict(zip(by_meaning, rows, strict=True))
+        for i in wanted:
+            exact = self.store.lexical_search(match_expression(queries[i].text))
+            row = row_of.get(i)
+            out[i] = WordRankings(exact, self.meaning, row) if row is not None else WordRankings(exact)
+        return out
 
     def _encode(self, modality: str, queries: Sequence[Query]) -> np.ndarray:
         raw = [check_text(q.text) if q.text is not None else q.media for q in queries if q.needs_encoding]
@@ -230,6 +257,7 @@ class Searcher:
         xq: np.ndarray,
         queries: Sequence[Query],
         reorder: Callable[[int, list[Hit]], list[Hit]] | None = None,
+        words: Sequence[WordRankings | None] | None = None,
     ) -> list[list[Hit]]:
         """Top hits of each row of xq (already in audio space): each query's filter, collapse, word
         fusion, `reorder(query index, ranking)` and k applied. Searches deeper while a query that
@@ -246,9 +274,9 @@ class Searcher:
             scores, ids = self.store.search(xq, depth, effort)
             items = self.store.items(int(i) for i in np.unique(ids) if i >= 0)
             out = []
-            for q, x, srow, irow in zip(queries, xq, scores, ids, strict=True):
+            for i, (q, x, srow, irow) in enumerate(zip(queries, xq, scores, ids, strict=True)):
                 dense = [Hit(items[int(j)], float(s)) for s, j in zip(srow, irow, strict=True) if int(j) in items]
-                out.append(self.rank(q, x, dense))
+                out.append(self.rank(q, x, dense, words[i] if words else None))
             short = any(len(r) < q.k for r, q in zip(out, queries, strict=True) if q.filter is not None or q.collapse)
             if not short or depth >= ntotal:  # reordered once, on the ranking that is kept
                 return [
@@ -270,29 +298,26 @@ class Searcher:
         order = rerank(refiner, raw[None], np.arange(len(head))[None], xb[None], RERANK, scores)[0]
         return [head[i] for i in order] + tail
 
-    def rank(self, query: Query, x: np.ndarray, dense: list[Hit]) -> list[Hit]:
+    def rank(self, query: Query, x: np.ndarray, dense: list[Hit], words: WordRankings | None = None) -> list[Hit]:
         """Dense candidates (best first) -> the query's ranking.
 
-        With `lexical`, the files whose words match the text (SQLite FTS5, bm25) join the candidates
-        (scored against x window by window), and hits are ordered by reciprocal rank fusion:
-        1/(60 + dense rank) + w/(60 + word rank), ties in bm25 sharing a rank. Files the words do not
-        match keep their dense order, so a library whose names say nothing ranks as dense search does."""
+        With `lexical`, the files the words rank (`WordRankings`: exact full-text matches, and the files
+        whose words mean most like the text) join the candidates, scored against x window by window,
+        and hits are ordered by `fuse`. Files no word ranking holds keep their dense order, so a
+        library whose names say nothing ranks as dense search does."""
         hits = [h for h in dense if query.filter is None or query.filter.matches(h.item)]
-        words = self.store.lexical_search(match_expression(query.text)) if query.lexical and query.text else []
-        if words:
-            hits += self._windows_of([p for p, _ in words if p not in {h.item.path for h in hits}], x, query)
+        if words is None and query.lexical and query.text:
+            words = self._words([query])[0]
+        if words is not None and not words.empty:
+            have = {h.item.path for h in hits}
+            hits += self._windows_of([p for p in words.paths() if p not in have], x, query)
             hits.sort(key=lambda h: -h.score)
         if query.collapse:
             hits = collapse_files(hits)
         for r, h in enumerate(hits, 1):
             h.dense_rank = r
-        if words:
-            word_rank = tied_ranks(words)
-            for h in hits:
-                h.lexical_rank = word_rank.get(h.item.path)
-                fused = 1 / (RRF_K + h.dense_rank)
-                h.rank_score = fused + (query.lexical_weight / (RRF_K + h.lexical_rank) if h.lexical_rank else 0)
-            hits.sort(key=lambda h: -h.rank_score)  # stable: equal scores keep the dense order
+        if words is not None and not words.empty:
+            hits = fuse(hits, words, query.lexical_weight)
         return collapse_duplicates(hits) if query.collapse else hits
 
     def _windows_of(self, paths: list[str], x: np.ndarray, query: Query) -> list[Hit]:
@@ -307,11 +332,61 @@ class Searcher:
 
 
 CANDIDATES = 100  # dense candidates a narrowing query starts from
-RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009): damps the head of each ranking
+MEANING_DEPTH = 100  # files the meaning ranking contributes to a query's candidates
+# The fusion's weights, chosen on a library of Debian sound packages and queries other than the ones
+# the benchmark reports (bench/reallib_design_queries.json; BENCHMARKS.md, "A real library"):
+EXACT_WEIGHT = 0.5  # an exact word match, best of the query = 1, next to the meaning cosine (in [-1, 1])
+DENSE_WEIGHT = 0.05  # one standard deviation of sound score above the candidates' mean, in the same units
 STOPWORDS = frozenset(
     ["a", "an", "the", "of", "in", "on", "at", "to", "for", "with", "and", "or", "is", "are", "was", "by",
      "from", "into", "onto", "its", "it", "this", "that"]
 )  # fmt: skip
+
+
+@dataclass
+class WordRankings:
+    """What one text query's words make of every file: exact full-text matches (bm25, higher is better)
+    and, when the index has a sentence model, the cosine of the text with every file's description."""
+
+    exact: list[tuple[str, float]]
+    meaning_index: MeaningIndex | None = None
+    meaning_row: np.ndarray | None = None  # (N,) cosines, in meaning_index.paths order
+
+    def __post_init__(self) -> None:
+        self.meaning = self.meaning_index.nearest(self.meaning_row, MEANING_DEPTH) if self.meaning_index else []
+        top = max((s for _, s in self.exact), default=0.0)
+        self.exact_share = {p: s / top for p, s in self.exact} if top > 0 else {}  # 1 = the best match
+
+    @property
+    def empty(self) -> bool:
+        return not self.exact and not self.meaning
+
+    def paths(self) -> list[str]:
+        """The files the words bring into the candidates: every exact match, the nearest by meaning."""
+        return list(dict.fromkeys([p for p, _ in self.exact] + [p for p, _ in self.meaning]))
+
+    def score(self, path: str) -> float:
+        """meaning cosine + EXACT_WEIGHT x (bm25 / the query's best bm25)."""
+        row = self.meaning_index.row_of.get(path) if self.meaning_index else None
+        meaning = float(self.meaning_row[row]) if row is not None else 0.0  # type: ignore[index]
+        return meaning + EXACT_WEIGHT * self.exact_share.get(path, 0.0)
+
+
+def fuse(hits: list[Hit], words: WordRankings, weight: float) -> list[Hit]:
+    """Order hits (dense ranks set) by weight x words score + DENSE_WEIGHT x how far the file's sound
+    score stands above the candidates' mean (in standard deviations; a bonus, never a penalty), and
+    say where each stood in the exact and meaning rankings. Scores, not ranks, are fused: a file whose
+    words match the text stays on top however weak its sound score (reciprocal rank fusion pushed it
+    below files that two weak rankings agreed on). Files whose words are equal keep their sound order
+    (the sort is stable), so a library whose names say nothing ranks as dense search does."""
+    exact, meant = tied_ranks(words.exact), tied_ranks(words.meaning)
+    sound = np.asarray([h.score for h in hits], dtype=np.float64)
+    spread = sound.std()
+    z = (sound - sound.mean()) / spread if spread > 1e-9 else np.zeros_like(sound)
+    for h, zi in zip(hits, z, strict=True):
+        h.lexical_rank, h.meaning_rank = exact.get(h.item.path), meant.get(h.item.path)
+        h.rank_score = weight * words.score(h.item.path) + DENSE_WEIGHT * max(0.0, float(zi))
+    return sorted(hits, key=lambda h: -h.rank_score)
 
 
 def match_expression(text: str | None) -> str:
@@ -405,7 +480,8 @@ def open_searcher(
             refiner.check_against(encoders)
             refiners[modality] = refiner
         store.vector_index(mmap=mmap and store.manifest.current_type == FLAT_INDEX_TYPE)
+        meaning = MeaningIndex.load(store) if need_text else None
     except BaseException:
         store.close()
         raise
-    return Searcher(store, encoders, refiners)
+    return Searcher(store, encoders, refiners, meaning)

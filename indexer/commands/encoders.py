@@ -7,18 +7,20 @@ import dataclasses
 import json
 import sys
 
-from diffgap.encoders.prior import DEFAULT_PRIOR, PRIORS
-from diffgap.pipeline import PairsSource, train_encoders, train_encoders_from_index
+from diffgap.encoders.prior import DEFAULT_PRIOR, PRIOR_MODES, PRIORS, prior_kind
+from diffgap.encoders.sentence import DEFAULT_SENTENCE_MODEL, SENTENCE_MODELS
+from diffgap.pipeline import LIBRARY_TRAINING, PairsSource, train_encoders, train_encoders_from_index
 from diffgap.training.encoders import EncoderTrainConfig
 from indexer.common import EXIT_OK, CliError, progress_bars
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = EncoderTrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes
-    )
+    given = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "max_minutes", "augment", "patience")}
+    base = LIBRARY_TRAINING if args.from_index else {}  # names of a library: small-data defaults
+    cfg = EncoderTrainConfig(**{**base, **{k: v for k, v in given.items() if v is not None}})
     if args.prior:
-        cfg.text = dataclasses.replace(cfg.text, prior=args.prior, prior_mode=args.prior_mode)
+        mode = args.prior_mode or PRIOR_MODES[prior_kind(args.prior)][0]
+        cfg.text = dataclasses.replace(cfg.text, prior=args.prior, prior_mode=mode)
     if args.from_index:
         stats = train_encoders_from_index(
             args.from_index,
@@ -58,25 +60,46 @@ def register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="only rows of this split")
     p.add_argument("--audio-dir", help="audio folder for AudioCaps/Clotho layouts")
     p.add_argument("--out", required=True, help="output folder (use it as --encoder compact:OUT)")
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this much training time")
+    lib = LIBRARY_TRAINING
+    p.add_argument(
+        "--epochs", type=int, help=f"passes over the pairs (default {defaults.epochs}; --from-index {lib['epochs']})"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"pairs per step (default {defaults.batch_size}; --from-index {lib['batch_size']})",
+    )
+    p.add_argument("--lr", type=float, help=f"learning rate (default {defaults.lr})")
+    p.add_argument("--max-minutes", type=float, help="stop after this much training time")
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        help="random crops, added noise and SpecAugment masks: for labels that describe whole clips, such as file "
+        "names (default: on with --from-index, off with --pairs, whose captions may say when things happen)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        help=f"with --from-index: keep the epoch with the best held-out MRR@10 and stop after this many epochs "
+        f"without a better one (default {lib['patience']}; 0: never stop early)",
+    )
     p.add_argument("--no-video", action="store_true", help="ignore the video column")
+    known = ", ".join([*SENTENCE_MODELS, *PRIORS])
     p.add_argument(
         "--prior",
         nargs="?",
-        const=DEFAULT_PRIOR,
-        choices=sorted(PRIORS),
-        help=f"start the text tower from a pretrained token-embedding table (default {DEFAULT_PRIOR}, from the "
-        "wordllama package: pip install 'diffgap[prior]')",
+        const=DEFAULT_SENTENCE_MODEL,
+        metavar="NAME",
+        help=f"start the text tower from a pretrained language prior: a sentence model ({DEFAULT_SENTENCE_MODEL}, "
+        "the default when --prior is given alone; pip install 'diffgap[sentence]'; or a model directory) or "
+        f"a token-embedding table ({DEFAULT_PRIOR}; pip install 'diffgap[prior]'). Known: {known}",
     )
     p.add_argument(
         "--prior-mode",
-        default="frozen",
-        choices=["frozen", "finetune", "pooled"],
-        help="frozen table + trained layers; the table fine-tuned at a tenth of the LR; or its pooled vectors "
-        "through a trained projection",
+        choices=sorted({m for modes in PRIOR_MODES.values() for m in modes}),
+        help="sentence model: tokens (trained layers over its frozen token states; default) or pooled (its "
+        "sentence vector through a trained projection); table: frozen (default), finetune (the table at a "
+        "tenth of the LR) or pooled",
     )
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.set_defaults(func=cmd_train)

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from diffgap.diffusion.refiner import DEFAULT_STEPS, load_refiner
 from diffgap.encoders.hub import DOWNLOAD_ENV
+from diffgap.encoders.sentence import DEFAULT_SENTENCE_MODEL
 from diffgap.index.ann import AUTO_FLAT_MAX_FLOATS
 from diffgap.index.build import BuildReport
 from diffgap.index.duplicates import NEAR_THRESHOLD, near_groups
+from diffgap.index.meaning import AUTO
 from diffgap.index.store import IndexStore
 from diffgap.media.audio import AudioDecodeError
 from diffgap.pipeline import BuildOptions, build, update
@@ -62,6 +64,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         hop_s=args.hop,
         prune=args.prune,
         exclude=args.exclude or (),
+        meaning=args.meaning or AUTO,
         options=_options(args),
         progress=progress_bars(args.quiet),
     )
@@ -70,13 +73,19 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_update(args: argparse.Namespace) -> int:
     report = update(
-        args.index, args.corpus, exclude=args.exclude, options=_options(args), progress=progress_bars(args.quiet)
+        args.index,
+        args.corpus,
+        exclude=args.exclude,
+        meaning=args.meaning,
+        options=_options(args),
+        progress=progress_bars(args.quiet),
     )
     return _exit(report)
 
 
 INFO_KEYS = ("index", "encoder", "dim", "metric", "index_type", "faiss_type", "search", "window_s", "hop_s",
-             "corpus_root", "exclude", "items", "files_indexed", "files_skipped", "duplicate_groups")  # fmt: skip
+             "corpus_root", "exclude", "meaning", "items", "files_indexed", "files_skipped",
+             "duplicate_groups")  # fmt: skip
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -96,6 +105,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "hop_s": m.hop_s,
             "corpus_root": m.corpus_root,
             "exclude": m.exclude,
+            "meaning": f"{m.meaning['name']} (sha256 {m.meaning['sha256'][:12]})" if m.meaning else "none",
             **store.counts(),
             "duplicate_groups": len(store.duplicate_groups()),
             "skipped": [list(s) for s in store.skipped()],
@@ -138,6 +148,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         ranking = {
             "lexical": not args.no_lexical,
             "lexical_weight": args.lexical_weight,
+            "meaning": not args.no_meaning,
             "collapse": not args.windows,
             "effort": args.effort,
         }
@@ -165,6 +176,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             "description": h.item.description,
             "dense_rank": h.dense_rank,
             "lexical_rank": h.lexical_rank,
+            "meaning_rank": h.meaning_rank,
             "duplicates": list(h.duplicates),
         }
         for r, h in enumerate(result.hits)
@@ -201,6 +213,13 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="GLOB",
         help="leave out paths matching this glob (relative to the corpus; repeatable; kept for later updates)",
+    )
+    p.add_argument(
+        "--meaning",
+        metavar="MODEL",
+        help="sentence model that embeds each file's description, so text queries match words by meaning: "
+        f"auto (build's default: {DEFAULT_SENTENCE_MODEL} when installed), off, a model name or a directory; "
+        "update keeps the index's own",
     )
     p.add_argument("-j", "--num-jobs", type=int, default=defaults.num_jobs, help="decoding worker processes")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="windows per encoder call")
@@ -282,8 +301,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --refine: reorder the top 50 by the refiner's denoising error (BENCHMARKS.md)",
     )
-    p.add_argument("--no-lexical", action="store_true", help="rank by sound only (no full-text ranking of words)")
-    p.add_argument("--lexical-weight", type=float, default=1.0, help="weight of the word ranking in the fusion")
+    p.add_argument("--no-lexical", action="store_true", help="rank by sound only (the files' words take no part)")
+    p.add_argument("--no-meaning", action="store_true", help="match the files' words exactly only, not by meaning")
+    p.add_argument("--lexical-weight", type=float, default=1.0, help="weight of the words against the sound")
     p.add_argument("--windows", action="store_true", help="every matching window (default: one hit per file)")
     p.add_argument(
         "--effort",

@@ -58,6 +58,7 @@ def readyz(holder: HolderDep, settings: SettingsDep, response: Response) -> Read
         refiners=refiners,
         video=state.encoders.video is not None,
         lexical=state.store.has_lexical,
+        meaning=state.searcher.meaning.sentence.ref.name if state.searcher.meaning else None,
         max_upload_bytes=settings.max_upload_bytes,
         max_media_seconds=settings.max_media_seconds,
         generation=holder.generation,

@@ -1,0 +1,168 @@
+"""Words matched by meaning: the sentence model read offline from its wheel (and a tiny random BERT
+from a directory), each file's description embedded at build and update and kept in step with the
+files, text queries that find files whose names share no word with them, the compact text tower
+trained over the sentence model's token states."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import tone, train_tiny_towers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import BertConfig, BertModel
+
+from diffgap.encoders import EncoderLoadError, load_encoders
+from diffgap.encoders import sentence as sentence_module
+from diffgap.encoders.sentence import DEFAULT_SENTENCE_MODEL, SentenceEncoder, load_sentence_encoder
+from diffgap.index.layout import MEANING_TABLE
+from diffgap.index.store import IndexStore
+from diffgap.media.audio import write_audio
+from diffgap.models.text_net import TextNetConfig
+from diffgap.pipeline import build, update
+from diffgap.retrieval.search import Query, open_searcher
+from diffgap.training.encoders import EncoderTrainConfig, train_compact_encoders
+from diffgap.training.pairs import Pair
+from indexer.cli import main
+
+NAMED = {  # file -> tone Hz: names a query can reach by meaning, not by a shared word
+    "animals/horse_neigh.wav": 300,
+    "animals/dog_bark.wav": 500,
+    "weapons/musket_fire.wav": 700,
+    "weapons/sword_hit_metal.wav": 900,
+    "ui/door_creak.flac": 1100,
+    "weather/rain_ambience.wav": 1500,
+}
+
+
+def tiny_bert_dir(path, vocab=("[PAD]", "[UNK]", "[CLS]", "[SEP]", "dog", "cat", "rain", "bell", "a", "the")):
+    """A random 2-layer BERT of the real class, saved as a sentence model directory."""
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(path)  # fmt: skip
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_the_sentence_model_loads_offline_from_its_wheel_and_knows_what_words_mean(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = load_sentence_encoder(DEFAULT_SENTENCE_MODEL)
+    assert model.dim == 384 and model.ref.sha256 == sentence_module.SENTENCE_MODELS[DEFAULT_SENTENCE_MODEL][2]
+    v = model.encode(["gunshot", "a rifle firing", "a bird singing", "", "gunshot"])
+    assert v.shape == (5, 384) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.1
+    np.testing.assert_allclose(v[0], v[4], atol=1e-5)  # batched with others or not, the same vector
+    states, mask = model.token_states(["a dog", "a dog barks twice"])
+    assert states.shape[:2] == mask.shape and mask.sum(1)[0] == 4 and mask.sum(1)[1] > 4  # [CLS] a dog [SEP]
+
+
+def test_a_missing_or_different_sentence_model_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sentence_module.SENTENCE_MODELS, "absent", ("no_such_sentence_package", "model", "0" * 64))
+    with pytest.raises(EncoderLoadError, match="no_such_sentence_package.*pip install"):
+        load_sentence_encoder("absent")
+    with pytest.raises(EncoderLoadError, match="unknown sentence model"):
+        load_sentence_encoder("nope")
+    bert = tiny_bert_dir(tmp_path / "bert")
+    with pytest.raises(EncoderLoadError, match="sha256"):
+        SentenceEncoder("pretender", bert, expected_sha256="f" * 64)  # another file under a known name
+    (bert / "tokenizer.json").unlink()
+    with pytest.raises(EncoderLoadError, match="tokenizer.json"):
+        SentenceEncoder("broken", bert)
+
+
+def test_a_sentence_model_directory_of_the_real_class_works(tmp_path):
+    model = load_sentence_encoder(str(tiny_bert_dir(tmp_path / "bert")))
+    v = model.encode(["a dog", "the rain", "a dog"])
+    assert v.shape == (3, 16) and np.allclose(v[0], v[2], atol=1e-6)
+    assert len(model.ref.sha256) == 64
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, tiny_clap):
+    root = tmp_path_factory.mktemp("meaning")
+    for rel, freq in NAMED.items():
+        (root / "corpus" / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_audio(root / "corpus" / rel, tone(freq, 1.0, 16000), 16000)
+    assert build(root / "index", f"clap:{tiny_clap}", corpus=root / "corpus").total_items == len(NAMED)
+    return root
+
+
+def hits_for(index, text, **options):
+    searcher = open_searcher(index)
+    try:
+        return searcher.search(Query("text", options.pop("k", 3), text=text, lexical=True, **options)).hits
+    finally:
+        searcher.store.close()
+
+
+def test_text_finds_files_whose_words_mean_the_same(library):
+    with IndexStore.open(library / "index", readonly=True) as store:
+        assert store.manifest.meaning["name"] == DEFAULT_SENTENCE_MODEL and store.has_meaning
+        assert store.db.execute(f"SELECT COUNT(*) FROM {MEANING_TABLE}").fetchone()[0] == len(NAMED)
+    for text, want in (
+        ("puppy", "animals/dog_bark.wav"),
+        ("a pistol shot", "weapons/musket_fire.wav"),
+        ("thunderstorm", "weather/rain_ambience.wav"),
+        ("stallion", "animals/horse_neigh.wav"),
+    ):
+        hits = hits_for(library / "index", text)
+        assert hits[0].item.path == want and hits[0].meaning_rank == 1, (text, [h.item.path for h in hits])
+        assert hits[0].lexical_rank is None  # no word in common: meaning alone found it
+        exact_only = hits_for(library / "index", text, meaning=False)
+        assert all(h.meaning_rank is None for h in exact_only)
+
+
+def test_meaning_vectors_follow_the_files_through_updates(library, tiny_clap, tmp_path):
+    corpus, index = tmp_path / "corpus", tmp_path / "index"
+    shutil.copytree(library / "corpus", corpus)
+    build(index, f"clap:{tiny_clap}", corpus=corpus, meaning="off")
+    with IndexStore.open(index, readonly=True) as store:
+        assert store.manifest.meaning is None and not store.has_meaning
+    assert hits_for(index, "puppy")[0].meaning_rank is None  # an index without them: exact words only
+    (corpus / "animals/horse_neigh.wav").unlink()
+    write_audio(corpus / "animals/cat_meow.wav", tone(2000, 1.0, 16000), 16000)
+    update(index)  # an index that had none gets them (the model is installed), the new file too
+    with IndexStore.open(index, readonly=True) as store:
+        paths, xb = store.meaning_vectors()
+        assert sorted(paths) == sorted({*NAMED, "animals/cat_meow.wav"} - {"animals/horse_neigh.wav"})
+        orphans = f"SELECT COUNT(*) FROM {MEANING_TABLE} WHERE file_rowid NOT IN (SELECT rowid FROM files)"
+        assert store.db.execute(orphans).fetchone()[0] == 0
+    assert hits_for(index, "kitten")[0].item.path == "animals/cat_meow.wav"
+    assert main(["update", str(index), "--meaning", "off", "-q"]) == 0
+    with IndexStore.open(index, readonly=True) as store:
+        assert store.manifest.meaning is None and store.meaning_vectors()[0] == []
+
+
+@pytest.mark.parametrize("mode", ["tokens", "pooled"])
+def test_a_tiny_tower_over_the_sentence_model_trains_and_round_trips(tmp_path, mode):
+    stats = train_tiny_towers(tmp_path, d_model=32, prior=DEFAULT_SENTENCE_MODEL, prior_mode=mode)
+    assert stats["steps"] == 3 and np.isfinite(stats["loss"])
+    text = load_encoders(f"compact:{tmp_path / 'enc'}").text
+    fp = text.fingerprint.preprocessing
+    assert fp["prior"] == DEFAULT_SENTENCE_MODEL and fp["prior_mode"] == mode
+    assert fp["prior_sha256"] == load_sentence_encoder().ref.sha256
+    assert not any(k.startswith("text.tok") for k in text.model.state_dict())  # the frozen model is not saved
+    vectors = text.encode(["a dog barks", "an unseen word: xylophonic"])
+    assert vectors.shape == (2, 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    again = load_encoders(f"compact:{tmp_path / 'enc'}").text
+    assert again.fingerprint.digest == text.fingerprint.digest
+    np.testing.assert_allclose(again.encode(["a dog barks"]), vectors[:1], atol=1e-5)
+
+
+def test_a_sentence_prior_takes_its_own_modes(tmp_path):
+    pairs = []
+    for i in range(4):
+        write_audio(tmp_path / f"{i}.wav", tone(300 + 200 * i, 1.0, 16000), 16000)
+        pairs.append(Pair(tmp_path / f"{i}.wav", text=f"hum {i}"))
+    cfg = EncoderTrainConfig(epochs=1, text=TextNetConfig(prior=DEFAULT_SENTENCE_MODEL, prior_mode="finetune"))
+    with pytest.raises(ValueError, match="modes are tokens, pooled"):
+        train_compact_encoders(pairs, tmp_path / "enc", cfg, use_video=False)
