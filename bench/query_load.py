@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from diffgap.diffusion.refiner import Refiner, RefinerConfig  # noqa: E402
 from diffgap.encoders import load_encoders  # noqa: E402
 from diffgap.index.faiss_sync import sync_faiss  # noqa: E402
+from diffgap.index.meaning import AUTO, MeaningIndex, resolve_meaning_model, sync_meaning  # noqa: E402
 from diffgap.index.store import FileRecord, IndexStore  # noqa: E402
 from diffgap.models.refiner_net import RefinerNetConfig  # noqa: E402
 
@@ -104,20 +105,28 @@ def clustered(n: int, dim: int, seed: int = 0, centres: int = 2000) -> np.ndarra
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+WORDS = sorted({w for q in QUERIES for w in q.split() if len(w) > 3})  # file descriptions draw from these
+
+
 def build_index(root: Path, spec: str, n: int) -> None:
-    """n one-window files with synthetic vectors, committed through the real store, plus a text refiner."""
+    """n one-window files with synthetic vectors and three-word descriptions, committed through the real
+    store (words by meaning embedded when the sentence model is installed), plus a text refiner."""
     encoders = load_encoders(spec)
     dim = encoders.audio.dim
     store = IndexStore.create(root, encoder_spec=spec, fingerprint=encoders.audio.fingerprint, dim=dim)
     chunk = 20_000
+    rng = np.random.default_rng(0)
     for start in range(0, n, chunk):
         xb = clustered(min(chunk, n - start), dim, seed=start)
+        words = rng.choice(WORDS, size=(len(xb), 3))
         store.commit_files(
-            FileRecord(f"synthetic/{start + i:07d}.wav", f"h{start + i}", 1, 0.0, "indexed", duration=10.0,
-                       sample_rate=16000, channels=1, windows=[(0.0, 10.0)], vectors=xb[i : i + 1])
+            FileRecord(f"synthetic/{' '.join(words[i])}/{start + i:07d}.wav", f"h{start + i}", 1, 0.0, "indexed",
+                       duration=10.0, sample_rate=16000, channels=1, description=" ".join(words[i]),
+                       windows=[(0.0, 10.0)], vectors=xb[i : i + 1])
             for i in range(len(xb))
         )  # fmt: skip
     sync_faiss(store)
+    sync_meaning(store, resolve_meaning_model(AUTO))
     store.close()
     assert encoders.text is not None
     net = RefinerNetConfig(audio_dim=dim, query_dim=encoders.text.dim)
@@ -142,7 +151,8 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
     refiner = Refiner.load(index / "refiner-text")
     store = IndexStore.open(index, readonly=True)
     store.vector_index(mmap=True)
-    searcher = Searcher(store, encoders, {"text": refiner})
+    meaning = MeaningIndex.load(store)
+    searcher = Searcher(store, encoders, {"text": refiner}, meaning)
     assert encoders.text is not None
     xq = encoders.text.encode([QUERIES[0]])
 
@@ -155,6 +165,15 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
             times.append(time.perf_counter() - t)
         return round(float(np.median(times)) * 1e3, 3)
 
+    by_meaning = {}
+    if meaning is not None:
+        by_meaning = {
+            "encode text for meaning (sentence model)": median_ms(lambda: meaning.sentence.encode([QUERIES[1]])),
+            "whole query, refine 1 step, words fused: exact + meaning (the default)": median_ms(
+                lambda: searcher.run([Query("text", 10, text=QUERIES[2], lexical=True, refine=RefineSpec(steps=1))])
+            ),
+        }
+
     stages = {
         "encode text": median_ms(lambda: encoders.text.encode([QUERIES[1]])),
         "refine, 1 step": median_ms(lambda: refiner.refine(xq, steps=1, blend=0.0)),
@@ -165,15 +184,16 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
         "whole query, refine off, every window (collapse off)": median_ms(
             lambda: searcher.run([Query("text", 10, text=QUERIES[2], collapse=False)])
         ),
-        "whole query, refine off, words fused (lexical)": median_ms(
-            lambda: searcher.run([Query("text", 10, text=QUERIES[2], lexical=True)])
+        "whole query, refine off, words fused: exact only": median_ms(
+            lambda: searcher.run([Query("text", 10, text=QUERIES[2], lexical=True, meaning=False)])
         ),
         "whole query, refine 5 steps": median_ms(
             lambda: searcher.run([Query("text", 10, text=QUERIES[2], refine=RefineSpec(steps=5))])
         ),
-        "whole query, refine 1 step (the default)": median_ms(
+        "whole query, refine 1 step, sound only": median_ms(
             lambda: searcher.run([Query("text", 10, text=QUERIES[2], refine=RefineSpec(steps=1))])
         ),
+        **by_meaning,
     }
     store.close()
     return stages

@@ -61,7 +61,8 @@ def test_the_sentence_model_loads_offline_from_its_wheel_and_knows_what_words_me
     assert v.shape == (5, 384) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
     assert v[0] @ v[1] > v[0] @ v[2] + 0.1
     np.testing.assert_allclose(v[0], v[4], atol=1e-5)  # batched with others or not, the same vector
-    states, mask = model.token_states(["a dog", "a dog barks twice"])
+    states, mask, ids = model.token_states(["a dog", "a dog barks twice"])
+    assert ids.shape == mask.shape and int(ids.max()) < model.vocab_size
     assert states.shape[:2] == mask.shape and mask.sum(1)[0] == 4 and mask.sum(1)[1] > 4  # [CLS] a dog [SEP]
 
 
@@ -142,7 +143,7 @@ def test_meaning_vectors_follow_the_files_through_updates(library, tiny_clap, tm
         assert store.manifest.meaning is None and store.meaning_vectors()[0] == []
 
 
-@pytest.mark.parametrize("mode", ["tokens", "pooled"])
+@pytest.mark.parametrize("mode", ["tokens", "residual", "pooled"])
 def test_a_tiny_tower_over_the_sentence_model_trains_and_round_trips(tmp_path, mode):
     stats = train_tiny_towers(tmp_path, d_model=32, prior=DEFAULT_SENTENCE_MODEL, prior_mode=mode)
     assert stats["steps"] == 3 and np.isfinite(stats["loss"])
@@ -150,7 +151,9 @@ def test_a_tiny_tower_over_the_sentence_model_trains_and_round_trips(tmp_path, m
     fp = text.fingerprint.preprocessing
     assert fp["prior"] == DEFAULT_SENTENCE_MODEL and fp["prior_mode"] == mode
     assert fp["prior_sha256"] == load_sentence_encoder().ref.sha256
-    assert not any(k.startswith("text.tok") for k in text.model.state_dict())  # the frozen model is not saved
+    saved = text.model.state_dict()
+    assert not any(k.startswith("text.sentence") or "embeddings.word" in k for k in saved)  # the frozen model stays out
+    assert ("text.tok.weight" in saved) == (mode == "residual")  # only its learnt correction is saved
     vectors = text.encode(["a dog barks", "an unseen word: xylophonic"])
     assert vectors.shape == (2, 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     again = load_encoders(f"compact:{tmp_path / 'enc'}").text
@@ -164,5 +167,5 @@ def test_a_sentence_prior_takes_its_own_modes(tmp_path):
         write_audio(tmp_path / f"{i}.wav", tone(300 + 200 * i, 1.0, 16000), 16000)
         pairs.append(Pair(tmp_path / f"{i}.wav", text=f"hum {i}"))
     cfg = EncoderTrainConfig(epochs=1, text=TextNetConfig(prior=DEFAULT_SENTENCE_MODEL, prior_mode="finetune"))
-    with pytest.raises(ValueError, match="modes are tokens, pooled"):
+    with pytest.raises(ValueError, match="modes are tokens, residual, pooled"):
         train_compact_encoders(pairs, tmp_path / "enc", cfg, use_video=False)

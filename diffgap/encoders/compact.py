@@ -97,8 +97,8 @@ class CompactModel(torch.nn.Module):
     def text_inputs(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """What the text tower reads for these texts: token ids, or a sentence model's states and mask."""
         if self.sentence is not None:
-            states, mask = self.sentence.token_states(texts)  # (B, L, P), (B, L)
-            return {"states": states, "mask": mask}
+            states, mask, ids = self.sentence.token_states(texts)  # (B, L, P), (B, L), (B, L)
+            return {"states": states, "mask": mask, "ids": ids}
         return {"ids": self.tokenize(texts)}
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:

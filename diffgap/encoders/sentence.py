@@ -95,19 +95,24 @@ class SentenceEncoder:
             mask[i, : len(e.ids)] = True
         return ids, mask
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
     @torch.inference_mode()
-    def token_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Contextual token vectors (B, L, dim) float32 and their mask (B, L) ([CLS] and [SEP] included)."""
+    def token_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Contextual token vectors (B, L, dim) float32, their mask (B, L) and token ids (B, L) ([CLS]
+        and [SEP] included)."""
         assert len(texts) > 0, "empty batch"
         ids, mask = self._ids(texts)
         states = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, dim)
-        return states, mask
+        return states, mask, ids
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Unit sentence vectors (N, dim) float32: the mean of the token states, as the model was tuned."""
         out = []
         for i in range(0, len(texts), batch_size):
-            states, mask = self.token_states(texts[i : i + batch_size])
+            states, mask, _ = self.token_states(texts[i : i + batch_size])
             out.append(mean_pool(states, mask).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 

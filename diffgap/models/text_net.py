@@ -29,11 +29,14 @@ class TextNetConfig:
     # Table priors: "frozen" (the table stays, the layers learn), "finetune" (the table learns too, at
     # prior_lr_scale x the learning rate) or "pooled" (no transformer: the mean of the table's vectors
     # through a trained projection). Sentence priors: "tokens" (the layers learn over the frozen
-    # model's token states) or "pooled" (its sentence vector through a trained projection; with ~1k
+    # model's token states), "residual" (the same, plus a learnt embedding of the model's own token
+    # ids, starting at zero: words the training text uses get corrected, words it never saw keep the
+    # frozen model's reading) or "pooled" (its sentence vector through a trained projection; with ~1k
     # pairs, the least to overfit).
     prior_mode: str = "frozen"
     prior_lr_scale: float = 0.1
     prior_dim: int = 0  # a sentence prior's state width (its hidden size); 0: the input is token ids
+    # (vocab_size is then the sentence model's vocabulary: what a "residual" embedding is indexed by)
 
 
 class TextNet(nn.Module):
@@ -43,8 +46,10 @@ class TextNet(nn.Module):
         self.from_states = cfg.prior_dim > 0  # a frozen sentence model feeds token states, not ids
         if self.from_states:
             self.inp = nn.Linear(cfg.prior_dim, cfg.d_model)
-        else:
+        if not self.from_states or cfg.prior_mode == "residual":
             self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        if self.from_states and cfg.prior_mode == "residual":
+            nn.init.zeros_(self.tok.weight)  # at first, the frozen model's reading alone
         self.pooled = cfg.prior is not None and cfg.prior_mode == "pooled"
         if not self.pooled:
             self.pos = nn.Parameter(torch.randn(cfg.max_tokens, cfg.d_model) * 0.02)
@@ -58,8 +63,8 @@ class TextNet(nn.Module):
     def forward(
         self, ids: torch.Tensor | None = None, *, states: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Token ids (B, L), or a sentence model's states (B, L, prior_dim) with their mask (B, L)
-        -> (B, dim) unit vectors."""
+        """Token ids (B, L), or a sentence model's states (B, L, prior_dim) with their mask (B, L) (and
+        its token ids, for a residual embedding) -> (B, dim) unit vectors."""
         if states is None:
             assert ids is not None and not self.from_states, "this tower reads token ids"
             ids = ids[:, : self.cfg.max_tokens]
@@ -69,6 +74,9 @@ class TextNet(nn.Module):
             assert mask is not None and self.from_states, "this tower reads a sentence model's states and mask"
             states, mask = states[:, : self.cfg.max_tokens], mask[:, : self.cfg.max_tokens]
             h = self.inp(states)  # (B, L, D)
+            if hasattr(self, "tok"):  # residual: a learnt correction per token of the sentence model
+                assert ids is not None, "a residual tower reads the sentence model's token ids too"
+                h = h + self.tok(ids[:, : self.cfg.max_tokens])  # (B, L, D)
         if not self.pooled:
             h = self.encoder(h + self.pos[: h.shape[1]], src_key_padding_mask=~mask)  # (B, L, D)
         h = self.norm(h)  # (B, L, D)

@@ -127,7 +127,7 @@ class Query:
     refine: RefineSpec | None = None
     filter: ItemFilter | None = None
     lexical: bool = False  # fuse in the rankings of the files' words (text queries; see `rank`)
-    lexical_weight: float = 1.0  # the words' weight in the fusion; the dense ranking's is 1
+    lexical_weight: float = 1.0  # the words' weight in the fusion (`fuse`); 0 leaves the sound order
     meaning: bool = True  # with lexical: match the words by meaning too, not only exactly (if the index can)
     collapse: bool = True  # one hit per file (its best window), and per content (duplicates listed)
     effort: int | None = None  # an approximate index's search effort (efSearch/nprobe); None: its tuned default
@@ -351,11 +351,13 @@ class WordRankings:
     exact: list[tuple[str, float]]
     meaning_index: MeaningIndex | None = None
     meaning_row: np.ndarray | None = None  # (N,) cosines, in meaning_index.paths order
+    meaning: list[tuple[str, float]] = field(init=False)  # the MEANING_DEPTH nearest files, best first
+    exact_share: dict[str, float] = field(init=False)  # bm25 / the query's best bm25
 
     def __post_init__(self) -> None:
         self.meaning = self.meaning_index.nearest(self.meaning_row, MEANING_DEPTH) if self.meaning_index else []
         top = max((s for _, s in self.exact), default=0.0)
-        self.exact_share = {p: s / top for p, s in self.exact} if top > 0 else {}  # 1 = the best match
+        self.exact_share = {p: s / top for p, s in self.exact} if top > 0 else {}
 
     @property
     def empty(self) -> bool:

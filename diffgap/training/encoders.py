@@ -102,23 +102,25 @@ class SentenceStates:
 
     def __init__(self, sentence: SentenceEncoder, texts: Sequence[str], max_tokens: int, batch: int = 128) -> None:
         unique = list(dict.fromkeys(texts))
-        self.by_text: dict[str, torch.Tensor] = {}
+        self.by_text: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for start in range(0, len(unique), batch):
             chunk = unique[start : start + batch]
-            h, mask = sentence.token_states(chunk)  # (b, L, P), (b, L)
-            for text, hi, mi in zip(chunk, h, mask, strict=True):
-                self.by_text[text] = hi[mi][:max_tokens].to(torch.float16).clone()  # (L_i, P)
+            h, mask, ids = sentence.token_states(chunk)  # (b, L, P), (b, L), (b, L)
+            for text, hi, mi, ii in zip(chunk, h, mask, ids, strict=True):
+                self.by_text[text] = (hi[mi][:max_tokens].to(torch.float16).clone(), ii[mi][:max_tokens].clone())
         log.info("token states of %d captions from %s", len(unique), sentence.ref.name)
 
     def batch(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         rows = [self.by_text[t] for t in texts]
-        width = max(len(r) for r in rows)
-        states = torch.zeros(len(rows), width, rows[0].shape[1])  # (B, L, P)
+        width = max(len(r) for r, _ in rows)
+        states = torch.zeros(len(rows), width, rows[0][0].shape[1])  # (B, L, P)
         mask = torch.zeros(len(rows), width, dtype=torch.bool)  # (B, L)
-        for i, r in enumerate(rows):
+        ids = torch.zeros(len(rows), width, dtype=torch.long)  # (B, L)
+        for i, (r, t) in enumerate(rows):
             states[i, : len(r)] = r.float()
             mask[i, : len(r)] = True
-        return {"states": states, "mask": mask}
+            ids[i, : len(t)] = t
+        return {"states": states, "mask": mask, "ids": ids}
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -198,7 +200,8 @@ def train_compact_encoders(
     if has_text and cfg.text.prior and prior_kind(cfg.text.prior) == "sentence":
         sentence = load_sentence_encoder(cfg.text.prior)
         check_prior_mode(cfg.text.prior, cfg.text.prior_mode)
-        text_cfg = TextNetConfig(**{**asdict(cfg.text), "prior_dim": sentence.dim, "prior_sha256": sentence.ref.sha256})
+        text_cfg = TextNetConfig(**{**asdict(cfg.text), "prior_dim": sentence.dim, "prior_sha256": sentence.ref.sha256,
+                                    "vocab_size": sentence.vocab_size})  # fmt: skip
         texts = [t for c in clips for t in c.texts] + [p.text for p in val_pairs if p.text]
         states = SentenceStates(sentence, texts, cfg.text.max_tokens)
     elif has_text and cfg.text.prior:
@@ -221,7 +224,7 @@ def train_compact_encoders(
             groups.append({"params": [weight], "lr": cfg.lr * text_cfg.prior_lr_scale})
         else:
             weight.requires_grad_(False)  # frozen and pooled keep the prior as it is
-    elif model.text is not None and not model.text.from_states:
+    elif model.text is not None and hasattr(model.text, "tok"):  # learnt token embeddings (residual ones too)
         groups[0]["params"].append(model.text.tok.weight)
 
     def text_inputs(texts: list[str]) -> dict[str, torch.Tensor]:
