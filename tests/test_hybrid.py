@@ -182,10 +182,13 @@ def test_the_api_fuses_words_and_says_which_signal_found_a_hit(server):
     import httpx
 
     with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.get("/readyz").json()["meaning"] == "minilm-l6"
         fused = c.post("/v1/search", json={"text": "demo", "k": 3}).json()["results"]
-        assert all(h["lexical_rank"] is not None and h["dense_rank"] for h in fused)
+        assert all(h["lexical_rank"] is not None and h["meaning_rank"] and h["dense_rank"] for h in fused)
+        exact = c.post("/v1/search", json={"text": "demo", "k": 3, "meaning": False}).json()["results"]
+        assert all(h["lexical_rank"] is not None and h["meaning_rank"] is None for h in exact)
         plain = c.post("/v1/search", json={"text": "demo", "k": 3, "lexical": False}).json()["results"]
-        assert all(h["lexical_rank"] is None for h in plain)
+        assert all(h["lexical_rank"] is None and h["meaning_rank"] is None for h in plain)
         windows = c.post("/v1/search", json={"text": "a beep", "k": 3, "collapse": False}).json()["results"]
         assert len(windows) == 3 and all(h["windows"] == 1 for h in windows)
     assert np.isfinite([h["score"] for h in fused]).all()

