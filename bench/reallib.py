@@ -192,6 +192,7 @@ def main() -> None:
         help="train the encoders as `encoders train --from-index` does: augmented, the best epoch on 10%% of the "
         "training files kept (the benchmark's own held-out files stay unseen)",
     )
+    parser.add_argument("--no-augment", action="store_true", help="with --library-training: no augmentation")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     work = Path(args.work).resolve()
@@ -213,11 +214,13 @@ def main() -> None:
             if f["path"] not in held and f["description"]:
                 writer.writerow([f"library/{f['path']}", f["description"]])
     mode = (args.prior_mode or PRIOR_MODES[prior_kind(args.prior)][0]) if args.prior else None
-    variant = ("-lib" if args.library_training else "") + (f"-prior-{args.prior}-{mode}" if args.prior else "")
+    variant = ("-lib" if args.library_training else "") + ("-noaug" if args.no_augment else "")
+    variant += f"-prior-{args.prior}-{mode}" if args.prior else ""
     encoders = work / f"encoders{variant}"
     if not (encoders / "config.json").exists():
         base = LIBRARY_TRAINING if args.library_training else {"batch_size": 32}
         cfg = EncoderTrainConfig(**{**base, "epochs": args.epochs, "seed": args.seed, "max_seconds": 10.0})
+        cfg.augment = cfg.augment and not args.no_augment
         if args.prior:
             cfg.text = dataclasses.replace(cfg.text, prior=args.prior, prior_mode=mode)
         train_pairs = read_pairs(pairs)

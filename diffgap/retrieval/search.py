@@ -15,6 +15,7 @@ no refiner it fails with `NeedsRefinerError`.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -402,7 +403,7 @@ def tied_ranks(scored: list[tuple[str, float]]) -> dict[str, int]:
     ranks: dict[str, int] = {}
     ordered = sorted(scored, key=lambda kv: -kv[1])
     for i, (key, score) in enumerate(ordered):
-        tie = i > 0 and np.isclose(score, ordered[i - 1][1], rtol=1e-9, atol=1e-12)
+        tie = i > 0 and math.isclose(score, ordered[i - 1][1], rel_tol=1e-9, abs_tol=1e-12)
         ranks[key] = ranks[ordered[i - 1][0]] if tie else i + 1
     return ranks
 

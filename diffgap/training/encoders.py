@@ -48,9 +48,10 @@ class EncoderTrainConfig:
     gain_jitter_db: float = 6.0  # random gain: loudness words stay relative to the background
     seed: int = 0
     max_minutes: float = 0.0  # stop early after this wall time (0 = no limit)
-    # Small-data training on a library's own names, which describe whole clips: a random crop, white
-    # noise mixed in and masked spectrogram bands keep such labels true and stretch ~1k clips further.
-    # Off for captions that say when and over what things happen ("at the start", "over a faint hiss").
+    # Augmentation for labels that describe whole clips (a library's names): a random crop, white noise
+    # mixed in and masked spectrogram bands keep such labels true. Wrong for captions that say when and
+    # over what things happen ("at the start", "over a faint hiss"); on the real library of BENCHMARKS.md
+    # it also cost held-out R@10 at the same epochs, so it is opt-in.
     augment: bool = False
     crop_min: float = 0.6  # a crop keeps at least this share of the clip
     noise_snr_db: tuple[float, float] = (10.0, 30.0)  # noise at a random SNR in this range, half of the time
