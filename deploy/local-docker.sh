@@ -145,7 +145,13 @@ cmd_smoke() {
 
 cmd_failover() {
   # shellcheck disable=SC2046  # one argument per container id
-  "$here/deploy/failover.py" "http://127.0.0.1:$port" $(compose ps -q api)
+  if ! "$here/deploy/failover.py" "http://127.0.0.1:$port" $(compose ps -q api); then
+    # HAProxy's own account of what it could not answer: status, timers and termination state
+    # (e.g. SH = the server closed mid-request) say why a request was not resent.
+    log "balancer log lines that were not 200:"
+    compose logs --no-log-prefix lb 2>&1 | grep -E '"(GET|POST) ' | grep -vE ' 200 [0-9]+ ' | tail -20 >&2 || true
+    return 1
+  fi
 }
 
 cmd_down() {
