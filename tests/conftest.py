@@ -166,7 +166,7 @@ class Server:
                 "--port",
                 str(self.port),
                 "--log-level",
-                "warning",
+                os.environ.get("DIFFGAP_TEST_LOG_LEVEL", "warning"),  # info: every request and worker event
             ],
             cwd=REPO,
             env=full_env,

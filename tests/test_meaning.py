@@ -20,7 +20,7 @@ from diffgap.encoders.sentence import DEFAULT_SENTENCE_MODEL, SentenceEncoder, l
 from diffgap.index.layout import MEANING_TABLE
 from diffgap.index.store import IndexStore
 from diffgap.media.audio import write_audio
-from diffgap.models.text_net import TextNetConfig
+from diffgap.models.text_net import TextNet, TextNetConfig
 from diffgap.pipeline import build, update
 from diffgap.retrieval.search import Query, open_searcher
 from diffgap.training.encoders import EncoderTrainConfig, train_compact_encoders
@@ -143,7 +143,7 @@ def test_meaning_vectors_follow_the_files_through_updates(library, tiny_clap, tm
         assert store.manifest.meaning is None and store.meaning_vectors()[0] == []
 
 
-@pytest.mark.parametrize("mode", ["tokens", "residual", "pooled"])
+@pytest.mark.parametrize("mode", ["tokens", "residual", "pooled", "dual"])
 def test_a_tiny_tower_over_the_sentence_model_trains_and_round_trips(tmp_path, mode):
     stats = train_tiny_towers(tmp_path, d_model=32, prior=DEFAULT_SENTENCE_MODEL, prior_mode=mode)
     assert stats["steps"] == 3 and np.isfinite(stats["loss"])
@@ -153,7 +153,10 @@ def test_a_tiny_tower_over_the_sentence_model_trains_and_round_trips(tmp_path, m
     assert fp["prior_sha256"] == load_sentence_encoder().ref.sha256
     saved = text.model.state_dict()
     assert not any(k.startswith("text.sentence") or "embeddings.word" in k for k in saved)  # the frozen model stays out
-    assert ("text.tok.weight" in saved) == (mode == "residual")  # only its learnt correction is saved
+    assert ("text.tok.weight" in saved) == (mode in ("residual", "dual"))  # its own embeddings only
+    if mode == "dual":  # the corpus tokenizer travels with the towers; the sentence branch is a projection
+        assert (tmp_path / "enc" / "tokenizer.json").is_file() and saved["text.sent.weight"].shape == (32, 384)
+        assert saved["text.tok.weight"].shape[0] == text.model.tokenizer.get_vocab_size()
     vectors = text.encode(["a dog barks", "an unseen word: xylophonic"])
     assert vectors.shape == (2, 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     again = load_encoders(f"compact:{tmp_path / 'enc'}").text
@@ -167,5 +170,17 @@ def test_a_sentence_prior_takes_its_own_modes(tmp_path):
         write_audio(tmp_path / f"{i}.wav", tone(300 + 200 * i, 1.0, 16000), 16000)
         pairs.append(Pair(tmp_path / f"{i}.wav", text=f"hum {i}"))
     cfg = EncoderTrainConfig(epochs=1, text=TextNetConfig(prior=DEFAULT_SENTENCE_MODEL, prior_mode="finetune"))
-    with pytest.raises(ValueError, match="modes are tokens, residual, pooled"):
+    with pytest.raises(ValueError, match="modes are tokens, residual, pooled, dual"):
         train_compact_encoders(pairs, tmp_path / "enc", cfg, use_video=False)
+
+
+def test_a_dual_tower_reads_its_corpus_branch_except_when_training_drops_it():
+    cfg = TextNetConfig(vocab_size=50, max_tokens=8, d_model=16, n_layers=1, n_heads=2, dim=8, prior="any",
+                        prior_mode="dual", prior_dim=12, corpus_drop=1.0)  # fmt: skip
+    net = TextNet(cfg)
+    ids_a, ids_b = torch.tensor([[5, 6, 7]]), torch.tensor([[9, 3, 4]])
+    sentence = torch.nn.functional.normalize(torch.randn(1, 12), dim=-1)  # (1, 12)
+    net.train()  # every caption's corpus branch dropped: the sentence vector alone places it
+    torch.testing.assert_close(net(ids_a, sentence=sentence), net(ids_b, sentence=sentence))
+    net.eval()  # at search time both branches count
+    assert not torch.allclose(net(ids_a, sentence=sentence), net(ids_b, sentence=sentence))

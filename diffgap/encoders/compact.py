@@ -95,7 +95,10 @@ class CompactModel(torch.nn.Module):
         self.logit_scale_video = torch.nn.Parameter(torch.tensor(2.659))
 
     def text_inputs(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """What the text tower reads for these texts: token ids, or a sentence model's states and mask."""
+        """What the text tower reads for these texts: token ids, a sentence model's states and mask, or
+        (dual) token ids and the sentence model's vectors."""
+        if self.sentence is not None and self.text is not None and self.text.dual:
+            return {"ids": self.tokenize(texts), "sentence": torch.from_numpy(self.sentence.encode(texts))}
         if self.sentence is not None:
             states, mask, ids = self.sentence.token_states(texts)  # (B, L, P), (B, L), (B, L)
             return {"states": states, "mask": mask, "ids": ids}

@@ -31,7 +31,7 @@ PRIORS = {
 }
 DEFAULT_PRIOR = "wordllama-l2-supercat-256"
 # What a text tower can do with each kind of prior (diffgap/models/text_net.py explains the modes).
-PRIOR_MODES = {"table": ("frozen", "finetune", "pooled"), "sentence": ("tokens", "residual", "pooled")}
+PRIOR_MODES = {"table": ("frozen", "finetune", "pooled"), "sentence": ("tokens", "residual", "pooled", "dual")}
 
 
 def prior_kind(name: str) -> str:

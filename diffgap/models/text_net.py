@@ -1,6 +1,7 @@
 """Compact text encoder: a small transformer over a corpus-trained WordPiece vocabulary, over a
 pretrained token-embedding table (a language prior), over a frozen sentence model's token states,
-or a prior's pooled vectors alone through a trained projection."""
+or a prior's pooled vectors alone through a trained projection; or the corpus transformer and a
+sentence model's vector side by side."""
 
 from __future__ import annotations
 
@@ -32,20 +33,30 @@ class TextNetConfig:
     # model's token states), "residual" (the same, plus a learnt embedding of the model's own token
     # ids, starting at zero: words the training text uses get corrected, words it never saw keep the
     # frozen model's reading) or "pooled" (its sentence vector through a trained projection; with ~1k
-    # pairs, the least to overfit).
+    # pairs, the least to overfit), or "dual": the corpus tokenizer's transformer as without a prior,
+    # plus the sentence vector through a trained projection, added before the output projection (the
+    # corpus words keep the trained style sharp, the sentence model reads what they miss).
     prior_mode: str = "frozen"
     prior_lr_scale: float = 0.1
     prior_dim: int = 0  # a sentence prior's state width (its hidden size); 0: the input is token ids
-    # (vocab_size is then the sentence model's vocabulary: what a "residual" embedding is indexed by)
+    # (vocab_size is then the sentence model's vocabulary: what a "residual" embedding is indexed by;
+    # in "dual" mode the input is token ids of the corpus vocabulary and prior_dim the vector's width)
+    # "dual" only: the share of training captions whose corpus branch is dropped, so that the sentence
+    # branch learns to place a caption on its own (without it, the corpus branch, which fits the
+    # training captions' words fastest, does all the work and a new phrasing gets little from the prior)
+    corpus_drop: float = 0.3
 
 
 class TextNet(nn.Module):
     def __init__(self, cfg: TextNetConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.from_states = cfg.prior_dim > 0  # a frozen sentence model feeds token states, not ids
+        self.dual = cfg.prior_dim > 0 and cfg.prior_mode == "dual"  # corpus ids and a sentence vector
+        self.from_states = cfg.prior_dim > 0 and not self.dual  # a frozen sentence model feeds token states
         if self.from_states:
             self.inp = nn.Linear(cfg.prior_dim, cfg.d_model)
+        if self.dual:
+            self.sent = nn.Linear(cfg.prior_dim, cfg.d_model)
         if not self.from_states or cfg.prior_mode == "residual":
             self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         if self.from_states and cfg.prior_mode == "residual":
@@ -61,10 +72,16 @@ class TextNet(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.dim)
 
     def forward(
-        self, ids: torch.Tensor | None = None, *, states: torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self,
+        ids: torch.Tensor | None = None,
+        *,
+        states: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        sentence: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids (B, L), or a sentence model's states (B, L, prior_dim) with their mask (B, L) (and
-        its token ids, for a residual embedding) -> (B, dim) unit vectors."""
+        its token ids, for a residual embedding), or in "dual" mode token ids and the sentence model's
+        vectors (B, prior_dim) -> (B, dim) unit vectors."""
         if states is None:
             assert ids is not None and not self.from_states, "this tower reads token ids"
             ids = ids[:, : self.cfg.max_tokens]
@@ -82,4 +99,10 @@ class TextNet(nn.Module):
         h = self.norm(h)  # (B, L, D)
         w = mask.unsqueeze(-1).to(h.dtype)  # (B, L, 1)
         pooled = (h * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, D)
+        if self.dual:
+            assert sentence is not None, "a dual tower reads the sentence model's vectors too"
+            if self.training and self.cfg.corpus_drop > 0:
+                keep = torch.rand(pooled.shape[0], 1) >= self.cfg.corpus_drop  # (B, 1)
+                pooled = pooled * keep.to(pooled.dtype)  # (B, D)
+            pooled = pooled + self.sent(sentence)  # (B, D)
         return F.normalize(self.proj(pooled), dim=-1)

@@ -124,6 +124,21 @@ class SentenceStates:
         return {"states": states, "mask": mask, "ids": ids}
 
 
+class SentenceVectors:
+    """A frozen sentence model's vector for every training caption, computed once (a dual tower's
+    second input; diffgap/models/text_net.py)."""
+
+    def __init__(self, sentence: SentenceEncoder, texts: Sequence[str]) -> None:
+        unique = list(dict.fromkeys(texts))
+        vectors = sentence.encode(unique)  # (N, P)
+        self.row = {text: i for i, text in enumerate(unique)}
+        self.vectors = torch.from_numpy(vectors)
+        log.info("sentence vectors of %d captions from %s", len(unique), sentence.ref.name)
+
+    def batch(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {"sentence": self.vectors[[self.row[t] for t in texts]]}  # (B, P)
+
+
 def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE between row-aligned unit vectors a (N, d) and b (N, d)."""
     logits = logit_scale.exp().clamp(max=100) * a @ b.T  # (N, N)
@@ -201,10 +216,14 @@ def train_compact_encoders(
     if has_text and cfg.text.prior and prior_kind(cfg.text.prior) == "sentence":
         sentence = load_sentence_encoder(cfg.text.prior)
         check_prior_mode(cfg.text.prior, cfg.text.prior_mode)
-        text_cfg = TextNetConfig(**{**asdict(cfg.text), "prior_dim": sentence.dim, "prior_sha256": sentence.ref.sha256,
-                                    "vocab_size": sentence.vocab_size})  # fmt: skip
         texts = [t for c in clips for t in c.texts] + [p.text for p in val_pairs if p.text]
-        states = SentenceStates(sentence, texts, cfg.text.max_tokens)
+        if cfg.text.prior_mode == "dual":  # corpus tokens as without a prior, and the sentence vectors
+            tokenizer = train_tokenizer((t for c in clips for t in c.texts), cfg.text.vocab_size)
+            vocab_size, states = tokenizer.get_vocab_size(), SentenceVectors(sentence, texts)
+        else:
+            vocab_size, states = sentence.vocab_size, SentenceStates(sentence, texts, cfg.text.max_tokens)
+        text_cfg = TextNetConfig(**{**asdict(cfg.text), "prior_dim": sentence.dim, "prior_sha256": sentence.ref.sha256,
+                                    "vocab_size": vocab_size})  # fmt: skip
     elif has_text and cfg.text.prior:
         check_prior_mode(cfg.text.prior, cfg.text.prior_mode)
         prior = load_prior(cfg.text.prior)
@@ -229,7 +248,10 @@ def train_compact_encoders(
         groups[0]["params"].append(model.text.tok.weight)
 
     def text_inputs(texts: list[str]) -> dict[str, torch.Tensor]:
-        return states.batch(texts) if states is not None else {"ids": model.tokenize(texts)}
+        inputs = states.batch(texts) if states is not None else {}
+        if tokenizer is not None:  # the tower reads corpus (or table) token ids
+            inputs["ids"] = model.tokenize(texts)
+        return inputs
 
     val_clips = [c for c in load_clips(val_pairs, cfg, False) if c.texts] if val_pairs and has_text else []
     best: dict = {"mrr": -1.0, "epoch": -1, "state": None}
