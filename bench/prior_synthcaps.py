@@ -7,7 +7,7 @@ style (B) and for a style nothing was trained on (bench/styles/everyday_c.json).
         [--splits pretrain,adapt] [--modes none,frozen,minilm-l6:tokens,minilm-l6:pooled]
 
 A mode is `none` (the corpus tokenizer), a mode of the wordllama table (frozen, finetune, pooled), or
-PRIOR:MODE for another prior (the sentence model: minilm-l6:tokens or minilm-l6:pooled).
+PRIOR:MODE for another prior (the sentence model: minilm-l6:tokens, :residual, :pooled or :dual).
 
 The data folder must be generated with `--caption-templates bench/styles/everyday_c.json`.
 Writes WORK/prior-SPLITS.json and prints a markdown table.
