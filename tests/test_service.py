@@ -366,3 +366,25 @@ def test_waveform_thumbnails(private_index):
             assert c.post("/v1/search", json={"item_id": 1, "text": "x"}).status_code == 422
     finally:
         srv.stop()
+
+
+def test_a_load_puts_its_objects_out_of_the_collectors_walk_and_a_reload_frees_the_old_state(served_index):
+    import gc
+    import weakref
+
+    from service.settings import Settings
+    from service.state import StateHolder
+
+    holder = StateHolder(Settings(index_dir=served_index))
+    try:
+        holder.load()
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000, frozen  # models, tokenizers, metadata: no longer walked by every full collection
+        first = weakref.ref(holder.state)
+        holder.load()  # a reload: the replaced state is freed (what it froze is unfrozen first)
+        gc.collect()
+        assert first() is None and holder.generation == 2
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        holder.close()
+        gc.unfreeze()  # the rest of the test session collects as usual
