@@ -62,10 +62,10 @@ def load_state(settings: Settings) -> ServiceState:
 
 def settle_heap() -> None:
     """Put what a load made (models, tokenizers, index metadata: most of the process's objects) out of
-    the cyclic garbage collector's walk. Left in, every full collection walked all of them: a 350 ms
-    pause in the middle of a request, a few times a minute under word-heavy queries (bench/tails.py).
-    What the previous state froze is unfrozen first, so a replaced state's cycles can still be freed;
-    the one full collection here happens on the loading thread, once per load."""
+    the cyclic garbage collector's walk. Left in, every full collection walked all of them: a 352 ms
+    pause in the middle of a request in a run of 2,000 word queries (bench/tails.py; 2.35 ms at most
+    after). What the previous state froze is unfrozen first, so a replaced state's cycles can still be
+    freed; the one full collection made here is one such pause per load, on the loading thread."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()
