@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 
 from diffgap.encoders.compact import CompactModel, _pad_frames, _pad_waves, train_tokenizer
 from diffgap.encoders.prior import check_prior_mode, load_prior, prior_kind
@@ -213,12 +214,16 @@ def train_compact_encoders(
     if not has_text and not has_video:
         raise ValueError("pairs have neither text nor video to align audio with")
     tokenizer, text_cfg, table, states = None, None, None, None
+
+    def corpus_tokenizer() -> Tokenizer:  # a WordPiece vocabulary of the training captions' own words
+        return train_tokenizer((t for c in clips for t in c.texts), cfg.text.vocab_size)
+
     if has_text and cfg.text.prior and prior_kind(cfg.text.prior) == "sentence":
         sentence = load_sentence_encoder(cfg.text.prior)
         check_prior_mode(cfg.text.prior, cfg.text.prior_mode)
         texts = [t for c in clips for t in c.texts] + [p.text for p in val_pairs if p.text]
         if cfg.text.prior_mode == "dual":  # corpus tokens as without a prior, and the sentence vectors
-            tokenizer = train_tokenizer((t for c in clips for t in c.texts), cfg.text.vocab_size)
+            tokenizer = corpus_tokenizer()
             vocab_size, states = tokenizer.get_vocab_size(), SentenceVectors(sentence, texts)
         else:
             vocab_size, states = sentence.vocab_size, SentenceStates(sentence, texts, cfg.text.max_tokens)
@@ -231,7 +236,7 @@ def train_compact_encoders(
         text_cfg = TextNetConfig(**{**asdict(cfg.text), "vocab_size": table.shape[0], "d_model": table.shape[1],
                                     "prior_sha256": prior.sha256})  # fmt: skip
     elif has_text:
-        tokenizer = train_tokenizer((t for c in clips for t in c.texts), cfg.text.vocab_size)
+        tokenizer = corpus_tokenizer()
         text_cfg = TextNetConfig(**{**asdict(cfg.text), "vocab_size": tokenizer.get_vocab_size()})
     audio_cfg = AudioNetConfig(**{**asdict(cfg.audio), "max_seconds": cfg.max_seconds})
     model = CompactModel(audio_cfg, text_cfg, cfg.video if has_video else None, tokenizer).train()
