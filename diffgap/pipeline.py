@@ -381,15 +381,27 @@ def evaluate(
     modality: str = "text",
     cache_dir: str | Path | None = None,
     refiner: str | Path | None = None,
+    upper_index: str | Path | None = None,
     progress: ProgressFactory = no_progress,
 ) -> dict[str, Any]:
-    """The ablation table on paired data: rows as JSON, the rendered table and the data sizes."""
+    """The ablation table on paired data: rows as JSON, the rendered table and the data sizes.
+    `upper_index`: an index whose encoders were trained on the target domain (their own query
+    towers, video included for compact encoders); its direct search on the test pairs is the upper
+    bound of the table's recovery column."""
     encoders, _ = encoders_for(index, encoder, video_encoder)
     cache = cache_dir or (Path(index) / CACHE_DIR if index else None)
     train = embed_pairs_file(train_pairs, encoders, modality, cache_dir=cache, progress=progress)
     test = embed_pairs_file(test_pairs, encoders, modality, cache_dir=cache, progress=progress)
+    upper = None
+    if upper_index:
+        upper_encoders, _ = encoders_for(upper_index)
+        if upper_encoders.get(modality) is None:
+            raise ValueError(f"the encoders of {upper_index} have no {modality} tower for the upper bound")
+        upper = embed_pairs_file(
+            test_pairs, upper_encoders, modality, cache_dir=Path(upper_index) / CACHE_DIR, progress=progress
+        )
     trained = load_refiner(refiner, encoders) if refiner else None
-    rows = run_ablation(train, test, cfg, refiner=trained)
+    rows = run_ablation(train, test, cfg, refiner=trained, upper=upper)
     return {
         "modality": modality,
         "train_pairs": int(len(train.query)),

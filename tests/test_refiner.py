@@ -14,8 +14,24 @@ from diffgap.encoders.base import EncoderFingerprint
 from diffgap.media.audio import write_audio
 from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
 from diffgap.training.embeddings import PairEmbeddings
-from diffgap.training.metrics import BLEND_GRID, choose_blend, metrics, ranks_audio_to_query, ranks_query_to_audio
-from diffgap.training.refiner import RefinerTrainConfig, diffusion_loss, direction_at, train_refiner
+from diffgap.training.evaluate import DIRECT, UPPER, Row, add_recovery, format_table
+from diffgap.training.metrics import (
+    BLEND_GRID,
+    choose_blend,
+    choose_mix,
+    metrics,
+    mix,
+    ranks_audio_to_query,
+    ranks_query_to_audio,
+    simplex_grid,
+)
+from diffgap.training.refiner import (
+    RefinerTrainConfig,
+    WeightAverage,
+    diffusion_loss,
+    direction_at,
+    train_refiner,
+)
 from indexer.cli import main
 
 
@@ -104,6 +120,59 @@ def test_bst_switches_direction_every_m_iterations():
     assert history.directions == [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1]
 
 
+def test_cosine_lr_warms_up_then_decays_to_a_tenth():
+    cfg = RefinerTrainConfig(iterations=1000, lr_schedule="cosine")
+    factors = [cfg.lr_factor(i) for i in range(1000)]
+    assert factors[0] == pytest.approx(1 / 20) and factors[19] == pytest.approx(1.0)  # 2% warmup
+    assert all(a >= b for a, b in zip(factors[19:], factors[20:], strict=False))  # then never rises
+    assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+    assert RefinerTrainConfig(iterations=1000).lr_factor(999) == 1.0  # the paper's constant rate by default
+    with pytest.raises(AssertionError, match="unknown lr_schedule"):
+        RefinerTrainConfig(lr_schedule="step").lr_factor(5)
+
+
+def test_weight_average_follows_the_weights_slowly():
+    net = torch.nn.Linear(3, 2)
+    average = WeightAverage(net, decay=0.9)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    for _ in range(3):
+        average.update(net)
+    moved = average.net.weight - start  # every coordinate moved by the same share of the step
+    assert torch.allclose(moved, moved.flatten()[0].expand_as(moved))
+    # the decay ramps up ((1+t)/(10+t): 0.1, 0.18, 0.25), so the early random weights fade fast
+    assert float(moved.flatten()[0]) == pytest.approx(1 - 0.1 * (2 / 11) * (3 / 12), rel=1e-5)
+    assert not any(p.requires_grad for p in average.net.parameters())
+
+
+def test_training_with_ema_and_cosine_lr_resumes_bit_identical(tmp_path):
+    data = _toy_pairs(n_groups=40)
+    cfg = RefinerTrainConfig(iterations=60, batch_size=16, ema_decay=0.95, lr_schedule="cosine")
+    net_cfg = RefinerNetConfig(audio_dim=16, query_dim=16, hidden=32, n_blocks=1)
+    whole, _ = train_refiner(data, cfg=cfg, net_cfg=net_cfg)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_45(it: int, loss: float) -> None:
+        if it == 45:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_refiner(
+            data, cfg=cfg, net_cfg=net_cfg, checkpoint=tmp_path / "ck", checkpoint_every=20, progress=stop_at_45
+        )
+    assert json.loads((tmp_path / "ck" / "checkpoint.json").read_text())["ema_updates"] == 40
+    resumed, _ = train_refiner(data, cfg=cfg, net_cfg=net_cfg, checkpoint=tmp_path / "ck", checkpoint_every=20)
+    a, b = whole.net.state_dict(), resumed.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # what ships is the average, not the last iterate
+    last, _ = train_refiner(data, cfg=RefinerTrainConfig(**{**cfg.__dict__, "ema_decay": 0.0}), net_cfg=net_cfg)
+    assert not torch.equal(last.net.state_dict()["z_in.0.weight"], a["z_in.0.weight"])
+    assert whole.config.training["ema_decay"] == 0.95
+
+
 @pytest.fixture(scope="module")
 def trained() -> tuple[Refiner, PairEmbeddings, PairEmbeddings]:
     train, test = _toy_pairs().split(0.25)
@@ -145,6 +214,58 @@ def test_bad_refine_arguments(trained):
         refiner.refine(test.query[:2], blend=1.5)
     with pytest.raises(TypeError, match="stpes"):  # a misspelt option is an error, not silently ignored
         refiner.refine(test.query[:2], stpes=20)
+
+
+def test_bridge_starts_from_a_given_estimate(trained):
+    refiner, _, test = trained
+    truth = test.audio[test.query_group]  # (Q, d): the best estimate there is
+    # a little noise on the truth, denoised, stays the truth; from the query it does not (rotated)
+    near = refiner.refine(test.query, mode="bridge", start=truth, start_step=20, blend=0.0)
+    assert metrics(ranks_query_to_audio(near, test.audio, test.query_group))["R@1"] == 1.0
+    assert float(np.mean(np.sum(near * truth, axis=1))) > 0.95
+    from_query = refiner.refine(test.query, mode="bridge", start_step=20, blend=0.0)
+    assert float(np.mean(np.sum(from_query * truth, axis=1))) < 0.9
+    np.testing.assert_allclose(  # the query as `start` is the default (up to renormalising it)
+        refiner.refine(test.query, mode="bridge", start=test.query, start_step=20, blend=0.0), from_query, atol=1e-5
+    )
+    with pytest.raises(RefinerError, match="bridge start of shape"):
+        refiner.refine(test.query, mode="bridge", start=truth[:, :8])
+
+
+def test_mix_weights_are_picked_on_held_out_pairs(trained):
+    _, _, test = trained
+    grid = simplex_grid(3)
+    assert len(grid) == 15 and all(sum(w) == pytest.approx(1.0) for w in grid) and len(set(grid)) == 15
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal(test.query.shape).astype(np.float32)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    truth = test.audio[test.query_group]
+    weights, score = choose_mix(test, [noise, truth, test.query])
+    assert score == 1.0 and max(weights) == weights[1] >= 0.75  # the exact map dominates
+    weights, score = choose_mix(test, [noise, test.query])  # two weak maps: the score is the mix's own
+    assert (
+        score
+        == metrics(ranks_query_to_audio(mix([noise, test.query], weights), test.audio, test.query_group))["MRR@10"]
+    )
+    np.testing.assert_allclose(mix([noise, truth], (0.0, 1.0)), truth, atol=1e-6)
+    # audio -> query: the other direction ranks query rows
+    queries_of_audio = np.stack([test.query[np.flatnonzero(test.query_group == g)[0]] for g in range(len(test.audio))])
+    weights, score = choose_mix(test, [queries_of_audio, test.audio], direction=1)
+    assert weights[0] >= 0.75 and score == 1.0
+
+
+def test_recovery_column_is_the_share_of_the_upper_bound_gained():
+    def r1(value: float) -> dict:
+        return {"R@1": value, "R@5": value, "R@10": value, "median_rank": 1.0, "MRR@10": value, "n": 10}
+
+    rows = add_recovery(
+        [Row(DIRECT, r1(0.2), r1(0.3)), Row(UPPER, r1(0.6), r1(0.3)), Row("refiner", r1(0.5), r1(0.25))]
+    )
+    assert rows[2].notes == {"recovery_to_audio": 0.75}  # the upper bound is no higher back: no column there
+    assert rows[0].notes["recovery_to_audio"] == 0.0 and rows[1].notes["recovery_to_audio"] == 1.0
+    table = format_table(rows)
+    assert "| recovery |" in table and "| 75% |" in table
+    assert "recovery" not in format_table([Row(DIRECT, r1(0.2), None), Row("refiner", r1(0.5), None)])
 
 
 def test_checkpoint_round_trip_and_encoder_refusal(trained, tmp_path):
@@ -271,20 +392,12 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
     assert by_weight[str(cfg["blend"])] == max(by_weight.values())
     assert list((tmp_path / "cache").glob("pairs-*.npz"))  # embeddings are cached
     out = tmp_path / "eval.json"
+    eval_args = ["refiner", "eval", "-q", "--pairs", str(captioned / "pairs.csv"), "--split", "train"]
+    eval_args += ["--test-split", "test", "--encoder", enc]
     assert (
         main(
             [
-                "refiner",
-                "eval",
-                "-q",
-                "--pairs",
-                str(captioned / "pairs.csv"),
-                "--split",
-                "train",
-                "--test-split",
-                "test",
-                "--encoder",
-                enc,
+                *eval_args,
                 "--iterations",
                 "30",
                 "--mapper-iterations",
@@ -317,11 +430,27 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
         "blend chosen on held-out pairs",
         "direct, top 50 reranked by denoising error",
         "5 steps, top 50 reranked by denoising error",
+        "EMA 0.999, sample",
+        "EMA 0.999 + cosine LR",
+        "bridge from the mapper's estimate",
+        "ensemble of refined, mapped and direct scores, weights chosen on held-out pairs",
     ):
         assert any(expected in n for n in names), (expected, names)
     assert "| direct (no refiner) |" in table
     rows = json.loads(out.read_text())["rows"]
     assert all(r["to_audio"]["n"] == 4 for r in rows)  # two test clips, two captions each
+    ensemble = next(r for r in rows if r["name"].startswith("ensemble"))
+    assert len(ensemble["notes"]["weights"]) == 2 and all(len(w) == 3 for w in ensemble["notes"]["weights"])
+    # an upper bound from an index with the same encoders is direct search itself: no recovery to show
+    upper = tmp_path / "upper"
+    assert main(["build", str(captioned), "-o", str(upper), "--encoder", enc, "-q"]) == 0
+    capsys.readouterr()
+    args = [*eval_args, "--iterations", "5", "--mapper-iterations", "5", "--steps", "1", "--json", str(out)]
+    assert main([*args, "--upper-index", str(upper), "--cache", str(tmp_path / "cache")]) == 0
+    assert "| in-domain upper bound" in capsys.readouterr().out
+    by_name = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert by_name[UPPER]["to_audio"] == by_name[DIRECT]["to_audio"]
+    assert main([*args, "--upper-index", str(tmp_path / "nowhere")]) != 0
     # the trained refiner refuses an index built with another encoder
     from tiny_models import make_tiny_clap
 

@@ -4,9 +4,10 @@ Two ways to turn a query embedding q into an audio-space vector (direction 0; di
 from audio to the query space the same way):
 - "sample" (the paper): z_N ~ N(0, I), DDIM down to z_0 conditioned on q. Made deterministic
   by a fixed seed per call and optionally averaged over `n_samples` draws.
-- "bridge" (in the spirit of Diffusion Bridge): start from the query itself noised to step
+- "bridge" (in the spirit of Diffusion Bridge): start from an estimate of the target noised to step
   `start_step` (noise from a fixed seed; `start_noise=0` uses no noise) and denoise, still
-  conditioned on q. Needs the query and audio spaces to be one space (CLAP text/audio, compact).
+  conditioned on q. The estimate is the query itself (which needs the query and audio spaces to be
+  one space: CLAP text/audio, compact) or any vectors given as `start`, e.g. a regression mapper's.
 The result may be blended with the query (`blend` in [0, 1]) before search; for unit vectors
 that equals blending the two cosine scores, so one FAISS search serves both.
 """
@@ -170,10 +171,12 @@ class Refiner:
         guidance: float = 1.0,
         blend: float | None = None,
         seed: int = 0,
+        start: np.ndarray | None = None,
     ) -> np.ndarray:
         """Map unit query vectors (B, c) to unit vectors in the target space (B, d).
 
-        `blend=None` takes the refiner's own weight (`config.blend`) for query -> audio, 0 otherwise."""
+        `blend=None` takes the refiner's own weight (`config.blend`) for query -> audio, 0 otherwise.
+        `start` (B, d): bridge mode's estimate of the target (default: the query)."""
         target_dim, cond_dim = self.dims(direction)
         if blend is None:
             blend = self.config.blend if direction == 0 and target_dim == cond_dim else 0.0
@@ -200,12 +203,11 @@ class Refiner:
                 sampler.set_timesteps(steps)
                 z = noise * start_noise  # start_noise=0: from the prior's mean, the conditional-mean path
             elif mode == "bridge":
-                if target_dim != cond_dim:
-                    raise RefinerError("bridge mode needs the query and target spaces to have one size")
-                start = int(start_step if start_step is not None else self.schedule.num_train_timesteps // 2)
-                sampler.set_timesteps(steps, start_step=start)
+                origin = self._bridge_origin(cond, start, target_dim)  # (B, d)
+                first = int(start_step if start_step is not None else self.schedule.num_train_timesteps // 2)
+                sampler.set_timesteps(steps, start_step=first)
                 n0 = torch.full((b,), int(sampler.timesteps[0]), dtype=torch.long)
-                z = self.schedule.add_noise(cond.clone(), noise * start_noise, n0)
+                z = self.schedule.add_noise(origin, noise * start_noise, n0)
             else:
                 raise RefinerError(f"unknown refinement mode {mode!r}; expected 'sample' or 'bridge'")
             for n in sampler.timesteps.tolist():
@@ -213,6 +215,18 @@ class Refiner:
                 z = sampler.step(out, int(n), z)
             total += torch.nn.functional.normalize(z, dim=-1)
         return blend_with_query(l2_normalize(total.numpy()), xq, blend)
+
+    @staticmethod
+    def _bridge_origin(cond: torch.Tensor, start: np.ndarray | None, target_dim: int) -> torch.Tensor:
+        """Bridge mode's starting estimate, rescaled like the training targets: `start` or the query."""
+        if start is None:
+            if cond.shape[1] != target_dim:
+                raise RefinerError("bridge mode from the query needs the query and target spaces to have one size")
+            return cond.clone()
+        start = np.asarray(start, dtype=np.float32)
+        if start.shape != (cond.shape[0], target_dim):
+            raise RefinerError(f"bridge start of shape {start.shape}; expected {(cond.shape[0], target_dim)}")
+        return torch.from_numpy(l2_normalize(start)) * math.sqrt(target_dim)
 
     def warm_up(self) -> None:
         """Trace the query -> audio network now (the first refinement would, at ~140 ms)."""

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, blend_with_query
+from diffgap.encoders.base import l2_normalize
 from diffgap.training.embeddings import PairEmbeddings
 
 
@@ -91,3 +92,43 @@ def choose_blend(
         scores[w] = metrics(ranks_query_to_audio(mixed, val.audio, val.query_group))["MRR@10"]
     best = max(grid, key=lambda w: (scores[w], -w))
     return best, scores
+
+
+def simplex_grid(parts: int, step: float = 0.25) -> list[tuple[float, ...]]:
+    """Every weight vector of `parts` non-negative multiples of `step` that sum to 1."""
+    units = round(1 / step)
+    assert abs(units * step - 1) < 1e-9, f"step {step} must divide 1"
+
+    def spread(left: int, slots: int) -> list[tuple[int, ...]]:
+        if slots == 1:
+            return [(left,)]
+        return [(k, *rest) for k in range(left, -1, -1) for rest in spread(left - k, slots - 1)]
+
+    return [tuple(k * step for k in combo) for combo in spread(units, parts)]
+
+
+def mix(vectors: list[np.ndarray], weights: tuple[float, ...]) -> np.ndarray:
+    """Unit vectors whose cosine with any unit xb ranks like sum_i w_i * cosine(vectors_i, xb)."""
+    assert len(vectors) == len(weights), f"{len(vectors)} vector sets, {len(weights)} weights"
+    return l2_normalize(sum(w * v for w, v in zip(weights, vectors, strict=True)))
+
+
+def choose_mix(
+    val: PairEmbeddings, vectors: list[np.ndarray], direction: int = 0, step: float = 0.25
+) -> tuple[tuple[float, ...], float]:
+    """The weights (on a simplex grid) of several maps of the held-out rows (query rows for direction
+    0, audio rows for 1, each already in the other space) whose summed cosine scores rank best by
+    held-out MRR@10 (ties: the earlier grid point, which puts more weight on the first map), and
+    that score."""
+
+    def score(weights: tuple[float, ...]) -> float:
+        mixed = mix(vectors, weights)
+        if direction == 0:
+            ranks = ranks_query_to_audio(mixed, val.audio, val.query_group)
+        else:
+            ranks = ranks_audio_to_query(mixed, val.query, val.query_group)
+        return metrics(ranks)["MRR@10"]
+
+    scored = [(score(w), w) for w in simplex_grid(len(vectors), step)]
+    best = max(scored, key=lambda item: item[0])  # max keeps the first of equal scores
+    return best[1], best[0]

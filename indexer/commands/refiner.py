@@ -13,7 +13,7 @@ from diffgap.models.refiner_net import RefinerNetConfig
 from diffgap.pipeline import PairsSource, RefinerJob, evaluate, train_refiner_job
 from diffgap.training.evaluate import AblationConfig
 from diffgap.training.mapper import MapperConfig
-from diffgap.training.refiner import RefinerTrainConfig
+from diffgap.training.refiner import LR_SCHEDULES, RefinerTrainConfig
 from indexer.common import EXIT_OK, CliError, progress_bars, step_count, step_counts, unit_interval
 
 
@@ -22,6 +22,8 @@ def _pairs(args: argparse.Namespace, path: str | None = None, split: str | None 
 
 
 def _train_cfg(args: argparse.Namespace) -> RefinerTrainConfig:
+    if not 0.0 <= args.ema < 1.0:
+        raise CliError(f"--ema must be in [0, 1) (0 turns the average off), got {args.ema}")
     return RefinerTrainConfig(
         iterations=args.iterations,
         batch_size=args.batch_size,
@@ -31,6 +33,8 @@ def _train_cfg(args: argparse.Namespace) -> RefinerTrainConfig:
         cond_dropout=args.cond_dropout,
         contrastive_weight=args.contrastive_weight,
         prediction_type=args.prediction,
+        ema_decay=args.ema,
+        lr_schedule=args.lr_schedule,
         seed=args.seed,
     )
 
@@ -67,6 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         train=_train_cfg(args),
         mapper=MapperConfig(iterations=args.mapper_iterations, seed=args.seed),
         bridge_start=args.bridge_start,
+        mapper_bridge_start=args.mapper_bridge_start,
         blend=args.blend,
     )
     payload = evaluate(
@@ -79,6 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         modality=args.modality,
         cache_dir=args.cache,
         refiner=args.refiner,
+        upper_index=args.upper_index,
         progress=progress_bars(args.quiet),
     )
     sys.stdout.write(payload["table"] + "\n")
@@ -120,6 +126,18 @@ def _common(p: argparse.ArgumentParser, pairs_required: bool = True) -> None:
         default=defaults.prediction_type,
         choices=["sample", "epsilon"],
         help="what the denoiser predicts: the noise (epsilon, the paper) or z_0 (sample)",
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=defaults.ema_decay,
+        help="keep an exponential moving average of the weights with this decay and ship it (0: off)",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        default=defaults.lr_schedule,
+        choices=LR_SCHEDULES,
+        help="constant, or cosine: warmup then decay to a tenth of --lr",
     )
     p.add_argument("--seed", type=int, default=defaults.seed)
 
@@ -179,5 +197,16 @@ def register_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bridge-start", type=int, default=500)
     p.add_argument("--blend", type=unit_interval, default=0.5, help="blend weight of the blended row")
     p.add_argument("--refiner", help="score this trained refiner as the full model instead of training one")
+    p.add_argument(
+        "--upper-index",
+        help="an index whose encoders were trained on the target domain: its direct search on the test pairs "
+        "is the upper bound, and the table gets a recovery column",
+    )
+    p.add_argument(
+        "--mapper-bridge-start",
+        type=int,
+        default=AblationConfig.mapper_bridge_start,
+        help="step the bridge row from the mapper's estimate starts at",
+    )
     p.add_argument("--json", help="also write the table and all numbers as JSON here")
     p.set_defaults(func=cmd_eval)
