@@ -11,8 +11,10 @@
 #
 # SYNTHCAPS_DIR is generated first if it has no captions.csv (needs ../shared/bench/synthcaps.py or
 # SYNTHCAPS_PY; SEED picks the seed, default 0). Knobs: ENC_MINUTES (encoder training budget per
-# run, default 25), REFINER_ITERS (6000), STEPS (DDIM step counts scored, default 1), RUNS (default
-# "in-domain protocol"; the protocol's recovery column needs the in-domain index).
+# run, default 25) or ENC_STEPS (a fixed number of encoder steps instead: the same compute for both
+# runs whatever else the machine is doing), REFINER_ITERS (6000), STEPS (DDIM step counts scored,
+# default 1), THREADS (torch threads per command; default what diffgap/resources.py finds free),
+# RUNS (default "in-domain protocol"; the protocol's recovery column needs the in-domain index).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 data="$(realpath -m "${1:?usage: bench/synthcaps.sh SYNTHCAPS_DIR [WORK_DIR]}")"
@@ -23,6 +25,8 @@ iters="${REFINER_ITERS:-6000}"
 steps="${STEPS:-1}"
 seed="${SEED:-0}"
 runs="${RUNS:-in-domain protocol}"
+budget=(--epochs 40 --max-minutes "$enc_minutes")
+[ -n "${ENC_STEPS:-}" ] && budget=(--max-steps "$ENC_STEPS")
 mkdir -p "$work"
 
 if [ ! -f "$data/captions.csv" ]; then
@@ -30,6 +34,7 @@ if [ ! -f "$data/captions.csv" ]; then
   "$py" "$gen" --out "$data" --seed "$seed"
 fi
 cli=("$py" -m indexer.cli -q)
+[ -n "${THREADS:-}" ] && cli+=(--threads "$THREADS")
 
 for run in $runs; do
   start=$(date +%s)
@@ -41,8 +46,7 @@ for run in $runs; do
   dir="$work/$run"
   mkdir -p "$dir"
   if [ ! -f "$dir/encoders/config.json" ]; then
-    "${cli[@]}" encoders train --pairs "$data/captions.csv" --split "$splits" --out "$dir/encoders" \
-      --epochs 40 --max-minutes "$enc_minutes"
+    "${cli[@]}" encoders train --pairs "$data/captions.csv" --split "$splits" --out "$dir/encoders" "${budget[@]}"
   fi
   enc="compact:$dir/encoders"
   "${cli[@]}" build --manifest "$data/captions.csv" --split test -o "$dir/index" --encoder "$enc" -j 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -52,6 +53,8 @@ def test_train_index_refine_search(demo_corpus, tmp_path, capsys):
     losses = []
     stats = train_compact_encoders(pairs, tmp_path / "enc", cfg, progress=lambda s, t, loss: losses.append(loss))
     assert stats["steps"] == 9 and np.isfinite(losses).all()
+    capped = dataclasses.replace(cfg, epochs=50, max_steps=4)  # a compute budget ends training, not the epochs
+    assert train_compact_encoders(pairs, tmp_path / "capped", capped)["steps"] == 4
     saved = json.loads((tmp_path / "enc" / "config.json").read_text())
     assert saved["format"] == "diffgap-compact" and saved["video"] is not None
     enc = load_encoders(f"compact:{tmp_path / 'enc'}")

@@ -49,6 +49,9 @@ class EncoderTrainConfig:
     gain_jitter_db: float = 6.0  # random gain: loudness words stay relative to the background
     seed: int = 0
     max_minutes: float = 0.0  # stop early after this wall time (0 = no limit)
+    # Stop after this many steps (0 = no limit): a compute budget that, unlike a time budget, gives the
+    # same encoders on a busy machine as on an idle one (benchmarks comparing two trainings use it).
+    max_steps: int = 0
     # Augmentation for labels that describe whole clips (a library's names): a random crop, white noise
     # mixed in and masked spectrogram bands keep such labels true. Wrong for captions that say when and
     # over what things happen ("at the start", "over a faint hiss"); on the real library of BENCHMARKS.md
@@ -275,6 +278,8 @@ def train_compact_encoders(
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(clips) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
     budget = {"total": total}  # shrinks once the time budget shows how many steps fit
 
     def lr_at(step: int) -> float:

@@ -15,7 +15,10 @@ from indexer.common import EXIT_OK, CliError, progress_bars
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    given = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "max_minutes", "augment", "patience")}
+    given = {
+        k: getattr(args, k)
+        for k in ("epochs", "batch_size", "lr", "seed", "max_minutes", "max_steps", "augment", "patience")
+    }
     base = LIBRARY_TRAINING if args.from_index else {}  # names of a library: small-data defaults
     cfg = EncoderTrainConfig(**{**base, **{k: v for k, v in given.items() if v is not None}})
     if args.prior:
@@ -71,6 +74,12 @@ def register_train(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--lr", type=float, help=f"learning rate (default {defaults.lr})")
     p.add_argument("--max-minutes", type=float, help="stop after this much training time")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        help="stop after this many steps (the learning rate decays over them); with a large --epochs, a compute "
+        "budget that does not depend on how busy the machine is",
+    )
     p.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
