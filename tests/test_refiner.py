@@ -30,6 +30,7 @@ from diffgap.training.refiner import (
     WeightAverage,
     diffusion_loss,
     direction_at,
+    ranking_loss,
     train_refiner,
 )
 from indexer.cli import main
@@ -230,6 +231,26 @@ def test_bridge_starts_from_a_given_estimate(trained):
     )
     with pytest.raises(RefinerError, match="bridge start of shape"):
         refiner.refine(test.query, mode="bridge", start=truth[:, :8])
+
+
+def test_the_path_loss_ranks_exactly_what_search_computes(trained):
+    refiner, train, _ = trained
+    cond = torch.from_numpy(train.query[:32]) * 4  # (B, c) rescaled by sqrt(16), as training does
+    target = torch.from_numpy(train.audio[train.query_group[:32]]) * 4
+    same = torch.from_numpy(train.query_group[:32])
+    same = same[:, None] == same[None, :]
+    base = RefinerTrainConfig(contrastive_weight=0.0)
+
+    def loss(path_weight: float) -> float:
+        cfg = RefinerTrainConfig(**{**base.__dict__, "path_weight": path_weight})
+        out = diffusion_loss(
+            refiner.net, refiner.schedule, target, cond, 0, cfg, torch.Generator().manual_seed(3), same
+        )
+        return float(out)
+
+    searched = torch.from_numpy(refiner.refine(train.query[:32], steps=1, blend=0.0))  # what search ranks by
+    expected = ranking_loss(searched, target, base.contrastive_temperature, same)
+    assert loss(0.5) - loss(0.0) == pytest.approx(0.5 * float(expected), rel=1e-4)
 
 
 def test_mix_weights_are_picked_on_held_out_pairs(trained):

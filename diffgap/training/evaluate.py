@@ -45,6 +45,7 @@ class AblationConfig:
     variants: tuple[tuple[str, dict], ...] = (
         ("EMA 0.999", {"ema_decay": 0.999}),
         ("EMA 0.999 + cosine LR", {"ema_decay": 0.999, "lr_schedule": "cosine"}),
+        ("retrieval-path loss 0.5", {"path_weight": 0.5}),
     )
     mapper_bridge_start: int = 250  # the bridge row from the mapper's estimate starts at this step
 

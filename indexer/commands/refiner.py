@@ -32,6 +32,7 @@ def _train_cfg(args: argparse.Namespace) -> RefinerTrainConfig:
         switch_every=args.switch_every,
         cond_dropout=args.cond_dropout,
         contrastive_weight=args.contrastive_weight,
+        path_weight=args.path_weight,
         prediction_type=args.prediction,
         ema_decay=args.ema,
         lr_schedule=args.lr_schedule,
@@ -120,6 +121,13 @@ def _common(p: argparse.ArgumentParser, pairs_required: bool = True) -> None:
         type=float,
         default=defaults.contrastive_weight,
         help="CMMD-style contrastive weight (0: off)",
+    )
+    p.add_argument(
+        "--path-weight",
+        type=float,
+        default=defaults.path_weight,
+        help="weight of the ranking loss on the one-step refinement from the prior's mean, what search computes "
+        "(0: off)",
     )
     p.add_argument(
         "--prediction",
