@@ -14,7 +14,8 @@
 # run, default 25) or ENC_STEPS (a fixed number of encoder steps instead: the same compute for both
 # runs whatever else the machine is doing), REFINER_ITERS (6000), STEPS (DDIM step counts scored,
 # default 1), THREADS (torch threads per command; default what diffgap/resources.py finds free),
-# RUNS (default "in-domain protocol"; the protocol's recovery column needs the in-domain index).
+# RUNS (default "in-domain protocol"; the protocol's recovery column needs the in-domain index),
+# MODALITIES (default "text video"), EVAL_ARGS (more `refiner eval` options, e.g. --no-ablations).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 data="$(realpath -m "${1:?usage: bench/synthcaps.sh SYNTHCAPS_DIR [WORK_DIR]}")"
@@ -50,9 +51,9 @@ for run in $runs; do
   fi
   enc="compact:$dir/encoders"
   "${cli[@]}" build --manifest "$data/captions.csv" --split test -o "$dir/index" --encoder "$enc" -j 2
-  for modality in text video; do
+  for modality in ${MODALITIES:-text video}; do
     "${cli[@]}" refiner eval --pairs "$data/captions.csv" --split adapt --test-split test --index "$dir/index" \
-      --modality "$modality" --video-encoder "$enc" --iterations "$iters" --steps "$steps" "${upper[@]}" \
+      --modality "$modality" --video-encoder "$enc" --iterations "$iters" --steps "$steps" "${upper[@]}" ${EVAL_ARGS:-} \
       --json "$dir/eval-$modality.json" | tee "$dir/eval-$modality.md"
   done
   elapsed=$(( $(date +%s) - start ))

@@ -467,10 +467,12 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
     assert main(["build", str(captioned), "-o", str(upper), "--encoder", enc, "-q"]) == 0
     capsys.readouterr()
     args = [*eval_args, "--iterations", "5", "--mapper-iterations", "5", "--steps", "1", "--json", str(out)]
-    assert main([*args, "--upper-index", str(upper), "--cache", str(tmp_path / "cache")]) == 0
+    assert main([*args, "--upper-index", str(upper), "--no-ablations", "--cache", str(tmp_path / "cache")]) == 0
     assert "| in-domain upper bound" in capsys.readouterr().out
     by_name = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     assert by_name[UPPER]["to_audio"] == by_name[DIRECT]["to_audio"]
+    assert not any("without BST" in n or "reranked" in n for n in by_name)  # --no-ablations
+    assert any(n.startswith("ensemble") for n in by_name)
     assert main([*args, "--upper-index", str(tmp_path / "nowhere")]) != 0
     # the trained refiner refuses an index built with another encoder
     from tiny_models import make_tiny_clap

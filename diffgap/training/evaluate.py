@@ -48,6 +48,10 @@ class AblationConfig:
         ("retrieval-path loss 0.5", {"path_weight": 0.5}),
     )
     mapper_bridge_start: int = 250  # the bridge row from the mapper's estimate starts at this step
+    # False skips the rows earlier runs settled (without BST, the other prediction target, bridge from
+    # the query, from noise, a fixed blend, the denoising-error rerank): a quicker table of baselines,
+    # the shipped refiner and the candidate recipes.
+    ablations: bool = True
 
 
 UPPER = "in-domain upper bound: direct search with encoders trained on the target domain"
@@ -112,8 +116,9 @@ def run_ablation(
         )
         return model
 
-    no_bst = train_one(bidirectional=False)
-    refiner_rows(no_bst, "refiner without BST", (cfg.steps[0],), bidirectional=False)
+    if cfg.ablations:
+        no_bst = train_one(bidirectional=False)
+        refiner_rows(no_bst, "refiner without BST", (cfg.steps[0],), bidirectional=False)
     full = refiner or train_one(bidirectional=True)
     refiner_rows(
         full,
@@ -132,6 +137,8 @@ def run_ablation(
     rerank_from = {f"refiner with BST, sample {s0} steps": full.refine(test.query, steps=s0, blend=0.0)}
     if same_space:
         rerank_from = {"direct": test.query, **rerank_from}
+    if not cfg.ablations:
+        rerank_from = {}
     for label, mapped in rerank_from.items():
         ranks = ranks_after_rerank(mapped, test.audio, test.query_group, reorder, cfg.rerank.depth)
         rows.append(
@@ -142,11 +149,12 @@ def run_ablation(
                 {"rerank_depth": cfg.rerank.depth, "rerank_levels": cfg.rerank.levels},
             )
         )
-    other = "sample" if cfg.train.prediction_type == "epsilon" else "epsilon"
-    alternative = train_one(bidirectional=True, prediction_type=other)
-    label = "z_0-prediction" if other == "sample" else "eps-prediction (as in the paper)"
-    refiner_rows(alternative, f"refiner with BST, {label}", (s0,), bidirectional=True)
-    if same_space:
+    if cfg.ablations:
+        other = "sample" if cfg.train.prediction_type == "epsilon" else "epsilon"
+        alternative = train_one(bidirectional=True, prediction_type=other)
+        label = "z_0-prediction" if other == "sample" else "eps-prediction (as in the paper)"
+        refiner_rows(alternative, f"refiner with BST, {label}", (s0,), bidirectional=True)
+    if same_space and cfg.ablations:
 
         def bridge(x: np.ndarray, d: int) -> np.ndarray:
             return full.refine(x, direction=d, steps=s0, mode="bridge", start_step=cfg.bridge_start, blend=0.0)
@@ -180,23 +188,23 @@ def run_ablation(
                 {"mode": "sample", "blend": cfg.blend},
             )
         )
-        # What train-refiner ships: the weight picked on pairs held out of training (here by a
-        # second refiner trained without them), applied to the refiner trained on all pairs.
-        if fit_refiner is not None:
-            t = time.perf_counter()
-            chosen, by_weight = choose_blend(fit_refiner, held_out, steps=s0)
-            log.info("blend %.2f chosen on %d held-out pairs (MRR@10: %s)", chosen, len(held_out.query), by_weight)
+    # What train-refiner ships: the weight picked on pairs held out of training (here by a
+    # second refiner trained without them), applied to the refiner trained on all pairs.
+    if same_space and fit_refiner is not None:
+        t = time.perf_counter()
+        chosen, by_weight = choose_blend(fit_refiner, held_out, steps=s0)
+        log.info("blend %.2f chosen on %d held-out pairs (MRR@10: %s)", chosen, len(held_out.query), by_weight)
 
-            def chosen_blend(x: np.ndarray) -> np.ndarray:
-                return full.refine(x, direction=0, steps=s0, blend=chosen)
+        def chosen_blend(x: np.ndarray) -> np.ndarray:
+            return full.refine(x, direction=0, steps=s0, blend=chosen)
 
-            rows.append(
-                Row(
-                    f"refiner with BST, sample {s0} steps, blend chosen on held-out pairs ({chosen})",
-                    *score_mapping(test, chosen_blend, None),
-                    {"blend": chosen, "MRR@10_by_blend": by_weight, "train_s": round(time.perf_counter() - t, 1)},
-                )
+        rows.append(
+            Row(
+                f"refiner with BST, sample {s0} steps, blend chosen on held-out pairs ({chosen})",
+                *score_mapping(test, chosen_blend, None),
+                {"blend": chosen, "MRR@10_by_blend": by_weight, "train_s": round(time.perf_counter() - t, 1)},
             )
+        )
     for label, changes in cfg.variants:
         refiner_rows(train_one(bidirectional=True, **changes), f"refiner with BST, {label}", (s0,), bidirectional=True)
 

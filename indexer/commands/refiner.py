@@ -73,6 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         mapper=MapperConfig(iterations=args.mapper_iterations, seed=args.seed),
         bridge_start=args.bridge_start,
         mapper_bridge_start=args.mapper_bridge_start,
+        ablations=not args.no_ablations,
         blend=args.blend,
     )
     payload = evaluate(
@@ -205,6 +206,12 @@ def register_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bridge-start", type=int, default=500)
     p.add_argument("--blend", type=unit_interval, default=0.5, help="blend weight of the blended row")
     p.add_argument("--refiner", help="score this trained refiner as the full model instead of training one")
+    p.add_argument(
+        "--no-ablations",
+        action="store_true",
+        help="skip the rows earlier runs settled (without BST, other prediction target, bridge from the query, "
+        "from noise, fixed blend, rerank): baselines, the shipped refiner and the candidate recipes only",
+    )
     p.add_argument(
         "--upper-index",
         help="an index whose encoders were trained on the target domain: its direct search on the test pairs "

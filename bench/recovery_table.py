@@ -1,0 +1,91 @@
+"""The recovery table of issue 18 from `bench/synthcaps.sh` work folders: per seed, modality and
+direction, each method's R@1 under the protocol (encoders on pretrain only) with its recovery, and
+its R@1 and gain over direct search with in-domain encoders. Printed as markdown, or written into
+BENCHMARKS.md between marker lines.
+
+    python bench/recovery_table.py --work 0=runs/sc-v0-work --work 1=runs/sc-v1-work [--out BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from diffgap.atomic import atomic_write_text
+
+BEGIN, END = "<!-- recovery:begin -->", "<!-- recovery:end -->"
+DIRECTIONS = (("to_audio", "{m} -> audio"), ("from_audio", "audio -> {m}"))
+
+
+def load(work: Path, run: str, modality: str) -> dict[str, dict] | None:
+    path = work / run / f"eval-{modality}.json"
+    if not path.exists():
+        return None
+    return {_family(r["name"]): r for r in json.loads(path.read_text())["rows"]}
+
+
+def _family(name: str) -> str:
+    """A row name without the numbers a run fills in (chosen weights, steps), so runs line up."""
+    return re.sub(r" \([^)]*\)$", "", name)
+
+
+def cell(row: dict | None, key: str, base: dict | None, recovery: bool) -> str:
+    if row is None or row.get(key) is None:
+        return ""
+    r1 = row[key]["R@1"]
+    if recovery:
+        gain = row["notes"].get(f"recovery_{key}")
+        return f"{r1:.3f}" + (f" ({gain:.0%})" if gain is not None else "")
+    direct = base[key]["R@1"] if base and base.get(key) else None
+    return f"{r1:.3f}" + (f" ({r1 / direct:.2f}x)" if direct else "")
+
+
+def render(works: dict[str, Path]) -> str:
+    parts = []
+    for modality in ("text", "video"):
+        for key, label in DIRECTIONS:
+            columns, tables = [], []
+            for seed, work in works.items():
+                for run, recovery in (("protocol", True), ("in-domain", False)):
+                    table = load(work, run, modality)
+                    if table is not None:
+                        columns.append(f"seed {seed} {run} R@1 ({'recovery' if recovery else 'x direct'})")
+                        tables.append((table, recovery))
+            if not tables:
+                continue
+            names: list[str] = []
+            for table, _ in tables:
+                names += [n for n in table if n not in names and any(t.get(n, {}).get(key) for t, _ in tables)]
+            lines = [f"**{label.format(m=modality)}**", "", "| method | " + " | ".join(columns) + " |"]
+            lines.append("|---" * (len(columns) + 1) + "|")
+            for name in names:
+                cells = [cell(t.get(name), key, t.get("direct (no refiner)"), rec) for t, rec in tables]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", action="append", required=True, help="SEED=WORK_DIR of a bench/synthcaps.sh run")
+    ap.add_argument("--out", help="insert into this markdown file between the recovery markers")
+    args = ap.parse_args()
+    works = {k: Path(v) for k, v in (w.split("=", 1) for w in args.work)}
+    block = render(works)
+    if not args.out:
+        print(block)
+        return
+    out = Path(args.out)
+    text = out.read_text()
+    wrapped = f"{BEGIN}\n\n{block}\n\n{END}"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + wrapped + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip() + "\n\n" + wrapped + "\n"
+    atomic_write_text(out, text)
+
+
+if __name__ == "__main__":
+    main()
