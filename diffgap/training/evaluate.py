@@ -48,9 +48,9 @@ class AblationConfig:
         ("retrieval-path loss 0.5", {"path_weight": 0.5}),
     )
     mapper_bridge_start: int = 250  # the bridge row from the mapper's estimate starts at this step
-    # False skips the rows earlier runs settled (without BST, the other prediction target, bridge from
-    # the query, from noise, a fixed blend, the denoising-error rerank): a quicker table of baselines,
-    # the shipped refiner and the candidate recipes.
+    # False skips the rows earlier runs settled (the other prediction target, bridge from the query,
+    # from noise, a fixed blend, the denoising-error rerank): a quicker table of baselines, the
+    # shipped refiner and the candidate recipes.
     ablations: bool = True
 
 
@@ -116,9 +116,9 @@ def run_ablation(
         )
         return model
 
-    if cfg.ablations:
-        no_bst = train_one(bidirectional=False)
-        refiner_rows(no_bst, "refiner without BST", (cfg.steps[0],), bidirectional=False)
+    # one network per direction is the other candidate for what ships (issue 18), so this row stays
+    no_bst = train_one(bidirectional=False)
+    refiner_rows(no_bst, "refiner without BST", (cfg.steps[0],), bidirectional=False)
     full = refiner or train_one(bidirectional=True)
     refiner_rows(
         full,
@@ -129,7 +129,8 @@ def run_ablation(
     s0 = cfg.steps[0]
     # A second refiner trained without a share of the pairs: the held-out choices (blend, ensemble) use it.
     fit, held_out = train.split(cfg.val_fraction, seed=cfg.train.seed)
-    fit_refiner = train_refiner(fit, cfg=cfg.train)[0] if len(held_out.query) and len(fit.query) >= 2 else None
+    fit_cfg = replace(cfg.train, bidirectional=True)  # the same recipe as `full`, whose rows these choices serve
+    fit_refiner = train_refiner(fit, cfg=fit_cfg)[0] if len(held_out.query) and len(fit.query) >= 2 else None
 
     def reorder(rows: np.ndarray, top: np.ndarray, scores: np.ndarray) -> np.ndarray:
         return rerank(full, test.query[rows], top, test.audio[top], cfg.rerank, scores)

@@ -209,8 +209,8 @@ def register_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-ablations",
         action="store_true",
-        help="skip the rows earlier runs settled (without BST, other prediction target, bridge from the query, "
-        "from noise, fixed blend, rerank): baselines, the shipped refiner and the candidate recipes only",
+        help="skip the rows earlier runs settled (other prediction target, bridge from the query, from noise, "
+        "fixed blend, rerank): baselines, the shipped refiner and the candidate recipes only",
     )
     p.add_argument(
         "--upper-index",
