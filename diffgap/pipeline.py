@@ -324,6 +324,7 @@ class RefinerJob:
     val_fraction: float = 0.1
     eval_steps: int = DEFAULT_STEPS
     blend: float | None = None
+    ensemble: bool = True  # also train the mapper and weigh refined, mapped and direct scores (fit_refiner)
     checkpoint_every: int = 500
 
     def output(self) -> Path:
@@ -363,6 +364,7 @@ def train_refiner_job(job: RefinerJob, progress: ProgressFactory = no_progress) 
             val_fraction=job.val_fraction,
             eval_steps=job.eval_steps,
             blend=job.blend,
+            ensemble=job.ensemble,
             checkpoint_every=job.checkpoint_every,
             record={"encoder_spec": spec, "video_encoder_spec": job.video_encoder},
             progress=lambda it, loss: step(1),

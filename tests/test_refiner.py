@@ -8,10 +8,11 @@ import pytest
 import torch
 from conftest import tone
 
-from diffgap.diffusion.refiner import Refiner, RefinerError
+from diffgap.diffusion.refiner import MAPPER_FILE, Refiner, RefinerError
 from diffgap.diffusion.schedule import DDIMSampler, NoiseSchedule, ScheduleConfig
 from diffgap.encoders.base import EncoderFingerprint
 from diffgap.media.audio import write_audio
+from diffgap.models.mapper_net import Mapper
 from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
 from diffgap.training.embeddings import PairEmbeddings
 from diffgap.training.evaluate import DIRECT, UPPER, Row, add_recovery, format_table
@@ -342,6 +343,36 @@ def test_blend_weight_is_picked_on_held_out_pairs_and_served_by_default(trained,
         Refiner.load(tmp_path / "r")
 
 
+def test_a_mix_of_refined_mapped_and_direct_scores_is_saved_and_served(trained, tmp_path):
+    refiner, _, test = trained
+    mapper = Mapper(16, 16, hidden=8)
+    served = Refiner(refiner.config, refiner.net, mapper)
+    served.config = type(refiner.config)(
+        **{**refiner.config.__dict__, "mix": {"refined": 0.5, "mapped": 0.25, "direct": 0.25}}
+    )
+    served.config.mapper_hidden = 8
+    served.save(tmp_path / "m")
+    assert (tmp_path / "m" / MAPPER_FILE).exists()
+    loaded = Refiner.load(tmp_path / "m")
+    refined = refiner.refine(test.query, blend=0.0)
+    by_hand = 0.5 * refined + 0.25 * mapper.map(test.query) + 0.25 * test.query
+    by_hand /= np.linalg.norm(by_hand, axis=1, keepdims=True)
+    np.testing.assert_allclose(loaded.refine(test.query), by_hand, atol=1e-5)  # a search naming no blend
+    np.testing.assert_array_equal(loaded.refine(test.query, blend=0.0), refined)  # a named blend bypasses it
+    np.testing.assert_array_equal(loaded.refine(test.audio, direction=1), refiner.refine(test.audio, direction=1))
+    (tmp_path / "m" / MAPPER_FILE).unlink()
+    with pytest.raises(RefinerError, match="mixes in mapped scores"):
+        Refiner.load(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "refiner.json").read_text())
+    for bad in ({"refined": 0.5, "mapped": 0.6}, {"refined": 1.0, "guess": 0.0}, {"refined": -0.5, "direct": 1.5}):
+        (tmp_path / "m" / "refiner.json").write_text(json.dumps({**cfg, "mix": bad}))
+        with pytest.raises(RefinerError, match="mix in refiner.json"):
+            Refiner.load(tmp_path / "m")
+    # no mapped weight: no mapper file needed
+    (tmp_path / "m" / "refiner.json").write_text(json.dumps({**cfg, "mix": {"refined": 0.75, "direct": 0.25}}))
+    np.testing.assert_allclose(Refiner.load(tmp_path / "m").refine(test.query), refiner.refine(test.query, blend=0.25))
+
+
 def test_default_size_is_near_the_paper_budget():
     clap_sized = RefinerNet(RefinerNetConfig(audio_dim=512, query_dim=512))
     assert 4.0e6 < clap_sized.num_bytes() < 8.0e6  # the paper: 5.4 MB
@@ -411,6 +442,10 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
     by_weight = report["val_MRR@10_by_blend"]
     assert set(by_weight) == {str(w) for w in BLEND_GRID} and cfg["blend"] == report["blend"]
     assert by_weight[str(cfg["blend"])] == max(by_weight.values())
+    # and the three-score mix, picked on the same pairs, is at least as good there as any blend alone
+    assert cfg["mix"] == report["mix"] and set(cfg["mix"]) == {"refined", "mapped", "direct"}
+    assert sum(cfg["mix"].values()) == pytest.approx(1.0) and report["val_MRR@10_mix"] >= max(by_weight.values()) - 1e-9
+    assert (tmp_path / "ref" / MAPPER_FILE).exists() == (cfg["mix"]["mapped"] > 0)
     assert list((tmp_path / "cache").glob("pairs-*.npz"))  # embeddings are cached
     out = tmp_path / "eval.json"
     eval_args = ["refiner", "eval", "-q", "--pairs", str(captioned / "pairs.csv"), "--split", "train"]

@@ -66,11 +66,13 @@ def test_text_search_refined_and_direct(client):
     assert direct["refined"] is False and "refine" not in direct["timings_ms"]
     again = client.post("/v1/search", json={"text": "a high beep twice at the start", "k": 5}).json()
     assert again["results"] == refined["results"]  # deterministic refinement
-    # no blend named: the weight train-refiner picked, which /readyz reports
-    served = client.get("/readyz").json()["refiners"]["text"]["blend"]
-    assert 0.0 <= served <= 1.0
-    named = client.post("/v1/search", json={"text": "a high beep twice at the start", "k": 5, "blend": served}).json()
-    assert named["results"] == refined["results"]
+    # no blend named: the score weights train-refiner picked, which /readyz reports (test_refiner checks
+    # that a refiner serves exactly them); a named blend replaces them
+    served = client.get("/readyz").json()["refiners"]["text"]
+    assert 0.0 <= served["blend"] <= 1.0 and set(served["mix"]) == {"refined", "mapped", "direct"}
+    assert sum(served["mix"].values()) == pytest.approx(1.0)
+    named = client.post("/v1/search", json={"text": "a high beep twice at the start", "k": 5, "blend": 1.0}).json()
+    assert [h["id"] for h in named["results"]] == [h["id"] for h in direct["results"]]  # all weight on direct
     bridge = client.post(
         "/v1/search", json={"text": "a low buzz", "k": 3, "mode": "bridge", "steps": 20, "blend": 0.3}
     ).json()
@@ -136,7 +138,10 @@ def test_batch_search(client):
     res = client.post("/v1/search/batch", json={"texts": ["a low buzz", "a high whistle", "knocking"], "k": 2}).json()
     assert len(res["results"]) == 3 and all(len(r) == 2 for r in res["results"])
     single = client.post("/v1/search", json={"text": "a high whistle", "k": 2}).json()
-    assert [h["id"] for h in res["results"][1]] == [h["id"] for h in single["results"]]
+    # alone or padded in a batch the text tower's output differs in the last float bits, and this
+    # barely trained tower scores some clips within that of each other: equal scores, not equal ids
+    batched_scores = [h["score"] for h in res["results"][1]]
+    assert batched_scores == pytest.approx([h["score"] for h in single["results"]], abs=1e-4)
     assert client.post("/v1/search/batch", json={"texts": []}).status_code == 422
     assert client.post("/v1/search/batch", json={"texts": ["ok", ""]}).status_code == 422
     assert client.post("/v1/search/batch", json={"texts": ["a"] * 65}).status_code == 422

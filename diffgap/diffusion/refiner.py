@@ -9,7 +9,8 @@ from audio to the query space the same way):
   conditioned on q. The estimate is the query itself (which needs the query and audio spaces to be
   one space: CLAP text/audio, compact) or any vectors given as `start`, e.g. a regression mapper's.
 The result may be blended with the query (`blend` in [0, 1]) before search; for unit vectors
-that equals blending the two cosine scores, so one FAISS search serves both.
+that equals blending the two cosine scores, so one FAISS search serves both. A refiner trained with
+its mapper (`mix`) sums the refined, mapped and direct scores the same way, in one vector.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from diffgap.atomic import atomic_write_bytes, atomic_write_json
 from diffgap.diffusion.schedule import DDIMSampler, NoiseSchedule, ScheduleConfig
 from diffgap.encoders import EncoderSet
 from diffgap.encoders.base import EncoderFingerprint, l2_normalize
+from diffgap.models.mapper_net import Mapper
 from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
 
 FORMAT = "diffgap-refiner"
@@ -39,6 +41,8 @@ VERSION = 1
 DIRECTIONS = {"to_audio": 0, "from_audio": 1}
 CONFIG_FILE = "refiner.json"
 WEIGHTS_FILE = "model.safetensors"
+MAPPER_FILE = "mapper.safetensors"  # the MLP mapper whose scores `mix` adds, when it has a weight
+MIX_PARTS = ("refined", "mapped", "direct")
 # DDIM steps when a caller names none. Sampling starts from the prior's mean (z_N = 0), and from there
 # every DDIM step keeps z along the first step's noise estimate, so 1 and 5 steps give vectors with
 # cosine >= 0.99999 and the same ranking: identical R@1/R@5/R@10 on both SynthCaps seeds measured
@@ -57,6 +61,12 @@ def blend_with_query(refined: np.ndarray, xq: np.ndarray, blend: float) -> np.nd
     return refined if blend == 0 else l2_normalize((1 - blend) * refined + blend * xq)
 
 
+def mix(vectors: list[np.ndarray], weights: tuple[float, ...] | list[float]) -> np.ndarray:
+    """Unit vectors whose cosine with any unit xb ranks like sum_i w_i * cosine(vectors_i, xb)."""
+    assert len(vectors) == len(weights), f"{len(vectors)} vector sets, {len(weights)} weights"
+    return l2_normalize(sum(w * v for w, v in zip(weights, vectors, strict=True)))
+
+
 @dataclass
 class RefinerConfig:
     net: RefinerNetConfig
@@ -69,6 +79,11 @@ class RefinerConfig:
     # picks it on held-out pairs: where the refined vector alone wins, 0; where queries are easy
     # for the encoder already, mixing keeps what direct search gets right.
     blend: float = 0.0
+    # Weights of the refined, mapped and direct scores (MIX_PARTS) of a query -> audio search that
+    # names no blend, picked on held-out pairs by train-refiner; the mapper is saved beside the network.
+    # None: `blend` alone (refiners trained before it existed, or with a fixed --blend).
+    mix: dict[str, float] | None = None
+    mapper_hidden: int = 512  # the saved mapper's width
     training: dict[str, Any] = field(default_factory=dict)  # how it was trained, for the record
 
     def to_json(self) -> dict[str, Any]:
@@ -81,6 +96,14 @@ class RefinerConfig:
         blend = float(data.get("blend", 0.0))  # older checkpoints were served unblended
         if not 0.0 <= blend <= 1.0:
             raise RefinerError(f"blend in refiner.json must be in [0, 1], got {blend}")
+        mixed = data.get("mix")
+        if mixed is not None and (
+            not isinstance(mixed, dict)
+            or set(mixed) - set(MIX_PARTS)
+            or any(not isinstance(w, int | float) or w < 0 for w in mixed.values())
+            or abs(sum(mixed.values()) - 1) > 1e-6
+        ):
+            raise RefinerError(f"mix in refiner.json must map {MIX_PARTS} to weights >= 0 that sum to 1, got {mixed}")
         return cls(
             # checkpoints from before the trunk/skip condition paths existed were trained without them
             net=RefinerNetConfig(**{"cond_in_trunk": False, "query_skip": False, **data["net"]}),
@@ -90,14 +113,17 @@ class RefinerConfig:
             query_fingerprint=data.get("query_fingerprint"),
             query_modality=data.get("query_modality", "text"),
             blend=blend,
+            mix=mixed,
+            mapper_hidden=int(data.get("mapper_hidden", 512)),
             training=data.get("training", {}),
         )
 
 
 class Refiner:
-    def __init__(self, config: RefinerConfig, net: RefinerNet | None = None) -> None:
+    def __init__(self, config: RefinerConfig, net: RefinerNet | None = None, mapper: Mapper | None = None) -> None:
         self.config = config
         self.net = (net or RefinerNet(config.net)).eval()
+        self.mapper = mapper.eval() if mapper is not None else None  # query -> audio, for `config.mix`
         self.schedule = NoiseSchedule(config.schedule)
         self._traced: dict[int, torch.nn.Module] = {}
         self._trace_lock = threading.Lock()
@@ -109,7 +135,14 @@ class Refiner:
         out = Path(out)
         tensors = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
         atomic_write_bytes(out / WEIGHTS_FILE, safetensors_bytes(tensors))
+        if self._needs_mapper():
+            assert self.mapper is not None, "config.mix weighs mapped scores but the refiner has no mapper"
+            mapper = {k: v.detach().contiguous() for k, v in self.mapper.state_dict().items()}
+            atomic_write_bytes(out / MAPPER_FILE, safetensors_bytes(mapper))
         atomic_write_json(out / CONFIG_FILE, self.config.to_json())
+
+    def _needs_mapper(self) -> bool:
+        return bool(self.config.mix and self.config.mix.get("mapped", 0) > 0)
 
     @classmethod
     def load(cls, path: str | Path) -> Refiner:
@@ -124,7 +157,15 @@ class Refiner:
             net.load_state_dict(state)
         except RuntimeError as exc:
             raise RefinerError(f"{path}: weights do not match refiner.json: {exc}") from exc
-        return cls(config, net)
+        refiner = cls(config, net)
+        if refiner._needs_mapper():
+            mapper = Mapper(config.net.query_dim, config.net.audio_dim, config.mapper_hidden)
+            try:
+                mapper.load_state_dict(load_file(str(path / MAPPER_FILE)))
+            except (OSError, RuntimeError) as exc:
+                raise RefinerError(f"{path}: refiner.json mixes in mapped scores but {MAPPER_FILE}: {exc}") from exc
+            refiner.mapper = mapper.eval()
+        return refiner
 
     def check_encoders(self, audio: EncoderFingerprint, query: EncoderFingerprint | None = None) -> None:
         """Refuse to run against vectors from encoders it was not trained on."""
@@ -175,9 +216,11 @@ class Refiner:
     ) -> np.ndarray:
         """Map unit query vectors (B, c) to unit vectors in the target space (B, d).
 
-        `blend=None` takes the refiner's own weight (`config.blend`) for query -> audio, 0 otherwise.
-        `start` (B, d): bridge mode's estimate of the target (default: the query)."""
+        `blend=None` takes the refiner's own weights for query -> audio (`config.mix` when it has
+        one, else `config.blend`), 0 otherwise. `start` (B, d): bridge mode's estimate of the target
+        (default: the query)."""
         target_dim, cond_dim = self.dims(direction)
+        mixed = self.config.mix if blend is None and direction == 0 else None
         if blend is None:
             blend = self.config.blend if direction == 0 and target_dim == cond_dim else 0.0
         xq = np.asarray(xq, dtype=np.float32)
@@ -214,7 +257,16 @@ class Refiner:
                 out = self._guided(z, int(n), cond, direction, guidance)
                 z = sampler.step(out, int(n), z)
             total += torch.nn.functional.normalize(z, dim=-1)
-        return blend_with_query(l2_normalize(total.numpy()), xq, blend)
+        refined = l2_normalize(total.numpy())  # (B, d)
+        if mixed:
+            return self._mixed(refined, xq, mixed)
+        return blend_with_query(refined, xq, blend)
+
+    def _mixed(self, refined: np.ndarray, xq: np.ndarray, weights: dict[str, float]) -> np.ndarray:
+        """`config.mix`: the refined, mapped and direct scores summed with their weights, as one vector."""
+        parts = {"refined": lambda: refined, "mapped": lambda: self.mapper.map(xq), "direct": lambda: xq}
+        used = [name for name in MIX_PARTS if weights.get(name, 0) > 0]
+        return mix([parts[name]() for name in used], [weights[name] for name in used])
 
     @staticmethod
     def _bridge_origin(cond: torch.Tensor, start: np.ndarray | None, target_dim: int) -> torch.Tensor:

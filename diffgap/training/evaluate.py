@@ -12,8 +12,9 @@ import numpy as np
 
 from diffgap.diffusion.refiner import Refiner
 from diffgap.diffusion.scoring import ScoreSpec, rerank
+from diffgap.models.mapper_net import Mapper
 from diffgap.training.embeddings import PairEmbeddings
-from diffgap.training.mapper import Mapper, MapperConfig, train_mapper
+from diffgap.training.mapper import MapperConfig, train_mapper
 from diffgap.training.metrics import choose_blend, choose_mix, metrics, mix, ranks_after_rerank, score_mapping
 from diffgap.training.refiner import RefinerTrainConfig, train_refiner
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from diffgap.models.mapper_net import Mapper
 from diffgap.training.embeddings import PairEmbeddings
 
 
@@ -27,27 +25,6 @@ class MapperConfig:
     seed: int = 0
 
 
-class Mapper(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int, cfg: MapperConfig) -> None:
-        super().__init__()
-        self.residual = cfg.residual and in_dim == out_dim
-        self.net = nn.Sequential(
-            nn.Linear(in_dim, cfg.hidden),
-            nn.GELU(),
-            nn.Linear(cfg.hidden, cfg.hidden),
-            nn.GELU(),
-            nn.Linear(cfg.hidden, out_dim),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, c) -> (B, d) unit vectors
-        y = self.net(x)
-        return F.normalize(x + y if self.residual else y, dim=-1)
-
-    @torch.inference_mode()
-    def map(self, x: np.ndarray) -> np.ndarray:
-        return self.eval()(torch.from_numpy(np.asarray(x, dtype=np.float32))).numpy()
-
-
 def train_mapper(data: PairEmbeddings, direction: int = 0, cfg: MapperConfig | None = None) -> Mapper:
     """direction 0: query -> audio; direction 1: audio -> query."""
     cfg = cfg or MapperConfig()
@@ -55,7 +32,7 @@ def train_mapper(data: PairEmbeddings, direction: int = 0, cfg: MapperConfig | N
     src = data.query if direction == 0 else data.audio[data.query_group]
     dst = data.audio[data.query_group] if direction == 0 else data.query
     x, y = torch.from_numpy(src), torch.from_numpy(dst)
-    model = Mapper(x.shape[1], y.shape[1], cfg).train()
+    model = Mapper(x.shape[1], y.shape[1], cfg.hidden, cfg.residual).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.iterations):

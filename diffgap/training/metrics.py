@@ -10,8 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, blend_with_query
-from diffgap.encoders.base import l2_normalize
+from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, blend_with_query, mix
 from diffgap.training.embeddings import PairEmbeddings
 
 
@@ -105,12 +104,6 @@ def simplex_grid(parts: int, step: float = 0.25) -> list[tuple[float, ...]]:
         return [(k, *rest) for k in range(left, -1, -1) for rest in spread(left - k, slots - 1)]
 
     return [tuple(k * step for k in combo) for combo in spread(units, parts)]
-
-
-def mix(vectors: list[np.ndarray], weights: tuple[float, ...]) -> np.ndarray:
-    """Unit vectors whose cosine with any unit xb ranks like sum_i w_i * cosine(vectors_i, xb)."""
-    assert len(vectors) == len(weights), f"{len(vectors)} vector sets, {len(weights)} weights"
-    return l2_normalize(sum(w * v for w, v in zip(weights, vectors, strict=True)))
 
 
 def choose_mix(

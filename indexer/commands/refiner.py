@@ -58,6 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         eval_steps=args.steps,
         blend=args.blend,
+        ensemble=not args.no_ensemble,
         checkpoint_every=args.checkpoint_every,
     )
     _, report, _ = train_refiner_job(job, progress_bars(args.quiet))
@@ -186,6 +187,12 @@ def register_train(p: argparse.ArgumentParser) -> None:
         type=unit_interval,
         default=None,
         help="weight of the direct similarity the refiner is served with (default: picked on the held-out pairs)",
+    )
+    p.add_argument(
+        "--no-ensemble",
+        action="store_true",
+        help="serve the refined score blended with direct only; by default a mapper is trained too and the "
+        "weights of the refined, mapped and direct scores are picked on the held-out pairs",
     )
     p.add_argument(
         "--checkpoint-every",

@@ -42,6 +42,7 @@ def readyz(holder: HolderDep, settings: SettingsDep, response: Response) -> Read
             "bytes": r.num_bytes,
             "prediction": r.config.prediction_type,
             "blend": r.config.blend,  # the weight a search gets when it names none
+            "mix": r.config.mix,  # or, when trained with its mapper, the weights of its three scores
             "trained_pairs": r.config.training.get("pairs"),
             "query_encoder": state.encoders.get(m).fingerprint.public_name if state.encoders.get(m) else None,
         }
