@@ -138,10 +138,7 @@ def test_batch_search(client):
     res = client.post("/v1/search/batch", json={"texts": ["a low buzz", "a high whistle", "knocking"], "k": 2}).json()
     assert len(res["results"]) == 3 and all(len(r) == 2 for r in res["results"])
     single = client.post("/v1/search", json={"text": "a high whistle", "k": 2}).json()
-    # alone or padded in a batch the text tower's output differs in the last float bits, and this
-    # barely trained tower scores some clips within that of each other: equal scores, not equal ids
-    batched_scores = [h["score"] for h in res["results"][1]]
-    assert batched_scores == pytest.approx([h["score"] for h in single["results"]], abs=1e-4)
+    assert_same_ranking(res["results"][1], single["results"])
     assert client.post("/v1/search/batch", json={"texts": []}).status_code == 422
     assert client.post("/v1/search/batch", json={"texts": ["ok", ""]}).status_code == 422
     assert client.post("/v1/search/batch", json={"texts": ["a"] * 65}).status_code == 422
@@ -236,9 +233,18 @@ def test_concurrent_queries_are_micro_batched(client):
         results = list(pool.map(lambda t: client.post("/v1/search", json={"text": t, "k": 3}), texts))
     assert all(r.status_code == 200 for r in results)
     # equal queries answered in different batches agree (up to float rounding of batched kernels)
-    a, b = results[0].json()["results"], results[6].json()["results"]
-    assert [h["id"] for h in a] == [h["id"] for h in b]
-    np.testing.assert_allclose([h["score"] for h in a], [h["score"] for h in b], atol=1e-5)
+    assert_same_ranking(results[0].json()["results"], results[6].json()["results"])
+
+
+def assert_same_ranking(a: list[dict], b: list[dict], atol: float = 1e-5) -> None:
+    """Equal scores, and equal ids wherever a score is not within float rounding of another's: alone
+    or padded in a batch the text tower's output differs in the last bits (~4e-8 measured), and the
+    fixture's barely trained encoders score some clips that close together."""
+    sa, sb = [h["score"] for h in a], [h["score"] for h in b]
+    np.testing.assert_allclose(sa, sb, atol=atol)
+    for i in range(len(a) - 1):  # the last may tie with the first one left out
+        if all(abs(sa[i] - sa[j]) > 2 * atol for j in range(len(sa)) if j != i):
+            assert a[i]["id"] == b[i]["id"], (i, a, b)
 
 
 @pytest.fixture()
