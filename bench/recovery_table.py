@@ -61,7 +61,7 @@ def render(works: dict[str, Path]) -> str:
             lines = [f"**{label.format(m=modality)}**", "", "| method | " + " | ".join(columns) + " |"]
             lines.append("|---" * (len(columns) + 1) + "|")
             for name in names:
-                cells = [cell(t.get(name), key, t.get("direct (no refiner)"), rec) for t, rec in tables]
+                cells = [cell(t.get(name), key, t.get("direct"), rec) for t, rec in tables]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             parts.append("\n".join(lines))
     return "\n\n".join(parts)
