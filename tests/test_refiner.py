@@ -247,7 +247,7 @@ def test_the_path_loss_ranks_exactly_what_search_computes(trained):
         out = diffusion_loss(
             refiner.net, refiner.schedule, target, cond, 0, cfg, torch.Generator().manual_seed(3), same
         )
-        return float(out)
+        return float(out.detach())
 
     searched = torch.from_numpy(refiner.refine(train.query[:32], steps=1, blend=0.0))  # what search ranks by
     expected = ranking_loss(searched, target, base.contrastive_temperature, same)
