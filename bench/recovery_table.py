@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from diffgap.atomic import atomic_write_text
+from write_benchmarks import replace_block  # bench/ is on sys.path when run as a script
 
 BEGIN, END = "<!-- recovery:begin -->", "<!-- recovery:end -->"
 DIRECTIONS = (("to_audio", "{m} -> audio"), ("from_audio", "audio -> {m}"))
@@ -77,14 +77,7 @@ def main() -> None:
     if not args.out:
         print(block)
         return
-    out = Path(args.out)
-    text = out.read_text()
-    wrapped = f"{BEGIN}\n\n{block}\n\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + wrapped + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + wrapped + "\n"
-    atomic_write_text(out, text)
+    replace_block(Path(args.out), BEGIN, END, f"{BEGIN}\n\n{block}\n\n{END}")
 
 
 if __name__ == "__main__":

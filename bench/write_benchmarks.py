@@ -44,11 +44,15 @@ def main() -> None:
             "",
         ]
     parts.append(END)
-    block = "\n".join(parts)
-    out = Path(args.out)
+    replace_block(Path(args.out), BEGIN, END, "\n".join(parts))
+
+
+def replace_block(out: Path, begin: str, end: str, block: str) -> None:
+    """Put `block` (which starts with `begin` and ends with `end`) where those markers stand in `out`,
+    or append it; the file is replaced atomically."""
     text = out.read_text() if out.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     atomic_write_text(out, text)
