@@ -9,15 +9,22 @@ connections, cycling through 16 different text queries. Encoders have random wei
 what trained ones cost: the compact encoder as trained here, and a full-size CLAP (transformers'
 default ClapConfig, the size of LAION's HTSAT-unfused: ~150M parameters) at 100k items.
 Refiners are untrained, same size as trained ones. Each row is one wrk run; quote them side by side.
+
+Other modes: `--profile-only` (each stage of one query in process, 100k items), `--workers 1,2
+[--repeats R]` (saturated throughput and memory per number of server processes, with the cores the
+server and wrk used), `--clap-saturation [--repeats R]` (full-size CLAP at 32 clients against the
+text tower's best batched rate measured just before).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -38,6 +45,7 @@ from diffgap.encoders import load_encoders  # noqa: E402
 from diffgap.index.faiss_sync import sync_faiss  # noqa: E402
 from diffgap.index.meaning import AUTO, MeaningIndex, resolve_meaning_model, sync_meaning  # noqa: E402
 from diffgap.index.store import FileRecord, IndexStore  # noqa: E402
+from diffgap.models.mapper_net import Mapper  # noqa: E402
 from diffgap.models.refiner_net import RefinerNetConfig  # noqa: E402
 
 QUERIES = [
@@ -108,9 +116,10 @@ def clustered(n: int, dim: int, seed: int = 0, centres: int = 2000) -> np.ndarra
 WORDS = sorted({w for q in QUERIES for w in q.split() if len(w) > 3})  # file descriptions draw from these
 
 
-def build_index(root: Path, spec: str, n: int) -> None:
+def build_index(root: Path, spec: str, n: int, meaning: bool = True) -> None:
     """n one-window files with synthetic vectors and three-word descriptions, committed through the real
-    store (words by meaning embedded when the sentence model is installed), plus a text refiner."""
+    store (words by meaning embedded when the sentence model is installed and `meaning`), plus a text
+    refiner."""
     encoders = load_encoders(spec)
     dim = encoders.audio.dim
     store = IndexStore.create(root, encoder_spec=spec, fingerprint=encoders.audio.fingerprint, dim=dim)
@@ -126,19 +135,22 @@ def build_index(root: Path, spec: str, n: int) -> None:
             for i in range(len(xb))
         )  # fmt: skip
     sync_faiss(store)
-    sync_meaning(store, resolve_meaning_model(AUTO))
+    if meaning:  # minutes at 100k files; runs that search by sound only skip it
+        sync_meaning(store, resolve_meaning_model(AUTO))
     store.close()
     assert encoders.text is not None
     net = RefinerNetConfig(audio_dim=dim, query_dim=encoders.text.dim)
-    Refiner(
-        RefinerConfig(
-            net=net,
-            prediction_type="sample",
-            audio_fingerprint=encoders.audio.fingerprint.to_dict(),
-            query_fingerprint=encoders.text.fingerprint.to_dict(),
-            query_modality="text",
-        )
-    ).save(root / "refiner-text")
+    config = RefinerConfig(
+        net=net,
+        prediction_type="sample",
+        audio_fingerprint=encoders.audio.fingerprint.to_dict(),
+        query_fingerprint=encoders.text.fingerprint.to_dict(),
+        query_modality="text",
+        # as train-refiner ships one: the mapper beside the network and all three scores mixed (the
+        # weights it picks vary; any with every part above zero costs the same)
+        mix={"refined": 0.5, "mapped": 0.3, "direct": 0.2},
+    )
+    Refiner(config, mapper=Mapper(net.query_dim, net.audio_dim, config.mapper_hidden)).save(root / "refiner-text")
 
 
 def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]:
@@ -179,6 +191,8 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
         "refine, 1 step": median_ms(lambda: refiner.refine(xq, steps=1, blend=0.0)),
         "refine, 5 steps": median_ms(lambda: refiner.refine(xq, steps=5, blend=0.0)),
         "refine, 5 steps, blend 0.5": median_ms(lambda: refiner.refine(xq, steps=5, blend=0.5)),
+        "refine, 1 step, mixed with the mapper and direct (as shipped)": median_ms(lambda: refiner.refine(xq, steps=1)),
+        "mapper alone": median_ms(lambda: refiner.mapper.map(xq)),
         "exact search + metadata (k=10)": median_ms(lambda: searcher.search_vectors(xq, [Query("text", 10, text="x")])),
         "whole query, refine off": median_ms(lambda: searcher.run([Query("text", 10, text=QUERIES[2])])),
         "whole query, refine off, every window (collapse off)": median_ms(
@@ -189,6 +203,9 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
         ),
         "whole query, refine 5 steps": median_ms(
             lambda: searcher.run([Query("text", 10, text=QUERIES[2], refine=RefineSpec(steps=5))])
+        ),
+        "whole query, refine 1 step, refined vector only (blend 0), sound only": median_ms(
+            lambda: searcher.run([Query("text", 10, text=QUERIES[2], refine=RefineSpec(steps=1, blend=0.0))])
         ),
         "whole query, refine 1 step, sound only": median_ms(
             lambda: searcher.run([Query("text", 10, text=QUERIES[2], refine=RefineSpec(steps=1))])
@@ -249,6 +266,21 @@ def children(pid: int) -> list[int]:
     return kids
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the distinct processes have used so far (/proc/PID/stat)."""
+    ticks = 0
+    for pid in set(pids):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of the whole line)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's finished children (the wrk runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def memory_mb(pid: int, mapping: str | None = None) -> dict[str, float]:
     """Rss and Pss (a shared page counted once across the processes that map it) of a process, or of
     its mappings of one file, from /proc/PID/smaps."""
@@ -263,6 +295,14 @@ def memory_mb(pid: int, mapping: str | None = None) -> dict[str, float]:
     return {k.lower() + "_mb": round(v / 1024, 1) for k, v in totals.items()}
 
 
+# the sound path, as before words joined the default query: at 100k files whose synthetic descriptions
+# share the queries' words, the word side costs ~70 ms a query and would be all that this measures
+WORKER_QUERIES = (
+    ("refine off", '"refine": false, "lexical": false'),
+    ("refine 1 step", '"refine": true, "lexical": false'),
+)
+
+
 def worker_sweep(args: argparse.Namespace) -> None:
     """Saturated throughput with 1..N server processes on one 100k-item compact index (service default
     threads per worker), and what each process holds: every worker maps the same vectors.npy."""
@@ -271,25 +311,33 @@ def worker_sweep(args: argparse.Namespace) -> None:
         tmp = Path(tmp_name)
         spec = make_compact(tmp / "compact")
         index = tmp / "index"
-        build_index(index, spec, args.workers_items)
+        build_index(index, spec, args.workers_items, meaning=False)
         vectors = str((index / "vectors.npy").resolve())
-        for workers in [int(w) for w in args.workers.split(",")]:
+        # repeats alternate the worker counts, so that a drift in the machine's speed hits each alike
+        for repeat, workers in itertools.product(range(args.repeats), [int(w) for w in args.workers.split(",")]):
             server = Server(index, None, workers)
             try:
                 time.sleep(3)  # every worker loaded (the supervisor's /readyz came from one of them)
-                for label, options in (("refine off", '"refine": false'), ("refine 1 step", '"refine": true')):
+                for label, options in WORKER_QUERIES:
                     for clients in (8, 32):
                         run_wrk(server.port, clients, 2, options, tmp)  # warm every worker
-                        stats = run_wrk(server.port, clients, args.seconds, options, tmp)
                         pids = children(server.proc.pid) if workers > 1 else [server.proc.pid]
+                        server_cpu, wrk_cpu = cpu_seconds([server.proc.pid, *pids]), children_cpu_seconds()
+                        stats = run_wrk(server.port, clients, args.seconds, options, tmp)
+                        server_cpu = cpu_seconds([server.proc.pid, *pids]) - server_cpu
+                        wrk_cpu = children_cpu_seconds() - wrk_cpu
                         per = [memory_mb(p) for p in pids]
                         shared = [memory_mb(p, vectors) for p in pids]
-                        row = {"items": args.workers_items, "workers": workers, "query": label, "clients": clients,
+                        row = {"items": args.workers_items, "repeat": repeat, "workers": workers, "query": label,
+                               "clients": clients,
                                **stats, "rss_mb": round(sum(m["rss_mb"] for m in per), 1),
                                "pss_mb": round(sum(m["pss_mb"] for m in per), 1),
                                "vectors_rss_mb": round(sum(m["rss_mb"] for m in shared), 1),
                                "vectors_pss_mb": round(sum(m["pss_mb"] for m in shared), 1),
-                               "processes": len(pids)}  # fmt: skip
+                               "processes": len(pids),
+                               # cores busy over the run: what one process leaves for a second to use
+                               "server_cores": round(server_cpu / args.seconds, 2),
+                               "wrk_cores": round(wrk_cpu / args.seconds, 2)}  # fmt: skip
                         rows.append(row)
                         print(json.dumps(row), flush=True)
             finally:
@@ -300,6 +348,65 @@ def worker_sweep(args: argparse.Namespace) -> None:
     data["workers"] = {"machine": machine, "seconds_per_run": args.seconds, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1))
+
+
+def clap_saturation(args: argparse.Namespace) -> None:
+    """Issue 19's CLAP measure, in one sitting: the text tower's best batched rate in a process of its
+    own (bench/clap_text_batch.py, batch 32, the server's threads), then the service at 32 clients
+    (sound only, refine off) over a few runs, with the CPU the server and wrk used."""
+    tmp_out = Path(args.out).with_suffix(".clap_text.json")
+    subprocess.run([sys.executable, str(ROOT / "bench" / "clap_text_batch.py"), "--batches", "32",
+                    "--threads", str(args.threads), "--out", str(tmp_out)], check=True)  # fmt: skip
+    best = json.loads(tmp_out.read_text())["rows"][0]["sentences_per_s"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        index = tmp / "index"
+        build_index(index, make_full_clap(tmp / "clap"), args.clap_size, meaning=False)
+        server = Server(index, args.threads)
+        try:
+            options = '"refine": false, "lexical": false'
+            run_wrk(server.port, 32, 3, options, tmp)  # warm up
+            for _ in range(args.repeats):
+                server_cpu, wrk_cpu = cpu_seconds([server.proc.pid]), children_cpu_seconds()
+                before = batch_metrics(server.port)
+                stats = run_wrk(server.port, 32, args.seconds, options, tmp)
+                after = batch_metrics(server.port)
+                batches = max(1.0, after["batches"] - before["batches"])
+                rows.append({**stats, "share_of_batched_rate": round(stats["req_per_s"] / best, 3),
+                             "server_cores": round((cpu_seconds([server.proc.pid]) - server_cpu) / args.seconds, 2),
+                             "wrk_cores": round((children_cpu_seconds() - wrk_cpu) / args.seconds, 2),
+                             "queries_per_batch": round((after["queries"] - before["queries"]) / batches, 1),
+                             "encode_ms_per_batch": stage_ms(before, after, "encode"),
+                             "search_ms_per_batch": stage_ms(before, after, "search")})  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            server.stop()
+    out = Path(args.out)
+    data = json.loads(out.read_text()) if out.exists() else {}
+    data["clap_saturation"] = {"batched_sentences_per_s": best, "threads": args.threads, "items": args.clap_size,
+                               "seconds_per_run": args.seconds, "rows": rows}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1))
+
+
+def batch_metrics(port: int) -> dict[str, float]:
+    """The batcher's counters and the encode and search stages' sums and counts, from /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = {"queries": "diffgap_batcher_queries", "batches": "diffgap_batcher_batches"}
+    for stage in ("encode", "search"):
+        values[f"{stage}_s"] = f'diffgap_stage_seconds_sum{{stage="{stage}"}}'
+        values[f"{stage}_n"] = f'diffgap_stage_seconds_count{{stage="{stage}"}}'
+    found = dict(re.findall(r"^(\S+) (\S+)$", text, re.M))
+    return {key: float(found.get(name, 0.0)) for key, name in values.items()}
+
+
+def stage_ms(before: dict[str, float], after: dict[str, float], stage: str) -> float:
+    """Mean ms of a stage between two `batch_metrics` readings: a query carries its whole batch's stage
+    time, so the mean over queries is the mean per batch."""
+    n = after[f"{stage}_n"] - before[f"{stage}_n"]
+    return round(1e3 * (after[f"{stage}_s"] - before[f"{stage}_s"]) / max(1.0, n), 1)
 
 
 def to_ms(value: str) -> float:
@@ -342,11 +449,17 @@ def main() -> None:
     ap.add_argument("--profile-only", action="store_true", help="only the in-process stage profile at 100k items")
     ap.add_argument("--workers", help="only the worker sweep, e.g. 1,2: saturated throughput and memory")
     ap.add_argument("--workers-items", type=int, default=100_000)
+    ap.add_argument("--repeats", type=int, default=1, help="worker sweep and CLAP saturation: runs of each row")
+    ap.add_argument("--clap-saturation", action="store_true",
+                    help="only full-size CLAP at 32 clients against its batched rate (clap_text_batch.py)")  # fmt: skip
     args = ap.parse_args()
     if args.workers:
         if not shutil.which("wrk"):
             raise SystemExit("wrk is missing: apt-get install wrk")
         worker_sweep(args)
+        return
+    if args.clap_saturation:
+        clap_saturation(args)
         return
     if args.profile_only:
         with tempfile.TemporaryDirectory() as tmp_name:

@@ -1,18 +1,20 @@
-"""Where a slow request's time goes: one client, sequential searches, each request's latency split into
-the stages the server times itself (encode, refine, words, search) and the rest (HTTP, JSON, the
-hand-off to the batcher thread and back).
+"""Where a slow request's time goes: sequential searches from one or more clients, each request's latency
+split into the stages the server times itself (encode, refine, words, search) and the rest (HTTP, JSON,
+the hand-off to the batcher thread and waiting there for the batch before it).
 
-    .venv/bin/python bench/tails.py [--items 10000] [--requests 2000] [--threads 1] [--pin]
-        [--out runs/tails.json]
+    .venv/bin/python bench/tails.py [--items 10000] [--requests 2000] [--clients 1] [--threads 1] [--pin]
+        [--kinds 0,1,2,3] [--wrk SECONDS] [--out runs/tails.json]
 
 Builds the same synthetic index as bench/query_load.py, starts a real `diffgap-serve` on 127.0.0.1
-and sends `--requests` searches one after another over one keep-alive connection (http.client), for
-each query kind. A request is slow when it takes more than 3x the median of its kind; for the slow
-ones the table says how much of the excess over the median each part explains. The server runs
-through `bench/gc_probe.py`, which logs every garbage-collector pause, so that slow requests can be
-matched with the pauses that happened while they ran.
+and sends `--requests` searches per query kind, split over `--clients` client threads, each sending
+its share one after another over its own keep-alive connection (http.client). A request is slow when it
+takes more than 3x the median of its kind; for the slow ones the table says how much of the excess over
+the median each part explains. The server runs through `bench/gc_probe.py`, which logs every garbage-
+collector pause, so that slow requests can be matched with the pauses that happened while they ran.
 `--pin` puts the client on the last CPU and the server on the others, so they do not take turns on
-one core.
+one core. `--wrk SECONDS` drives the server with wrk instead (C: a load generator that takes little
+CPU; `--clients` connections, two runs of SECONDS per kind after a 2 s warm-up); wrk reports only the
+latency percentiles, not the per-stage split.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from query_load import QUERIES, build_index, free_port, make_compact  # noqa: E402
+from query_load import QUERIES, build_index, free_port, make_compact, run_wrk  # noqa: E402
 
 KINDS = {
     "sound only, refine off": {"refine": False, "lexical": False},
@@ -61,10 +64,19 @@ def start_server(index: Path, threads: int, cpus: set[int] | None) -> tuple[subp
     raise RuntimeError(f"server did not become ready; see {index / 'serve.log'}")
 
 
-def run_kind(port: int, options: dict, n: int) -> list[dict]:
+def run_kind(port: int, options: dict, n: int, clients: int = 1) -> list[dict]:
+    """`n` requests of one kind from `clients` concurrent clients, each on its own connection."""
+    if clients == 1:
+        return run_client(port, options, n)
+    with ThreadPoolExecutor(clients) as pool:
+        parts = list(pool.map(lambda c: run_client(port, options, n // clients, offset=c), range(clients)))
+    return sorted((row for part in parts for row in part), key=lambda r: r["t"])
+
+
+def run_client(port: int, options: dict, n: int, offset: int = 0) -> list[dict]:
     conn = http.client.HTTPConnection("127.0.0.1", port)
     rows = []
-    for i in range(n + 50):  # the first 50 warm up and are dropped
+    for i in range(offset, offset + n + 50):  # the first 50 warm up and are dropped
         body = json.dumps({"text": QUERIES[i % len(QUERIES)], "k": 10, **options})
         t0 = time.perf_counter()
         conn.request("POST", "/v1/search", body, {"Content-Type": "application/json"})
@@ -72,11 +84,20 @@ def run_kind(port: int, options: dict, n: int) -> list[dict]:
         payload = response.read()
         wall_ms = (time.perf_counter() - t0) * 1e3
         assert response.status == 200, payload[:200]
-        if i >= 50:
+        if i >= offset + 50:
             stages = json.loads(payload)["timings_ms"]
             rows.append({"t": time.time(), "ms": wall_ms, **{k: float(v) for k, v in stages.items()}})
     conn.close()
     return rows
+
+
+def wrk_kind(port: int, options: dict, clients: int, seconds: int, tmp: Path) -> list[dict]:
+    """Two wrk runs of one kind after a warm-up; each run's p50, p99 and their ratio."""
+    # the request's fields after "text" and "k" (wrk's script needs one: the default kind repeats "k")
+    body = json.dumps(options)[1:-1] or '"k": 10'
+    run_wrk(port, clients, 2, body, tmp)
+    runs = [run_wrk(port, clients, seconds, body, tmp) for _ in range(2)]
+    return [{**r, "p99_over_p50": round(r["p99_ms"] / r["p50_ms"], 2)} for r in runs]
 
 
 def gc_pauses(path: Path, start: float, end: float) -> list[dict]:
@@ -117,6 +138,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=10_000)
     ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--clients", type=int, default=1, help="concurrent clients, one connection each")
+    ap.add_argument("--kinds", default=",".join(str(i) for i in range(len(KINDS))), help="which query kinds (0-based)")
+    ap.add_argument("--wrk", type=int, metavar="SECONDS", help="drive the server with wrk for SECONDS per run")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pin", action="store_true", help="client on the last CPU, server on the rest")
     ap.add_argument("--out", default="runs/tails.json")
@@ -132,9 +156,15 @@ def main() -> None:
         build_index(tmp / "index", spec, args.items)
         proc, port = start_server(tmp / "index", args.threads, server_cpus)
         try:
-            for kind, options in KINDS.items():
+            chosen = [list(KINDS.items())[int(i)] for i in args.kinds.split(",")]
+            for kind, options in chosen:
                 start = time.time()
-                rows = run_kind(port, options, args.requests)
+                if args.wrk:
+                    runs = wrk_kind(port, options, args.clients, args.wrk, tmp)
+                    results.append({"kind": kind, "clients": args.clients, "runs": runs})
+                    print(json.dumps(results[-1]), flush=True)
+                    continue
+                rows = run_kind(port, options, args.requests, args.clients)
                 summary = summarise(kind, rows, gc_pauses(tmp / "index" / "gc.jsonl", start, time.time()))
                 results.append(summary)
                 print(json.dumps(summary), flush=True)
@@ -143,7 +173,8 @@ def main() -> None:
             proc.wait(timeout=30)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"items": args.items, "requests": args.requests, "threads": args.threads, "pinned": bool(server_cpus)}
+    meta = {"items": args.items, "requests": args.requests, "clients": args.clients, "threads": args.threads,
+            "pinned": bool(server_cpus)}  # fmt: skip
     out.write_text(json.dumps({**meta, "rows": results}, indent=1))
 
 

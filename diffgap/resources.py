@@ -68,11 +68,16 @@ def blas_threads_beside(torch_threads: int, cpus: int | None = None) -> int:
 def set_compute_threads(threads: int, blas_threads: int | None = None, cpus: int | None = None) -> None:
     """torch's and FAISS's pools get `threads`; numpy's BLAS gets `blas_threads`, by default
     `blas_threads_beside(threads, cpus)`, `cpus` being this process's share (a server's worker gets
-    the available CPUs divided by the workers)."""
+    the available CPUs divided by the workers). Hugging Face tokenizers' own pool is turned off unless
+    TOKENIZERS_PARALLELISM is set: it would tokenize a batch on every core right before torch's pool
+    encodes it on the same cores, the contention measured between torch and BLAS above. The service's
+    CLAP throughput with and without the pool stayed within the noise of three sittings, so this rests
+    on that contention, not on a measured gain (BENCHMARKS.md, "Batching the CLAP text tower")."""
     import faiss
     import torch
     from threadpoolctl import threadpool_limits
 
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # read by the tokenizers library at each batch
     torch.set_num_threads(max(1, threads))
     faiss.omp_set_num_threads(max(1, threads))
     blas = blas_threads if blas_threads is not None else blas_threads_beside(threads, cpus)

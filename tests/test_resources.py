@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import faiss
 import torch
 from threadpoolctl import threadpool_info
@@ -27,3 +29,24 @@ def test_blas_gets_one_thread_beside_a_torch_pool():
     finally:
         set_compute_threads(before[0], max(before[2]) if before[2] else None)
         faiss.omp_set_num_threads(before[1])
+
+
+def test_tokenizers_pool_is_off_unless_the_user_chose(monkeypatch):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    before = (torch.get_num_threads(), faiss.omp_get_max_threads(), _blas_threads())
+    try:
+        set_compute_threads(1)
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+        set_compute_threads(1)
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true"  # an explicit choice is kept
+    finally:
+        set_compute_threads(before[0], max(before[2]) if before[2] else None)
+        faiss.omp_set_num_threads(before[1])
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "dog": 1, "barks": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    encoded = tokenizer.encode_batch(["dog barks", "a dog"] * 50)  # a batch still encodes without the pool
+    assert [e.ids for e in encoded[:2]] == [[1, 2], [0, 1]]
