@@ -12,8 +12,8 @@ Refiners are untrained, same size as trained ones. Each row is one wrk run; quot
 
 Other modes: `--profile-only` (each stage of one query in process, 100k items), `--workers 1,2
 [--repeats R]` (saturated throughput and memory per number of server processes, with the cores the
-server and wrk used), `--clap-saturation [--repeats R]` (full-size CLAP at 32 clients against the
-text tower's best batched rate measured just before).
+server and wrk used), `--clap-saturation [--repeats R]` (full-size CLAP at 32 clients, then one
+client's /v1/search/batch of 32, against the text tower's best batched rate measured just before).
 """
 
 from __future__ import annotations
@@ -380,6 +380,15 @@ def clap_saturation(args: argparse.Namespace) -> None:
                              "encode_ms_per_batch": stage_ms(before, after, "encode"),
                              "search_ms_per_batch": stage_ms(before, after, "search")})  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
+            # the same queries as one client's batches of 32 (/v1/search/batch): HTTP paid once per 32
+            before = batch_metrics(server.port)
+            stats = run_wrk_batch(server.port, args.seconds, tmp)
+            after = batch_metrics(server.port)
+            rows.append({"client": "one, /v1/search/batch of 32", **stats,
+                         "share_of_batched_rate": round(stats["queries_per_s"] / best, 3),
+                         "encode_ms_per_batch": stage_ms(before, after, "encode"),
+                         "search_ms_per_batch": stage_ms(before, after, "search")})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
         finally:
             server.stop()
     out = Path(args.out)
@@ -388,6 +397,22 @@ def clap_saturation(args: argparse.Namespace) -> None:
                                "seconds_per_run": args.seconds, "rows": rows}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1))
+
+
+def run_wrk_batch(port: int, seconds: int, tmp: Path, size: int = 32) -> dict:
+    """One connection posting batches of `size` queries to /v1/search/batch (sound only, refine off)."""
+    texts = [QUERIES[i % len(QUERIES)] for i in range(size)]
+    body = json.dumps({"texts": texts, "k": 10, "refine": False, "lexical": False})
+    script = tmp / "batch.lua"
+    lua = ['wrk.method = "POST"', 'wrk.headers["Content-Type"] = "application/json"', f"wrk.body = {json.dumps(body)}"]
+    script.write_text("\n".join(lua) + "\n")
+    out = subprocess.run(["wrk", "-t", "1", "-c", "1", "-d", f"{seconds}s", "--timeout", "30s", "--latency",
+                          "-s", str(script), f"http://127.0.0.1:{port}/v1/search/batch"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    if "Non-2xx" in out:
+        raise RuntimeError(f"batch requests failed:\n{out}")
+    per_s = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return {"batches_per_s": round(per_s, 2), "queries_per_s": round(per_s * size, 1)}
 
 
 def batch_metrics(port: int) -> dict[str, float]:
