@@ -353,7 +353,8 @@ def worker_sweep(args: argparse.Namespace) -> None:
 def clap_saturation(args: argparse.Namespace) -> None:
     """Issue 19's CLAP measure, in one sitting: the text tower's best batched rate in a process of its
     own (bench/clap_text_batch.py, batch 32, the server's threads), then the service at 32 clients
-    (sound only, refine off) over a few runs, with the CPU the server and wrk used."""
+    (sound only, refine off) over a few runs, with the CPU the server and wrk used and the batches'
+    size and stage times, then one client sending the same queries as batches of 32."""
     tmp_out = Path(args.out).with_suffix(".clap_text.json")
     subprocess.run([sys.executable, str(ROOT / "bench" / "clap_text_batch.py"), "--batches", "32",
                     "--threads", str(args.threads), "--out", str(tmp_out)], check=True)  # fmt: skip
@@ -478,9 +479,9 @@ def main() -> None:
     ap.add_argument("--clap-saturation", action="store_true",
                     help="only full-size CLAP at 32 clients against its batched rate (clap_text_batch.py)")  # fmt: skip
     args = ap.parse_args()
+    if (args.workers or args.clap_saturation) and not shutil.which("wrk"):
+        raise SystemExit("wrk is missing: apt-get install wrk")
     if args.workers:
-        if not shutil.which("wrk"):
-            raise SystemExit("wrk is missing: apt-get install wrk")
         worker_sweep(args)
         return
     if args.clap_saturation:
