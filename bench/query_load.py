@@ -281,6 +281,14 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def run_wrk_with_cores(pids: list[int], port: int, clients: int, seconds: int, options: str, tmp: Path) -> dict:
+    """`run_wrk`, plus the cores the server's processes `pids` and wrk kept busy over the run."""
+    server_cpu, wrk_cpu = cpu_seconds(pids), children_cpu_seconds()
+    stats = run_wrk(port, clients, seconds, options, tmp)
+    return {**stats, "server_cores": round((cpu_seconds(pids) - server_cpu) / seconds, 2),
+            "wrk_cores": round((children_cpu_seconds() - wrk_cpu) / seconds, 2)}  # fmt: skip
+
+
 def memory_mb(pid: int, mapping: str | None = None) -> dict[str, float]:
     """Rss and Pss (a shared page counted once across the processes that map it) of a process, or of
     its mappings of one file, from /proc/PID/smaps."""
@@ -322,10 +330,9 @@ def worker_sweep(args: argparse.Namespace) -> None:
                     for clients in (8, 32):
                         run_wrk(server.port, clients, 2, options, tmp)  # warm every worker
                         pids = children(server.proc.pid) if workers > 1 else [server.proc.pid]
-                        server_cpu, wrk_cpu = cpu_seconds([server.proc.pid, *pids]), children_cpu_seconds()
-                        stats = run_wrk(server.port, clients, args.seconds, options, tmp)
-                        server_cpu = cpu_seconds([server.proc.pid, *pids]) - server_cpu
-                        wrk_cpu = children_cpu_seconds() - wrk_cpu
+                        # cores busy over the run: what one process leaves for a second to use
+                        stats = run_wrk_with_cores([server.proc.pid, *pids], server.port, clients, args.seconds,
+                                                   options, tmp)  # fmt: skip
                         per = [memory_mb(p) for p in pids]
                         shared = [memory_mb(p, vectors) for p in pids]
                         row = {"items": args.workers_items, "repeat": repeat, "workers": workers, "query": label,
@@ -334,10 +341,7 @@ def worker_sweep(args: argparse.Namespace) -> None:
                                "pss_mb": round(sum(m["pss_mb"] for m in per), 1),
                                "vectors_rss_mb": round(sum(m["rss_mb"] for m in shared), 1),
                                "vectors_pss_mb": round(sum(m["pss_mb"] for m in shared), 1),
-                               "processes": len(pids),
-                               # cores busy over the run: what one process leaves for a second to use
-                               "server_cores": round(server_cpu / args.seconds, 2),
-                               "wrk_cores": round(wrk_cpu / args.seconds, 2)}  # fmt: skip
+                               "processes": len(pids)}  # fmt: skip
                         rows.append(row)
                         print(json.dumps(row), flush=True)
             finally:
@@ -369,14 +373,11 @@ def clap_saturation(args: argparse.Namespace) -> None:
             options = '"refine": false, "lexical": false'
             run_wrk(server.port, 32, 3, options, tmp)  # warm up
             for _ in range(args.repeats):
-                server_cpu, wrk_cpu = cpu_seconds([server.proc.pid]), children_cpu_seconds()
                 before = batch_metrics(server.port)
-                stats = run_wrk(server.port, 32, args.seconds, options, tmp)
+                stats = run_wrk_with_cores([server.proc.pid], server.port, 32, args.seconds, options, tmp)
                 after = batch_metrics(server.port)
                 batches = max(1.0, after["batches"] - before["batches"])
                 rows.append({**stats, "share_of_batched_rate": round(stats["req_per_s"] / best, 3),
-                             "server_cores": round((cpu_seconds([server.proc.pid]) - server_cpu) / args.seconds, 2),
-                             "wrk_cores": round((children_cpu_seconds() - wrk_cpu) / args.seconds, 2),
                              "queries_per_batch": round((after["queries"] - before["queries"]) / batches, 1),
                              "encode_ms_per_batch": stage_ms(before, after, "encode"),
                              "search_ms_per_batch": stage_ms(before, after, "search")})  # fmt: skip
