@@ -21,7 +21,7 @@ Writes WORK/reallib.json (WORK/reallib-VARIANT.json with --library-training or -
 table.
 
     python bench/reallib.py --work runs/reallib [--epochs 30] [--iterations 3000] [--library-training]
-        [--prior minilm-l6 [--prior-mode tokens]] [--packages PKG ...] [--queries QUERIES.json]
+        [--prior minilm-l6 [--prior-mode beside]] [--packages PKG ...] [--queries QUERIES.json]
 """
 
 from __future__ import annotations

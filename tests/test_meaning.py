@@ -5,25 +5,28 @@ trained over the sentence model's token states."""
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import tone, train_tiny_towers
+from conftest import captioned_tones, tone, train_tiny_towers
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import BertConfig, BertModel
 
 from diffgap.encoders import EncoderLoadError, load_encoders
 from diffgap.encoders import sentence as sentence_module
+from diffgap.encoders.compact import train_tokenizer, unknown_word_share
 from diffgap.encoders.sentence import DEFAULT_SENTENCE_MODEL, SentenceEncoder, load_sentence_encoder
 from diffgap.index.layout import MEANING_TABLE
 from diffgap.index.store import IndexStore
-from diffgap.media.audio import write_audio
-from diffgap.models.text_net import TextNet, TextNetConfig
+from diffgap.media.audio import decode_audio, write_audio
+from diffgap.models.audio_net import AudioNetConfig
+from diffgap.models.text_net import TextNet, TextNetConfig, mix_sides
 from diffgap.pipeline import build, update
 from diffgap.retrieval.search import Query, open_searcher
-from diffgap.training.encoders import EncoderTrainConfig, train_compact_encoders
+from diffgap.training.encoders import HEAD_WEIGHTS, EncoderTrainConfig, train_compact_encoders
 from diffgap.training.pairs import Pair
 from indexer.cli import main
 
@@ -143,7 +146,7 @@ def test_meaning_vectors_follow_the_files_through_updates(library, tiny_clap, tm
         assert store.manifest.meaning is None and store.meaning_vectors()[0] == []
 
 
-@pytest.mark.parametrize("mode", ["tokens", "residual", "pooled", "dual"])
+@pytest.mark.parametrize("mode", ["tokens", "residual", "pooled", "dual", "beside"])
 def test_a_tiny_tower_over_the_sentence_model_trains_and_round_trips(tmp_path, mode):
     stats = train_tiny_towers(tmp_path, d_model=32, prior=DEFAULT_SENTENCE_MODEL, prior_mode=mode)
     assert stats["steps"] == 3 and np.isfinite(stats["loss"])
@@ -153,10 +156,12 @@ def test_a_tiny_tower_over_the_sentence_model_trains_and_round_trips(tmp_path, m
     assert fp["prior_sha256"] == load_sentence_encoder().ref.sha256
     saved = text.model.state_dict()
     assert not any(k.startswith("text.sentence") or "embeddings.word" in k for k in saved)  # the frozen model stays out
-    assert ("text.tok.weight" in saved) == (mode in ("residual", "dual"))  # its own embeddings only
-    if mode == "dual":  # the corpus tokenizer travels with the towers; the sentence branch is a projection
-        assert (tmp_path / "enc" / "tokenizer.json").is_file() and saved["text.sent.weight"].shape == (32, 384)
+    assert ("text.tok.weight" in saved) == (mode in ("residual", "dual", "beside"))  # its own embeddings only
+    if mode in ("dual", "beside"):  # the corpus tokenizer travels with the towers; the sentence side is a projection
+        branch = "text.sent.weight" if mode == "dual" else "text.head.weight"
+        assert (tmp_path / "enc" / "tokenizer.json").is_file() and saved[branch].shape == (32, 384)
         assert saved["text.tok.weight"].shape[0] == text.model.tokenizer.get_vocab_size()
+    assert ("prior_weight" in fp) == (mode == "beside")
     vectors = text.encode(["a dog barks", "an unseen word: xylophonic"])
     assert vectors.shape == (2, 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     again = load_encoders(f"compact:{tmp_path / 'enc'}").text
@@ -170,7 +175,7 @@ def test_a_sentence_prior_takes_its_own_modes(tmp_path):
         write_audio(tmp_path / f"{i}.wav", tone(300 + 200 * i, 1.0, 16000), 16000)
         pairs.append(Pair(tmp_path / f"{i}.wav", text=f"hum {i}"))
     cfg = EncoderTrainConfig(epochs=1, text=TextNetConfig(prior=DEFAULT_SENTENCE_MODEL, prior_mode="finetune"))
-    with pytest.raises(ValueError, match="modes are tokens, residual, pooled, dual"):
+    with pytest.raises(ValueError, match="modes are beside, tokens, residual, pooled, dual"):
         train_compact_encoders(pairs, tmp_path / "enc", cfg, use_video=False)
 
 
@@ -184,3 +189,42 @@ def test_a_dual_tower_reads_its_corpus_branch_except_when_training_drops_it():
     torch.testing.assert_close(net(ids_a, sentence=sentence), net(ids_b, sentence=sentence))
     net.eval()  # at search time both branches count
     assert not torch.allclose(net(ids_a, sentence=sentence), net(ids_b, sentence=sentence))
+
+
+def test_the_unknown_word_share_counts_words_the_corpus_vocabulary_must_spell():
+    tok = train_tokenizer(["a dog barks", "a bird chirps twice", "rain falls"] * 5, vocab_size=200)
+    shares = unknown_word_share(tok, ["A dog barks!", "a xylophone barks", "", "..."]).tolist()
+    assert shares == pytest.approx([0.0, 1 / 3, 0.0, 0.0])  # case and punctuation are not words
+
+
+def test_a_beside_tower_mixes_its_sides_by_the_share_of_unknown_words():
+    cfg = TextNetConfig(vocab_size=50, max_tokens=8, d_model=16, n_layers=1, n_heads=2, dim=8, prior="any",
+                        prior_mode="beside", prior_dim=12, prior_weight=0.25)  # fmt: skip
+    net = TextNet(cfg).eval()
+    ids, sentence = torch.tensor([[5, 6, 7], [5, 6, 7]]), torch.randn(2, 12)  # (2, 3), (2, 12)
+    corpus, side = net(ids), net.sentence_side(sentence)  # token ids alone: the corpus tower, as it trains
+    mixed = net(ids, sentence=sentence, unknown=torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(mixed[1], side[1])  # every word unknown: the sentence side alone
+    torch.testing.assert_close(mixed[0], torch.nn.functional.normalize(0.75 * corpus[0] + 0.25 * side[0], dim=-1))
+    torch.testing.assert_close(mix_sides(corpus, side, torch.zeros(2), 0.0), corpus)
+
+
+@pytest.mark.slow  # ~1 min: the tiny audio tower needs ~30 steps before its tones differ
+def test_a_beside_head_learns_to_place_captions_and_its_weight_is_picked_on_held_out_clips(tmp_path):
+    pairs = captioned_tones(tmp_path)
+    cfg = EncoderTrainConfig(epochs=30, batch_size=6, warmup_steps=1, lr=3e-3,
+                             audio=AudioNetConfig(channels=(8, 8, 16, 16), d_model=32, n_layers=1, n_heads=2, dim=32),
+                             text=TextNetConfig(n_layers=1, n_heads=2, dim=32, prior=DEFAULT_SENTENCE_MODEL,
+                                                prior_mode="beside"))  # fmt: skip
+    stats = train_compact_encoders(pairs, tmp_path / "enc", cfg, use_video=False, val_pairs=pairs[:4])
+    assert stats["head_captions"] == 6 and stats["head_weight"] in HEAD_WEIGHTS
+    assert stats["head_loss"] < math.log(6) - 0.5  # below chance: InfoNCE over 6 clips starts at log 6
+    encoders = load_encoders(f"compact:{tmp_path / 'enc'}")
+    model = encoders.text.model
+    assert model.text.cfg.prior_weight == stats["head_weight"]  # what was picked is what loads
+    with torch.no_grad():
+        side = model.text.sentence_side(torch.from_numpy(model.sentence.encode([p.text for p in pairs])))
+    xb = encoders.audio.encode([decode_audio(p.audio, 16000).wave for p in pairs])  # (6, 32)
+    scores = side.numpy() @ xb.T  # (6 captions, 6 tones)
+    ranks = (scores > np.diag(scores)[:, None]).sum(1) + 1  # each caption's own tone, among the six
+    assert ranks.mean() <= 2.0, ranks  # chance is 3.5

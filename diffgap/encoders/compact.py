@@ -61,6 +61,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
+def unknown_word_share(tokenizer: Tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """(B,) the share of each text's words that a corpus WordPiece vocabulary lacks: words it can only
+    spell in pieces, of which a tower trained on that corpus reads just the spelling. Punctuation is
+    not a word; a text without words counts as all known."""
+    shares = []
+    for text in texts:
+        normalized = tokenizer.normalizer.normalize_str(text) if tokenizer.normalizer else text
+        words = [w for w, _ in tokenizer.pre_tokenizer.pre_tokenize_str(normalized) if any(c.isalnum() for c in w)]
+        pieces = tokenizer.encode_batch(words, add_special_tokens=False) if words else []
+        shares.append(sum(len(p.ids) > 1 for p in pieces) / max(1, len(words)))
+    return torch.tensor(shares, dtype=torch.float32)
+
+
 def load_text_prior_model(cfg: TextNetConfig) -> SentenceEncoder:
     """The frozen sentence model a text tower was trained over, checked to be the same weights."""
     assert cfg.prior, "a tower that reads sentence states names its sentence model"
@@ -96,9 +109,17 @@ class CompactModel(torch.nn.Module):
 
     def text_inputs(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """What the text tower reads for these texts: token ids, a sentence model's states and mask, or
-        (dual) token ids and the sentence model's vectors."""
+        (dual) token ids and the sentence model's vectors, or (beside) those and each text's share of
+        words the corpus vocabulary lacks."""
         if self.sentence is not None and self.text is not None and self.text.dual:
             return {"ids": self.tokenize(texts), "sentence": torch.from_numpy(self.sentence.encode(texts))}
+        if self.sentence is not None and self.text is not None and self.text.beside:
+            assert self.tokenizer is not None, "a beside tower keeps its corpus tokenizer"
+            return {
+                "ids": self.tokenize(texts),
+                "sentence": torch.from_numpy(self.sentence.encode(texts)),  # (B, P)
+                "unknown": unknown_word_share(self.tokenizer, texts),  # (B,)
+            }
         if self.sentence is not None:
             states, mask, ids = self.sentence.token_states(texts)  # (B, L, P), (B, L), (B, L)
             return {"states": states, "mask": mask, "ids": ids}
@@ -220,6 +241,8 @@ class CompactTextEncoder(TextEncoder):
         preprocessing: dict[str, Any] = {"max_tokens": cfg.max_tokens}
         if cfg.prior:  # the language prior the tower started from, by name and content
             preprocessing.update(prior=cfg.prior, prior_sha256=cfg.prior_sha256, prior_mode=cfg.prior_mode)
+            if cfg.prior_mode == "beside":
+                preprocessing["prior_weight"] = cfg.prior_weight
         self.fingerprint = EncoderFingerprint("compact", bundle.path, bundle.weights_sha256, "text", preprocessing)
 
     @torch.inference_mode()

@@ -1,7 +1,8 @@
 """Compact text encoder: a small transformer over a corpus-trained WordPiece vocabulary, over a
 pretrained token-embedding table (a language prior), over a frozen sentence model's token states,
 or a prior's pooled vectors alone through a trained projection; or the corpus transformer and a
-sentence model's vector side by side."""
+sentence model's vector side by side, trained together ("dual") or the second fitted afterwards and
+mixed per query by how many of its words the corpus vocabulary knows ("beside")."""
 
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ class TextNetConfig:
     # frozen model's reading) or "pooled" (its sentence vector through a trained projection; with ~1k
     # pairs, the least to overfit), or "dual": the corpus tokenizer's transformer as without a prior,
     # plus the sentence vector through a trained projection, added before the output projection (the
-    # corpus words keep the trained style sharp, the sentence model reads what they miss).
+    # corpus words keep the trained style sharp, the sentence model reads what they miss), or "beside":
+    # the corpus tower trained exactly as without a prior, and beside it the sentence vector through a
+    # projection fitted afterwards to the trained audio tower (diffgap/training/encoders.py:
+    # fit_sentence_head); a query's vector mixes the two unit vectors (see prior_weight).
     prior_mode: str = "frozen"
     prior_lr_scale: float = 0.1
     prior_dim: int = 0  # a sentence prior's state width (its hidden size); 0: the input is token ids
@@ -45,6 +49,10 @@ class TextNetConfig:
     # branch learns to place a caption on its own (without it, the corpus branch, which fits the
     # training captions' words fastest, does all the work and a new phrasing gets little from the prior)
     corpus_drop: float = 0.3
+    # "beside" only: the sentence side's share for a query whose words the corpus vocabulary all knows;
+    # each word it lacks (one the corpus tokenizer has to spell in pieces, so the corpus tower reads only
+    # its spelling) moves the share toward 1 in proportion. Picked on held-out pairs when training has them.
+    prior_weight: float = 0.5
 
 
 class TextNet(nn.Module):
@@ -52,7 +60,9 @@ class TextNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.dual = cfg.prior_dim > 0 and cfg.prior_mode == "dual"  # corpus ids and a sentence vector
-        self.from_states = cfg.prior_dim > 0 and not self.dual  # a frozen sentence model feeds token states
+        self.beside = cfg.prior_dim > 0 and cfg.prior_mode == "beside"  # corpus tower, sentence head beside it
+        # a frozen sentence model feeds token states
+        self.from_states = cfg.prior_dim > 0 and not self.dual and not self.beside
         if self.from_states:
             self.inp = nn.Linear(cfg.prior_dim, cfg.d_model)
         if self.dual:
@@ -70,6 +80,8 @@ class TextNet(nn.Module):
             self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.dim)
+        if self.beside:  # linear: on SynthCaps a 1024-wide MLP head read unseen phrasings no better
+            self.head = nn.Linear(cfg.prior_dim, cfg.dim)
 
     def forward(
         self,
@@ -78,10 +90,13 @@ class TextNet(nn.Module):
         states: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         sentence: torch.Tensor | None = None,
+        unknown: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids (B, L), or a sentence model's states (B, L, prior_dim) with their mask (B, L) (and
         its token ids, for a residual embedding), or in "dual" mode token ids and the sentence model's
-        vectors (B, prior_dim) -> (B, dim) unit vectors."""
+        vectors (B, prior_dim) -> (B, dim) unit vectors. In "beside" mode, token ids alone give the corpus
+        tower's vectors (as it trains); with the sentence vectors and each text's share of words the
+        corpus vocabulary lacks (B,), the two sides mixed."""
         if states is None:
             assert ids is not None and not self.from_states, "this tower reads token ids"
             ids = ids[:, : self.cfg.max_tokens]
@@ -105,4 +120,19 @@ class TextNet(nn.Module):
                 keep = torch.rand(pooled.shape[0], 1) >= self.cfg.corpus_drop  # (B, 1)
                 pooled = pooled * keep.to(pooled.dtype)  # (B, D)
             pooled = pooled + self.sent(sentence)  # (B, D)
-        return F.normalize(self.proj(pooled), dim=-1)
+        corpus = F.normalize(self.proj(pooled), dim=-1)  # (B, dim)
+        if not self.beside or sentence is None:
+            return corpus
+        assert unknown is not None, "a beside tower mixes by each text's share of unknown words"
+        return mix_sides(corpus, self.sentence_side(sentence), unknown, self.cfg.prior_weight)
+
+    def sentence_side(self, sentence: torch.Tensor) -> torch.Tensor:
+        """A "beside" tower's head: sentence vectors (B, prior_dim) -> (B, dim) unit vectors."""
+        return F.normalize(self.head(sentence), dim=-1)
+
+
+def mix_sides(corpus: torch.Tensor, side: torch.Tensor, unknown: torch.Tensor, weight: float) -> torch.Tensor:
+    """A beside tower's output: the corpus (B, dim) and sentence-side (B, dim) unit vectors mixed, the
+    sentence side's share rising from `weight` to 1 with each text's share of unknown words (B,)."""
+    w = (weight + (1 - weight) * unknown.to(corpus.dtype)).unsqueeze(-1)  # (B, 1)
+    return F.normalize((1 - w) * corpus + w * side, dim=-1)  # (B, dim)

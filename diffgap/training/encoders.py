@@ -29,8 +29,9 @@ from diffgap.encoders.sentence import SentenceEncoder, load_sentence_encoder
 from diffgap.media.audio import AudioDecodeError, decode_audio
 from diffgap.media.video import VideoDecodeError, decode_video
 from diffgap.models.audio_net import AudioNetConfig
-from diffgap.models.text_net import TextNetConfig
+from diffgap.models.text_net import TextNetConfig, mix_sides
 from diffgap.models.video_net import VideoNetConfig
+from diffgap.training.metrics import metrics, ranks_query_to_audio
 from diffgap.training.pairs import Pair
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,11 @@ class EncoderTrainConfig:
     # With validation pairs: keep the weights of the epoch with the best validation MRR@10 and stop after
     # this many epochs without a better one (0: train every epoch, keep the last).
     patience: int = 0
+    # A "beside" text tower's sentence head (diffgap/models/text_net.py) is fitted after the towers, on
+    # vectors computed once, for this many batches of 256 captions: a linear map, so seconds on a CPU.
+    # A count of steps, not epochs: a small library needs as many updates to fit as a large one
+    # (~1,400 steps were 30 epochs of SynthCaps's 12,000 captions, where it was measured).
+    head_steps: int = 1500
     audio: AudioNetConfig = field(default_factory=AudioNetConfig)
     text: TextNetConfig = field(default_factory=TextNetConfig)
     video: VideoNetConfig = field(default_factory=VideoNetConfig)
@@ -176,19 +182,71 @@ def augment_wave(wave: np.ndarray, cfg: EncoderTrainConfig, rng: np.random.Gener
 
 def validation_mrr(model: CompactModel, clips: Sequence[Clip], text_inputs: Callable) -> float:
     """MRR@10 of each validation clip's first text among the validation clips' audio (eval mode)."""
-    from diffgap.training.metrics import metrics, ranks_query_to_audio
-
     model.eval()
     with torch.no_grad():
-        xa, xt = [], []
-        for start in range(0, len(clips), 32):
-            batch = clips[start : start + 32]
-            wave, lengths = _pad_waves([c.wave.astype(np.float32) for c in batch], model.audio.cfg.n_fft)
-            xa.append(model.audio(wave, lengths)[0])
-            xt.append(model.text(**text_inputs([c.texts[0] for c in batch])))
+        xa = embed_clips(model, clips)
+        xt = [model.text(**text_inputs([c.texts[0] for c in clips[s : s + 32]])) for s in range(0, len(clips), 32)]
     model.train()
-    ranks = ranks_query_to_audio(torch.cat(xt).numpy(), torch.cat(xa).numpy(), np.arange(len(clips)))
+    ranks = ranks_query_to_audio(torch.cat(xt).numpy(), xa.numpy(), np.arange(len(clips)))
     return metrics(ranks)["MRR@10"]
+
+
+HEAD_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # a beside tower's sentence share, tried on held-out clips
+
+
+def fit_sentence_head(
+    model: CompactModel, clips: Sequence[Clip], val_clips: Sequence[Clip], cfg: EncoderTrainConfig
+) -> dict[str, float]:
+    """Fit a beside tower's sentence head to the trained towers and pick its weight: the frozen sentence
+    model's vector of every training caption is projected onto its clip's audio vector by InfoNCE (the
+    towers stay as trained), then the sentence share with the best MRR@10 on the held-out clips is kept
+    (none held out: the config's). Returns what it did, for the training stats."""
+    text, sentence = model.text, model.sentence
+    assert text is not None and text.beside and sentence is not None, "only a beside tower has a sentence head"
+    model.eval()
+    captions = [(t, i) for i, c in enumerate(clips) for t in c.texts]
+    with torch.no_grad():
+        xa = embed_clips(model, clips)  # (N, dim)
+    xs = SentenceVectors(sentence, [t for t, _ in captions]).batch([t for t, _ in captions])["sentence"]  # (C, P)
+    target = torch.tensor([i for _, i in captions])  # (C,) each caption's clip
+    gen = torch.Generator().manual_seed(cfg.seed)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(20.0)))
+    opt = torch.optim.AdamW([*text.head.parameters(), logit_scale], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch, loss, order = 256, torch.zeros(()), torch.zeros(0, dtype=torch.long)
+    for _ in range(cfg.head_steps if len(captions) > 1 else 0):  # one caption has no negatives
+        if len(order) < 2:  # a new pass over the captions in a new order
+            order = torch.randperm(len(captions), generator=gen)
+        rows, order = order[:batch], order[batch:]
+        loss = info_nce(text.sentence_side(xs[rows]), xa[target[rows]], logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    stats = {"head_loss": float(loss.detach()), "head_captions": len(captions)}
+    if val_clips:
+        by_weight = {}
+        with torch.no_grad():
+            xq = [c.texts[0] for c in val_clips]
+            inputs = model.text_inputs(xq)
+            corpus = text(inputs["ids"])  # (V, dim)
+            side = text.sentence_side(inputs["sentence"])  # (V, dim)
+            xb = embed_clips(model, val_clips).numpy()  # (V, dim)
+        for w in HEAD_WEIGHTS:
+            ranks = ranks_query_to_audio(mix_sides(corpus, side, inputs["unknown"], w).numpy(), xb, np.arange(len(xq)))
+            by_weight[w] = metrics(ranks)["MRR@10"]
+        text.cfg.prior_weight = max(HEAD_WEIGHTS, key=lambda w: (by_weight[w], -w))
+        log.info("sentence head: weight %.2f picked on %d held-out clips (MRR@10 by weight: %s)",
+                 text.cfg.prior_weight, len(val_clips), {w: round(v, 3) for w, v in by_weight.items()})  # fmt: skip
+    stats["head_weight"] = text.cfg.prior_weight
+    return stats
+
+
+def embed_clips(model: CompactModel, clips: Sequence[Clip], batch: int = 32) -> torch.Tensor:
+    """(N, dim) the audio tower's vectors of these clips, in the model's current mode."""
+    out = []
+    for start in range(0, len(clips), batch):
+        waves = [c.wave.astype(np.float32) for c in clips[start : start + batch]]
+        out.append(model.audio(*_pad_waves(waves, model.audio.cfg.n_fft))[0])
+    return torch.cat(out)
 
 
 def train_compact_encoders(
@@ -228,6 +286,9 @@ def train_compact_encoders(
         if cfg.text.prior_mode == "dual":  # corpus tokens as without a prior, and the sentence vectors
             tokenizer = corpus_tokenizer()
             vocab_size, states = tokenizer.get_vocab_size(), SentenceVectors(sentence, texts)
+        elif cfg.text.prior_mode == "beside":  # the towers train as without a prior; the head comes after
+            tokenizer = corpus_tokenizer()
+            vocab_size = tokenizer.get_vocab_size()
         else:
             vocab_size, states = sentence.vocab_size, SentenceStates(sentence, texts, cfg.text.max_tokens)
         text_cfg = TextNetConfig(**{**asdict(cfg.text), "prior_dim": sentence.dim, "prior_sha256": sentence.ref.sha256,
@@ -357,6 +418,8 @@ def train_compact_encoders(
     if best["state"] is not None:
         model.load_state_dict(best["state"])
         stats.update(best_epoch=best["epoch"], val_mrr_at_10=best["mrr"], val_clips=len(val_clips))
+    if model.text is not None and model.text.beside:
+        stats.update(fit_sentence_head(model, clips, val_clips, cfg))
     stats.update(steps=step, clips=len(clips), seconds=time.monotonic() - start)
     model.eval().save(
         out,
