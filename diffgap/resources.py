@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 
@@ -39,16 +40,54 @@ def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     return max(1, cpus)
 
 
-def free_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """CPUs not already busy: the available ones less the 1-minute load average, at least 1. On a
-    machine running another CPU-bound job, training threads that spin against it lose more than they
-    gain (BENCHMARKS.md measured 1 thread finishing where the default did not), so 1 is the answer there."""
-    cpus = available_cpus(cgroup_root)
+def busy_cpus(sample_s: float = 0.2, proc_stat: Path = Path("/proc/stat")) -> float | None:
+    """CPUs that other work keeps busy right now: the non-idle share of this process's CPUs (its
+    affinity) over `sample_s`, while this process sleeps, times their count. None where /proc/stat
+    cannot be read (not Linux) or did not advance.
+
+    Why not the load average: it trails by minutes. `make demo` on a fresh clone starts training
+    right after pip has spent a minute on both cores; the 1-minute load average still said 1.3, the
+    demo trained on one thread of an idle machine (encoders 127 s instead of ~70). It also counts
+    this process's own earlier steps as someone else's."""
+
+    def snapshot() -> tuple[int, int]:
+        total = idle = 0
+        for line in proc_stat.read_text().splitlines():
+            name, *fields = line.split()
+            if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in mine:
+                continue
+            ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
+            total += sum(ticks)
+            idle += ticks[3] + ticks[4]
+        return total, idle
+
     try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return cpus
-    return max(1, min(cpus, int(cpus - load + 0.5)))
+        mine = os.sched_getaffinity(0)
+        total0, idle0 = snapshot()
+        time.sleep(sample_s)
+        total1, idle1 = snapshot()
+    except (AttributeError, OSError, ValueError):
+        return None
+    if total1 <= total0:
+        return None
+    return len(mine) * (1.0 - (idle1 - idle0) / (total1 - total0))
+
+
+def free_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs not already busy: the available ones less what other work uses now (`busy_cpus`; the
+    1-minute load average where that cannot be read), at least 1. On a machine running another
+    CPU-bound job, training threads that spin against it lose more than they gain (BENCHMARKS.md
+    measured 1 thread finishing where the default did not), so 1 is the answer there."""
+    cpus = available_cpus(cgroup_root)
+    busy = busy_cpus()
+    if busy is not None:  # the affinity's busy share, scaled to what the quota lets this process use
+        busy *= cpus / max(1, len(os.sched_getaffinity(0)))
+    else:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            return cpus
+    return max(1, min(cpus, int(cpus - busy + 0.5)))
 
 
 def blas_threads_beside(torch_threads: int, cpus: int | None = None) -> int:

@@ -50,3 +50,27 @@ def test_tokenizers_pool_is_off_unless_the_user_chose(monkeypatch):
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     encoded = tokenizer.encode_batch(["dog barks", "a dog"] * 50)  # a batch still encodes without the pool
     assert [e.ids for e in encoded[:2]] == [[1, 2], [0, 1]]
+
+
+def test_busy_cpus_sees_a_spinning_process_at_once():
+    """Another process spinning on one of this process's CPUs counts as one busy CPU within the
+    sample, not a minute later as the load average would, and training gets one thread fewer."""
+    import subprocess
+    import sys
+    import time
+
+    from diffgap.resources import busy_cpus, free_cpus
+
+    core = min(os.sched_getaffinity(0))
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"]
+    )
+    try:
+        time.sleep(0.3)  # the child is spinning on its core
+        busy = busy_cpus(sample_s=0.5)
+        assert busy is not None and 0.8 <= busy <= len(os.sched_getaffinity(0)) + 1e-6, busy
+        if available_cpus() >= 2:
+            assert free_cpus() <= available_cpus() - 1
+    finally:
+        spinner.kill()
+        spinner.wait()
