@@ -43,7 +43,7 @@ class EncoderTrainConfig:
     batch_size: int = 64  # InfoNCE negatives per step; 64 fits 2 CPU cores
     lr: float = 1e-3
     weight_decay: float = 0.01
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup; at most a fifth of all steps (short runs must reach the full rate)
     video_weight: float = 1.0  # weight of the video-audio losses next to text-audio
     segment_scales: tuple[int, ...] = (2, 4)  # GMS-CAVP temporal scales (segments per clip)
     max_seconds: float = 10.0  # audio longer than this is cut for training
@@ -343,11 +343,16 @@ def train_compact_encoders(
         total = min(total, cfg.max_steps)
     budget = {"total": total}  # shrinks once the time budget shows how many steps fit
 
+    # A warmup of at most a fifth of the steps: the demo's 60 steps never left a 100-step warmup (the
+    # rate rose to 0.6 lr and stopped). Capped, its held-out text R@1 went 0.49 -> 0.61 and video 0.69
+    # -> 0.71 (seed 1: 0.45 -> 0.43, 0.26 -> 0.49) on 51 queries; runs of 500+ steps are unchanged.
+    warmup = min(cfg.warmup_steps, max(1, total // 5))
+
     def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        span = max(1, budget["total"] - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+        if step < warmup:
+            return (step + 1) / warmup
+        span = max(1, budget["total"] - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     rng = np.random.default_rng(cfg.seed)
