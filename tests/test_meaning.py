@@ -5,6 +5,7 @@ trained over the sentence model's token states."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -17,8 +18,9 @@ from transformers import BertConfig, BertModel
 
 from diffgap.encoders import EncoderLoadError, load_encoders
 from diffgap.encoders import sentence as sentence_module
-from diffgap.encoders.compact import train_tokenizer, unknown_word_share
+from diffgap.encoders.compact import CompactModel, train_tokenizer
 from diffgap.encoders.sentence import DEFAULT_SENTENCE_MODEL, SentenceEncoder, load_sentence_encoder
+from diffgap.encoders.vocabulary import CorpusWordRewriter, unknown_word_share
 from diffgap.index.layout import MEANING_TABLE
 from diffgap.index.store import IndexStore
 from diffgap.media.audio import decode_audio, write_audio
@@ -195,6 +197,33 @@ def test_the_unknown_word_share_counts_words_the_corpus_vocabulary_must_spell():
     tok = train_tokenizer(["a dog barks", "a bird chirps twice", "rain falls"] * 5, vocab_size=200)
     shares = unknown_word_share(tok, ["A dog barks!", "a xylophone barks", "", "..."]).tolist()
     assert shares == pytest.approx([0.0, 1 / 3, 0.0, 0.0])  # case and punctuation are not words
+
+
+def test_words_the_corpus_lacks_are_read_as_their_nearest_corpus_words():
+    tok = train_tokenizer(["a dog barks", "a bell rings twice", "rain falls softly"] * 5, vocab_size=200)
+    rewriter = CorpusWordRewriter(tok, load_sentence_encoder(), min_similarity=0.4)
+    assert {"barks", "bell", "rings", "twice", "rain", "falls", "softly"} <= set(rewriter.vocabulary)
+    assert "##s" not in rewriter.vocabulary and "a" not in rewriter.vocabulary  # pieces and short words
+    out = rewriter(["A dog barking!", "a bell rings twice", "", "zzqx rain"])
+    # an inflection the corpus lacks becomes the corpus's own form (the WordPiece trainer may keep "bark"
+    # as a word-initial piece of "barks": both are readings the corpus tower knows)
+    assert out[0] in ("a dog barks !", "a dog bark !")
+    assert out[1] == "a bell rings twice"  # known words are never touched
+    assert out[2] == "" and out[3] == "zzqx rain"  # nothing alike enough: the word stays as written
+    strict = CorpusWordRewriter(tok, load_sentence_encoder(), min_similarity=0.99)
+    assert strict(["A dog barking!"]) == ["a dog barking !"]
+    assert rewriter(["a dog barking"]) == [out[0][:-2]]  # remembered: the same answer again
+
+
+def test_a_beside_tower_reads_its_rewritten_words_and_older_towers_do_not_rewrite(tmp_path):
+    train_tiny_towers(tmp_path, d_model=32, prior=DEFAULT_SENTENCE_MODEL, prior_mode="beside")
+    encoders = load_encoders(f"compact:{tmp_path / 'enc'}")
+    model = encoders.text.model
+    assert model.rewriter is not None and encoders.text.fingerprint.preprocessing["rewrite_similarity"] == 0.4
+    config = json.loads((tmp_path / "enc" / "config.json").read_text())
+    del config["text"]["rewrite_similarity"]  # as saved before the field existed
+    (tmp_path / "enc" / "config.json").write_text(json.dumps(config))
+    assert CompactModel.load(tmp_path / "enc").rewriter is None
 
 
 def test_a_beside_tower_mixes_its_sides_by_the_share_of_unknown_words():

@@ -30,6 +30,7 @@ from diffgap.encoders.base import (
     state_dict_sha256,
 )
 from diffgap.encoders.sentence import SentenceEncoder, load_sentence_encoder
+from diffgap.encoders.vocabulary import CorpusWordRewriter, unknown_word_share
 from diffgap.models.audio_net import AudioNet, AudioNetConfig
 from diffgap.models.text_net import TextNet, TextNetConfig
 from diffgap.models.video_net import VideoNet, VideoNetConfig
@@ -39,7 +40,11 @@ VERSION = 1
 PAD, UNK = "[PAD]", "[UNK]"
 # Architecture fields added after models were first saved: a config without one was trained with
 # this value, whatever today's default is.
-LEGACY_FIELDS: dict[str, dict[str, Any]] = {"audio": {"strided_stem": False}, "video": {"strided_stem": False}}
+LEGACY_FIELDS: dict[str, dict[str, Any]] = {
+    "audio": {"strided_stem": False},
+    "text": {"rewrite_similarity": 0.0},
+    "video": {"strided_stem": False},
+}
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -59,19 +64,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     )
     tok.train_from_iterator(itertools.chain(texts, [spelled]), trainer)
     return tok
-
-
-def unknown_word_share(tokenizer: Tokenizer, texts: Sequence[str]) -> torch.Tensor:
-    """(B,) the share of each text's words that a corpus WordPiece vocabulary lacks: words it can only
-    spell in pieces, of which a tower trained on that corpus reads just the spelling. Punctuation is
-    not a word; a text without words counts as all known."""
-    shares = []
-    for text in texts:
-        normalized = tokenizer.normalizer.normalize_str(text) if tokenizer.normalizer else text
-        words = [w for w, _ in tokenizer.pre_tokenizer.pre_tokenize_str(normalized) if any(c.isalnum() for c in w)]
-        pieces = tokenizer.encode_batch(words, add_special_tokens=False) if words else []
-        shares.append(sum(len(p.ids) > 1 for p in pieces) / max(1, len(words)))
-    return torch.tensor(shares, dtype=torch.float32)
 
 
 def load_text_prior_model(cfg: TextNetConfig) -> SentenceEncoder:
@@ -103,6 +95,13 @@ class CompactModel(torch.nn.Module):
         self.tokenizer = tokenizer
         # A sentence prior is frozen and read from its package, never saved with the towers.
         self.sentence = load_text_prior_model(text) if text and text.prior_dim else None
+        # A beside tower reads a query's words its corpus lacks as their nearest corpus words.
+        self.rewriter = (
+            CorpusWordRewriter(tokenizer, self.sentence, text.rewrite_similarity)
+            if self.text is not None and self.text.beside and text.rewrite_similarity > 0
+            and tokenizer is not None and self.sentence is not None
+            else None
+        )  # fmt: skip
         # CLIP-style learnable temperatures: log(1/0.07)
         self.logit_scale_text = torch.nn.Parameter(torch.tensor(2.659))
         self.logit_scale_video = torch.nn.Parameter(torch.tensor(2.659))
@@ -116,7 +115,7 @@ class CompactModel(torch.nn.Module):
         if self.sentence is not None and self.text is not None and self.text.beside:
             assert self.tokenizer is not None, "a beside tower keeps its corpus tokenizer"
             return {
-                "ids": self.tokenize(texts),
+                "ids": self.tokenize(self.rewriter(texts) if self.rewriter else texts),
                 "sentence": torch.from_numpy(self.sentence.encode(texts)),  # (B, P)
                 "unknown": unknown_word_share(self.tokenizer, texts),  # (B,)
             }
@@ -242,7 +241,7 @@ class CompactTextEncoder(TextEncoder):
         if cfg.prior:  # the language prior the tower started from, by name and content
             preprocessing.update(prior=cfg.prior, prior_sha256=cfg.prior_sha256, prior_mode=cfg.prior_mode)
             if cfg.prior_mode == "beside":
-                preprocessing["prior_weight"] = cfg.prior_weight
+                preprocessing.update(prior_weight=cfg.prior_weight, rewrite_similarity=cfg.rewrite_similarity)
         self.fingerprint = EncoderFingerprint("compact", bundle.path, bundle.weights_sha256, "text", preprocessing)
 
     @torch.inference_mode()

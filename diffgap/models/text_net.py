@@ -53,6 +53,11 @@ class TextNetConfig:
     # each word it lacks (one the corpus tokenizer has to spell in pieces, so the corpus tower reads only
     # its spelling) moves the share toward 1 in proportion. Picked on held-out pairs when training has them.
     prior_weight: float = 0.5
+    # "beside" only: a query word the corpus vocabulary lacks is read by the corpus tower as the
+    # vocabulary word nearest it by the sentence model, if their cosine is at least this (0: never;
+    # diffgap/encoders/vocabulary.py). On SynthCaps's unseen style, 0.3-0.5 gained on both seeds and
+    # 0.6 lost on one; towers saved before this field read queries as written (0).
+    rewrite_similarity: float = 0.4
 
 
 class TextNet(nn.Module):
