@@ -73,8 +73,10 @@ class CorpusWordRewriter:
         self._lock = threading.Lock()
 
     def _vocabulary_vectors(self) -> np.ndarray:
+        """Made at the first call, whatever its words (a service's warm-up query pays it, not a user):
+        one sentence-model pass over the vocabulary's words, a few seconds for 4,000 of them."""
         if self._xb is None:
-            self._xb = self.sentence.encode(self.vocabulary)  # (V, P)
+            self._xb = self.sentence.encode(self.vocabulary, batch_size=256)  # (V, P)
         return self._xb
 
     def _learn(self, words: list[str]) -> None:
@@ -95,6 +97,7 @@ class CorpusWordRewriter:
         words = sorted({w for ws in split for w in ws if is_word(w)})
         unknown = [w for w, u in zip(words, unknown_words(self.tokenizer, words), strict=True) if u]
         with self._lock:
+            self._vocabulary_vectors()
             new = [w for w in unknown if w not in self._rewrites]
             if new:
                 self._learn(new)
