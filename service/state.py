@@ -55,7 +55,7 @@ def load_state(settings: Settings) -> ServiceState:
     # the demo), which belongs in startup, not in a user's first query.
     for refiner in searcher.refiners.values():
         refiner.warm_up()
-    # So does what a text tower builds at its first call: a beside tower's vocabulary vectors, seconds.
+    # So does what a text tower builds at its first call: a beside tower's vocabulary vectors (seconds).
     if searcher.encoders.text is not None:
         searcher.encoders.text.encode(["warm up"])
     sources = SourceFiles(Path(manifest.corpus_root or "."), searcher.store)

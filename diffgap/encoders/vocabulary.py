@@ -74,7 +74,8 @@ class CorpusWordRewriter:
 
     def _vocabulary_vectors(self) -> np.ndarray:
         """Made at the first call, whatever its words (a service's warm-up query pays it, not a user):
-        one sentence-model pass over the vocabulary's words, a few seconds for 4,000 of them."""
+        one sentence-model pass over the vocabulary's words (SynthCaps's 300: about a second; 4,000
+        made-up words took 18 s on one core of a busy machine)."""
         if self._xb is None:
             self._xb = self.sentence.encode(self.vocabulary, batch_size=256)  # (V, P)
         return self._xb
