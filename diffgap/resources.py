@@ -73,13 +73,14 @@ def busy_cpus(sample_s: float = 0.2, proc_stat: Path = Path("/proc/stat")) -> fl
     return len(mine) * (1.0 - (idle1 - idle0) / (total1 - total0))
 
 
-def free_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+def free_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), sample: bool = True) -> int:
     """CPUs not already busy: the available ones less what other work uses now (`busy_cpus`; the
-    1-minute load average where that cannot be read), at least 1. On a machine running another
+    1-minute load average where that cannot be read, or without `sample`: a command that computes for
+    a moment need not wait 0.2 s to learn it), at least 1. On a machine running another
     CPU-bound job, training threads that spin against it lose more than they gain (BENCHMARKS.md
     measured 1 thread finishing where the default did not), so 1 is the answer there."""
     cpus = available_cpus(cgroup_root)
-    busy = busy_cpus()
+    busy = busy_cpus() if sample else None
     if busy is not None:  # the affinity's busy share, scaled to what the quota lets this process use
         busy *= cpus / max(1, len(os.sched_getaffinity(0)))
     else:

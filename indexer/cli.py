@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(-1 if args.quiet else args.verbose)
     if notice:
         log.warning("%s", notice)
-    threads = set_threads(args.threads)
+    threads = set_threads(args.threads, long_running=getattr(args, "long_running", False))
     log.debug("torch threads: %d", threads)
     try:
         return int(args.func(args))

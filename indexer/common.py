@@ -61,11 +61,12 @@ def progress_lines(total: int | None, unit: str, desc: str, every_s: float = PRO
     return step
 
 
-def set_threads(threads: int | None) -> int:
-    """Compute threads: as asked, else the CPUs not busy with other work (`free_cpus`)."""
+def set_threads(threads: int | None, long_running: bool = False) -> int:
+    """Compute threads: as asked, else the CPUs not busy with other work (`free_cpus`, measured now for
+    a command that trains or encodes a corpus, from the load average for one that answers at once)."""
     from diffgap.resources import available_cpus, free_cpus, set_compute_threads
 
-    n = max(1, min(threads, available_cpus()) if threads else free_cpus())
+    n = max(1, min(threads, available_cpus()) if threads else free_cpus(sample=long_running))
     set_compute_threads(n)
     return n
 

@@ -229,6 +229,9 @@ def test_threads_and_progress_lines_off_a_terminal(caplog):
     assert set_threads(1) == 1 and torch.get_num_threads() == 1
     assert build_parser().parse_args(["refiner", "train", "--threads", "1", "--pairs", "p.csv"]).threads == 1
     assert build_parser().parse_args(["--threads", "2", "info", "x"]).threads == 2
+    # only commands that train or encode a corpus wait 0.2 s to measure what other work uses
+    assert build_parser().parse_args(["refiner", "train", "--pairs", "p.csv"]).long_running is True
+    assert not hasattr(build_parser().parse_args(["info", "x"]), "long_running")
     caplog.set_level(logging.INFO, logger="diffgap.progress")
     step = progress_lines(100, "it", "training", every_s=0.0)
     for _ in range(3):

@@ -20,7 +20,7 @@ from diffgap.encoders import EncoderLoadError, load_encoders
 from diffgap.encoders import sentence as sentence_module
 from diffgap.encoders.compact import CompactModel, train_tokenizer
 from diffgap.encoders.sentence import DEFAULT_SENTENCE_MODEL, SentenceEncoder, load_sentence_encoder
-from diffgap.encoders.vocabulary import CorpusWordRewriter, unknown_word_share
+from diffgap.encoders.vocabulary import CorpusWordRewriter, read_words, unknown_share
 from diffgap.index.layout import MEANING_TABLE
 from diffgap.index.store import IndexStore
 from diffgap.media.audio import decode_audio, write_audio
@@ -195,7 +195,7 @@ def test_a_dual_tower_reads_its_corpus_branch_except_when_training_drops_it():
 
 def test_the_unknown_word_share_counts_words_the_corpus_vocabulary_must_spell():
     tok = train_tokenizer(["a dog barks", "a bird chirps twice", "rain falls"] * 5, vocab_size=200)
-    shares = unknown_word_share(tok, ["A dog barks!", "a xylophone barks", "", "..."]).tolist()
+    shares = unknown_share(read_words(tok, ["A dog barks!", "a xylophone barks", "", "..."])).tolist()
     assert shares == pytest.approx([0.0, 1 / 3, 0.0, 0.0])  # case and punctuation are not words
 
 

@@ -30,7 +30,7 @@ from diffgap.encoders.base import (
     state_dict_sha256,
 )
 from diffgap.encoders.sentence import SentenceEncoder, load_sentence_encoder
-from diffgap.encoders.vocabulary import CorpusWordRewriter, unknown_word_share
+from diffgap.encoders.vocabulary import CorpusWordRewriter, read_words, unknown_share
 from diffgap.models.audio_net import AudioNet, AudioNetConfig
 from diffgap.models.text_net import TextNet, TextNetConfig
 from diffgap.models.video_net import VideoNet, VideoNetConfig
@@ -114,10 +114,11 @@ class CompactModel(torch.nn.Module):
             return {"ids": self.tokenize(texts), "sentence": torch.from_numpy(self.sentence.encode(texts))}
         if self.sentence is not None and self.text is not None and self.text.beside:
             assert self.tokenizer is not None, "a beside tower keeps its corpus tokenizer"
+            read = read_words(self.tokenizer, texts)  # once, for the rewrite and the share
             return {
-                "ids": self.tokenize(self.rewriter(texts) if self.rewriter else texts),
+                "ids": self.tokenize(self.rewriter.rewrite(read) if self.rewriter else texts),
                 "sentence": torch.from_numpy(self.sentence.encode(texts)),  # (B, P)
-                "unknown": unknown_word_share(self.tokenizer, texts),  # (B,)
+                "unknown": unknown_share(read),  # (B,)
             }
         if self.sentence is not None:
             states, mask, ids = self.sentence.token_states(texts)  # (B, L, P), (B, L), (B, L)

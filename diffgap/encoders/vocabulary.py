@@ -3,7 +3,7 @@
 A compact tower learns the words of its training captions. A word the corpus WordPiece vocabulary
 lacks is spelled in pieces, of which the tower reads only the spelling. Two remedies, both for a
 "beside" tower (diffgap/models/text_net.py), which has a sentence model at hand:
-- `unknown_word_share`: how much of a query the corpus tower cannot read, so the sentence side's share
+- `unknown_share`: how much of a query the corpus tower cannot read, so the sentence side's share
   of the query vector rises with it;
 - `CorpusWordRewriter`: each such word replaced by the vocabulary word nearest it in the sentence
   model's space ("beeping" -> "beep", "dripping" -> "drip", "lots" -> "many"), so the corpus tower reads
@@ -41,14 +41,26 @@ def unknown_words(tokenizer: Tokenizer, words: Sequence[str]) -> list[bool]:
     return [len(p.ids) > 1 for p in pieces]
 
 
-def unknown_word_share(tokenizer: Tokenizer, texts: Sequence[str]) -> torch.Tensor:
-    """(B,) the share of each text's words that a corpus WordPiece vocabulary lacks: words it can only
-    spell in pieces, of which a tower trained on that corpus reads just the spelling. Punctuation is
-    not a word; a text without words counts as all known."""
+Read = list[list[tuple[str, bool]]]  # each text's tokens, each with "the vocabulary lacks this word"
+
+
+def read_words(tokenizer: Tokenizer, texts: Sequence[str]) -> Read:
+    """Each text's normalised words and punctuation, each marked unknown or not; the batch's distinct
+    words are looked up in one call (punctuation is never unknown)."""
+    split = [text_words(tokenizer, t) for t in texts]
+    distinct = sorted({w for ws in split for w in ws if is_word(w)})
+    lacks = dict(zip(distinct, unknown_words(tokenizer, distinct), strict=True))
+    return [[(w, lacks.get(w, False)) for w in ws] for ws in split]
+
+
+def unknown_share(read: Read) -> torch.Tensor:
+    """(B,) the share of each text's words that the corpus vocabulary lacks: words it can only spell in
+    pieces, of which a tower trained on that corpus reads just the spelling. Punctuation is not a
+    word; a text without words counts as all known."""
     shares = []
-    for text in texts:
-        words = [w for w in text_words(tokenizer, text) if is_word(w)]
-        shares.append(sum(unknown_words(tokenizer, words)) / max(1, len(words)))
+    for tokens in read:
+        flags = [unknown for w, unknown in tokens if is_word(w)]
+        shares.append(sum(flags) / max(1, len(flags)))
     return torch.tensor(shares, dtype=torch.float32)
 
 
@@ -93,14 +105,16 @@ class CorpusWordRewriter:
         for word, j, s in zip(words, best, scores[np.arange(len(words)), best], strict=True):
             self._rewrites[word] = self.vocabulary[j] if s >= self.min_similarity else word
 
-    def __call__(self, texts: Sequence[str]) -> list[str]:
-        split = [text_words(self.tokenizer, t) for t in texts]
-        words = sorted({w for ws in split for w in ws if is_word(w)})
-        unknown = [w for w, u in zip(words, unknown_words(self.tokenizer, words), strict=True) if u]
+    def rewrite(self, read: Read) -> list[str]:
+        """Texts as `read_words` read them -> the texts with their unknown words rewritten."""
+        unknown = sorted({w for tokens in read for w, lacks in tokens if lacks})
         with self._lock:
             self._vocabulary_vectors()
             new = [w for w in unknown if w not in self._rewrites]
             if new:
                 self._learn(new)
             rewrites = {w: self._rewrites.get(w, w) for w in unknown}
-        return [" ".join(rewrites.get(w, w) for w in ws) for ws in split]
+        return [" ".join(rewrites.get(w, w) for w, _ in tokens) for tokens in read]
+
+    def __call__(self, texts: Sequence[str]) -> list[str]:
+        return self.rewrite(read_words(self.tokenizer, texts))

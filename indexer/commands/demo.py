@@ -33,4 +33,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compact", action="store_true", help="use compact encoders even if CLAP weights exist")
     p.add_argument("-j", "--num-jobs", type=int, default=defaults.num_jobs)
     p.add_argument("--seed", type=int, default=defaults.seed)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, long_running=True)

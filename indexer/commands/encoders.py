@@ -113,4 +113,4 @@ def register_train(p: argparse.ArgumentParser) -> None:
         "trained projection) or dual; table: frozen (default), finetune (the table at a tenth of the LR) or pooled",
     )
     p.add_argument("--seed", type=int, default=defaults.seed)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, long_running=True)

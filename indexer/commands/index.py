@@ -267,13 +267,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"fetch encoder weights missing from the local Hugging Face cache from the hub ({DOWNLOAD_ENV}=1)",
     )
     add_build_options(p)
-    p.set_defaults(func=cmd_build)
+    p.set_defaults(func=cmd_build, long_running=True)
 
     p = sub.add_parser("update", help="add new or changed files, remove deleted ones")
     p.add_argument("index")
     p.add_argument("corpus", nargs="?", help="corpus folder (default: the one the index was built from)")
     add_build_options(p)
-    p.set_defaults(func=cmd_update)
+    p.set_defaults(func=cmd_update, long_running=True)
 
     p = sub.add_parser("info", help="describe an index")
     p.add_argument("index")

@@ -200,7 +200,7 @@ def register_train(p: argparse.ArgumentParser) -> None:
         default=500,
         help="save resumable training state every N iterations (0: never); a rerun resumes",
     )
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, long_running=True)
 
 
 def register_eval(p: argparse.ArgumentParser) -> None:
@@ -231,4 +231,4 @@ def register_eval(p: argparse.ArgumentParser) -> None:
         help="step the bridge row from the mapper's estimate starts at",
     )
     p.add_argument("--json", help="also write the table and all numbers as JSON here")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, long_running=True)
