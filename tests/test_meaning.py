@@ -28,7 +28,7 @@ from diffgap.models.audio_net import AudioNetConfig
 from diffgap.models.text_net import TextNet, TextNetConfig, mix_sides
 from diffgap.pipeline import build, update
 from diffgap.retrieval.search import Query, open_searcher
-from diffgap.training.encoders import HEAD_WEIGHTS, EncoderTrainConfig, train_compact_encoders
+from diffgap.training.encoders import HEAD_WEIGHTS, EncoderTrainConfig, sentence_reading, train_compact_encoders
 from diffgap.training.pairs import Pair
 from indexer.cli import main
 
@@ -159,9 +159,10 @@ def test_a_tiny_tower_over_the_sentence_model_trains_and_round_trips(tmp_path, m
     saved = text.model.state_dict()
     assert not any(k.startswith("text.sentence") or "embeddings.word" in k for k in saved)  # the frozen model stays out
     assert ("text.tok.weight" in saved) == (mode in ("residual", "dual", "beside"))  # its own embeddings only
-    if mode in ("dual", "beside"):  # the corpus tokenizer travels with the towers; the sentence side is a projection
-        branch = "text.sent.weight" if mode == "dual" else "text.head.weight"
-        assert (tmp_path / "enc" / "tokenizer.json").is_file() and saved[branch].shape == (32, 384)
+    if mode in ("dual", "beside"):  # the corpus tokenizer travels with the towers, the sentence side reads 384-d
+        branch = "text.sent.weight" if mode == "dual" else "text.head.inp.weight"  # beside: a states head
+        width = 32 if mode == "dual" else text.model.text.cfg.head_d_model
+        assert (tmp_path / "enc" / "tokenizer.json").is_file() and saved[branch].shape == (width, 384)
         assert saved["text.tok.weight"].shape[0] == text.model.tokenizer.get_vocab_size()
     assert ("prior_weight" in fp) == (mode == "beside")
     vectors = text.encode(["a dog barks", "an unseen word: xylophonic"])
@@ -216,26 +217,43 @@ def test_words_the_corpus_lacks_are_read_as_their_nearest_corpus_words():
 
 
 def test_a_beside_tower_reads_its_rewritten_words_and_older_towers_do_not_rewrite(tmp_path):
-    train_tiny_towers(tmp_path, d_model=32, prior=DEFAULT_SENTENCE_MODEL, prior_mode="beside")
+    train_tiny_towers(tmp_path, d_model=32, prior=DEFAULT_SENTENCE_MODEL, prior_mode="beside", sentence_head="linear")
     encoders = load_encoders(f"compact:{tmp_path / 'enc'}")
     model = encoders.text.model
     assert model.rewriter is not None and encoders.text.fingerprint.preprocessing["rewrite_similarity"] == 0.4
+    assert encoders.text.fingerprint.preprocessing["sentence_head"] == "linear"
+    vectors = encoders.text.encode(["a dog barks"])
     config = json.loads((tmp_path / "enc" / "config.json").read_text())
-    del config["text"]["rewrite_similarity"]  # as saved before the field existed
+    del config["text"]["rewrite_similarity"], config["text"]["sentence_head"]  # as saved before the fields existed
     (tmp_path / "enc" / "config.json").write_text(json.dumps(config))
-    assert CompactModel.load(tmp_path / "enc").rewriter is None
+    older = CompactModel.load(tmp_path / "enc")
+    assert older.rewriter is None and older.text.cfg.sentence_head == "linear"  # the head it was saved with
+    again = load_encoders(f"compact:{tmp_path / 'enc'}").text.encode(["a dog barks"])
+    np.testing.assert_allclose(again, vectors, atol=1e-5)  # no word to rewrite here: the same reading
 
 
-def test_a_beside_tower_mixes_its_sides_by_the_share_of_unknown_words():
+@pytest.mark.parametrize("head", ["states", "linear"])
+def test_a_beside_tower_mixes_its_sides_by_the_share_of_unknown_words(head):
     cfg = TextNetConfig(vocab_size=50, max_tokens=8, d_model=16, n_layers=1, n_heads=2, dim=8, prior="any",
-                        prior_mode="beside", prior_dim=12, prior_weight=0.25)  # fmt: skip
+                        prior_mode="beside", prior_dim=12, prior_weight=0.25, sentence_head=head,
+                        head_d_model=16)  # fmt: skip
     net = TextNet(cfg).eval()
-    ids, sentence = torch.tensor([[5, 6, 7], [5, 6, 7]]), torch.randn(2, 12)  # (2, 3), (2, 12)
-    corpus, side = net(ids), net.sentence_side(sentence)  # token ids alone: the corpus tower, as it trains
-    mixed = net(ids, sentence=sentence, unknown=torch.tensor([0.0, 1.0]))
+    ids = torch.tensor([[5, 6, 7], [5, 6, 7]])  # (2, 3)
+    if head == "linear":
+        reading = {"sentence": torch.randn(2, 12)}  # (2, 12) the sentence model's vectors
+    else:
+        mask = torch.tensor([[True, True, True, True], [True, True, False, False]])  # (2, 4)
+        reading = {"states": torch.randn(2, 4, 12), "mask": mask}  # its token states
+    corpus, side = net(ids), net.sentence_side(**reading)  # token ids alone: the corpus tower, as it trains
+    torch.testing.assert_close(side.norm(dim=-1), torch.ones(2))
+    mixed = net(ids, **reading, unknown=torch.tensor([0.0, 1.0]))
     torch.testing.assert_close(mixed[1], side[1])  # every word unknown: the sentence side alone
     torch.testing.assert_close(mixed[0], torch.nn.functional.normalize(0.75 * corpus[0] + 0.25 * side[0], dim=-1))
     torch.testing.assert_close(mix_sides(corpus, side, torch.zeros(2), 0.0), corpus)
+    if head == "states":  # padding is not read
+        padded = {"states": reading["states"].clone(), "mask": mask}
+        padded["states"][1, 2:] = 100.0
+        torch.testing.assert_close(net.sentence_side(**padded), side)
 
 
 @pytest.mark.slow  # ~1 min: the tiny audio tower needs ~30 steps before its tones differ
@@ -252,7 +270,7 @@ def test_a_beside_head_learns_to_place_captions_and_its_weight_is_picked_on_held
     model = encoders.text.model
     assert model.text.cfg.prior_weight == stats["head_weight"]  # what was picked is what loads
     with torch.no_grad():
-        side = model.text.sentence_side(torch.from_numpy(model.sentence.encode([p.text for p in pairs])))
+        side = model.text.sentence_side(**sentence_reading(model.text_inputs([p.text for p in pairs])))
     xb = encoders.audio.encode([decode_audio(p.audio, 16000).wave for p in pairs])  # (6, 32)
     scores = side.numpy() @ xb.T  # (6 captions, 6 tones)
     ranks = (scores > np.diag(scores)[:, None]).sum(1) + 1  # each caption's own tone, among the six

@@ -42,7 +42,7 @@ PAD, UNK = "[PAD]", "[UNK]"
 # this value, whatever today's default is.
 LEGACY_FIELDS: dict[str, dict[str, Any]] = {
     "audio": {"strided_stem": False},
-    "text": {"rewrite_similarity": 0.0},
+    "text": {"rewrite_similarity": 0.0, "sentence_head": "linear"},
     "video": {"strided_stem": False},
 }
 
@@ -108,18 +108,22 @@ class CompactModel(torch.nn.Module):
 
     def text_inputs(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """What the text tower reads for these texts: token ids, a sentence model's states and mask, or
-        (dual) token ids and the sentence model's vectors, or (beside) those and each text's share of
-        words the corpus vocabulary lacks."""
+        (dual) token ids and the sentence model's vectors, or (beside) token ids, what its sentence head
+        reads (the vectors, or the states and mask) and each text's share of words the corpus vocabulary
+        lacks."""
         if self.sentence is not None and self.text is not None and self.text.dual:
             return {"ids": self.tokenize(texts), "sentence": torch.from_numpy(self.sentence.encode(texts))}
         if self.sentence is not None and self.text is not None and self.text.beside:
             assert self.tokenizer is not None, "a beside tower keeps its corpus tokenizer"
             read = read_words(self.tokenizer, texts)  # once, for the rewrite and the share
-            return {
+            inputs = {
                 "ids": self.tokenize(self.rewriter.rewrite(read) if self.rewriter else texts),
-                "sentence": torch.from_numpy(self.sentence.encode(texts)),  # (B, P)
                 "unknown": unknown_share(read),  # (B,)
             }
+            if self.text.cfg.sentence_head == "linear":
+                return {**inputs, "sentence": torch.from_numpy(self.sentence.encode(texts))}  # (B, P)
+            states, mask, _ = self.sentence.token_states(texts)  # (B, L, P), (B, L)
+            return {**inputs, "states": states, "mask": mask}
         if self.sentence is not None:
             states, mask, ids = self.sentence.token_states(texts)  # (B, L, P), (B, L), (B, L)
             return {"states": states, "mask": mask, "ids": ids}
@@ -242,7 +246,8 @@ class CompactTextEncoder(TextEncoder):
         if cfg.prior:  # the language prior the tower started from, by name and content
             preprocessing.update(prior=cfg.prior, prior_sha256=cfg.prior_sha256, prior_mode=cfg.prior_mode)
             if cfg.prior_mode == "beside":
-                preprocessing.update(prior_weight=cfg.prior_weight, rewrite_similarity=cfg.rewrite_similarity)
+                preprocessing.update(prior_weight=cfg.prior_weight, rewrite_similarity=cfg.rewrite_similarity,
+                                     sentence_head=cfg.sentence_head)  # fmt: skip
         self.fingerprint = EncoderFingerprint("compact", bundle.path, bundle.weights_sha256, "text", preprocessing)
 
     @torch.inference_mode()

@@ -65,10 +65,11 @@ class EncoderTrainConfig:
     # this many epochs without a better one (0: train every epoch, keep the last).
     patience: int = 0
     # A "beside" text tower's sentence head (diffgap/models/text_net.py) is fitted after the towers, on
-    # vectors computed once, for this many batches of 256 captions: a linear map, so seconds on a CPU.
-    # A count of steps, not epochs: a small library needs as many updates to fit as a large one
-    # (~1,400 steps were 30 epochs of SynthCaps's 12,000 captions, where it was measured).
-    head_steps: int = 1500
+    # the sentence model's readings computed once, for this many batches of 256 captions. A count of
+    # steps, not epochs: a small library needs as many updates to fit as a large one. Measured on
+    # SynthCaps's 12,000 captions: 1,200 (25 epochs) for the states head, 17 min on a slow 2-core
+    # machine; the linear head, seconds, was measured at ~1,400.
+    head_steps: int = 1200
     audio: AudioNetConfig = field(default_factory=AudioNetConfig)
     text: TextNetConfig = field(default_factory=TextNetConfig)
     video: VideoNetConfig = field(default_factory=VideoNetConfig)
@@ -192,35 +193,49 @@ def validation_mrr(model: CompactModel, clips: Sequence[Clip], text_inputs: Call
 
 
 HEAD_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # a beside tower's sentence share, tried on held-out clips
+HEAD_LOG_EVERY = 200  # steps between progress lines while a sentence head fits (minutes for a states head)
 
 
 def fit_sentence_head(
     model: CompactModel, clips: Sequence[Clip], val_clips: Sequence[Clip], cfg: EncoderTrainConfig
 ) -> dict[str, float]:
     """Fit a beside tower's sentence head to the trained towers and pick its weight: the frozen sentence
-    model's vector of every training caption is projected onto its clip's audio vector by InfoNCE (the
-    towers stay as trained), then the sentence share with the best MRR@10 on the held-out clips is kept
-    (none held out: the config's). Returns what it did, for the training stats."""
+    model's reading of every training caption (its token states, or its vector for a linear head) is
+    placed onto its clip's audio vector by InfoNCE (the towers stay as trained), then the sentence share
+    with the best MRR@10 on the held-out clips is kept (none held out: the config's). Returns what it
+    did, for the training stats."""
     text, sentence = model.text, model.sentence
     assert text is not None and text.beside and sentence is not None, "only a beside tower has a sentence head"
     model.eval()
     captions = [(t, i) for i, c in enumerate(clips) for t in c.texts]
+    texts = [t for t, _ in captions]
     with torch.no_grad():
         xa = embed_clips(model, clips)  # (N, dim)
-    xs = SentenceVectors(sentence, [t for t, _ in captions]).batch([t for t, _ in captions])["sentence"]  # (C, P)
+    linear = text.cfg.sentence_head == "linear"
+    reading = SentenceVectors(sentence, texts) if linear else SentenceStates(sentence, texts, text.cfg.max_tokens)
     target = torch.tensor([i for _, i in captions])  # (C,) each caption's clip
     gen = torch.Generator().manual_seed(cfg.seed)
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(20.0)))
     opt = torch.optim.AdamW([*text.head.parameters(), logit_scale], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.head_steps if len(captions) > 1 else 0  # one caption has no negatives
+    # a transformer head warms up and anneals (as measured); the linear one kept a constant rate
+    sched = None if linear or not steps else torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps)
     batch, loss, order = 256, torch.zeros(()), torch.zeros(0, dtype=torch.long)
-    for _ in range(cfg.head_steps if len(captions) > 1 else 0):  # one caption has no negatives
+    text.head.train()
+    for step in range(steps):
         if len(order) < 2:  # a new pass over the captions in a new order
             order = torch.randperm(len(captions), generator=gen)
         rows, order = order[:batch], order[batch:]
-        loss = info_nce(text.sentence_side(xs[rows]), xa[target[rows]], logit_scale)
+        side = text.sentence_side(**sentence_reading(reading.batch([texts[r] for r in rows])))  # (b, dim)
+        loss = info_nce(side, xa[target[rows]], logit_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
+        if (step + 1) % HEAD_LOG_EVERY == 0:
+            log.info("sentence head: step %d of %d, loss %.3f", step + 1, steps, float(loss.detach()))
+    model.eval()
     stats = {"head_loss": float(loss.detach()), "head_captions": len(captions)}
     if val_clips:
         by_weight = {}
@@ -228,7 +243,7 @@ def fit_sentence_head(
             xq = [c.texts[0] for c in val_clips]
             inputs = model.text_inputs(xq)
             corpus = text(inputs["ids"])  # (V, dim)
-            side = text.sentence_side(inputs["sentence"])  # (V, dim)
+            side = text.sentence_side(**sentence_reading(inputs))  # (V, dim)
             xb = embed_clips(model, val_clips).numpy()  # (V, dim)
         for w in HEAD_WEIGHTS:
             ranks = ranks_query_to_audio(mix_sides(corpus, side, inputs["unknown"], w).numpy(), xb, np.arange(len(xq)))
@@ -238,6 +253,11 @@ def fit_sentence_head(
                  text.cfg.prior_weight, len(val_clips), {w: round(v, 3) for w, v in by_weight.items()})  # fmt: skip
     stats["head_weight"] = text.cfg.prior_weight
     return stats
+
+
+def sentence_reading(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a beside tower's sentence head reads, out of a batch's text inputs."""
+    return {k: v for k, v in inputs.items() if k in ("sentence", "states", "mask")}
 
 
 def embed_clips(model: CompactModel, clips: Sequence[Clip], batch: int = 32) -> torch.Tensor:

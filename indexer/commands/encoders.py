@@ -107,8 +107,8 @@ def register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prior-mode",
         choices=sorted({m for modes in PRIOR_MODES.values() for m in modes}),
-        help="sentence model: beside (default: the corpus tower as without a prior, and the sentence vector "
-        "through a head fitted afterwards, weighed more for queries with words the captions never used), "
+        help="sentence model: beside (default: the corpus tower as without a prior, and a head over the sentence "
+        "model's token states fitted afterwards, weighed more for queries with words the captions never used), "
         "tokens (trained layers over its frozen token states), residual, pooled (its sentence vector through a "
         "trained projection) or dual; table: frozen (default), finetune (the table at a tenth of the LR) or pooled",
     )
