@@ -65,7 +65,8 @@ class TextNetConfig:
     # against 0.358 (the pooled vector blurs the counts and positions captions spell out). "linear": the
     # pooled sentence vector through a linear map (towers saved before this field).
     sentence_head: str = "states"
-    head_d_model: int = 128  # narrower than the corpus tower: it fits fixed targets, and costs a query ~1 ms
+    head_d_model: int = 128  # narrower than the corpus tower: it fits fixed targets (its layer is lost in the
+    # noise of the sentence model's pass that a query makes anyway: BENCHMARKS.md, issue 17, sixth pass)
     head_layers: int = 1  # the sentence model's states are already contextual: one layer regroups them
 
 
