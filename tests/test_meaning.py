@@ -230,6 +230,10 @@ def test_a_beside_tower_reads_its_rewritten_words_and_older_towers_do_not_rewrit
     assert older.rewriter is None and older.text.cfg.sentence_head == "linear"  # the head it was saved with
     again = load_encoders(f"compact:{tmp_path / 'enc'}").text.encode(["a dog barks"])
     np.testing.assert_allclose(again, vectors, atol=1e-5)  # no word to rewrite here: the same reading
+    for bad, named in (({"sentence_head": "mlp"}, "'mlp'"), ({"sentence_heads": "states"}, "'sentence_heads'")):
+        (tmp_path / "enc" / "config.json").write_text(json.dumps({**config, "text": {**config["text"], **bad}}))
+        with pytest.raises(EncoderLoadError, match=f"does not describe towers .*{named}"):  # a value or a field
+            load_encoders(f"compact:{tmp_path / 'enc'}")
 
 
 @pytest.mark.parametrize("head", ["states", "linear"])

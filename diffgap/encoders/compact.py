@@ -173,12 +173,16 @@ class CompactModel(torch.nn.Module):
             return {**LEGACY_FIELDS.get(tower, {}), **fields}
 
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json")) if (path / "tokenizer.json").exists() else None
-        model = cls(
-            AudioNetConfig(**tupled("audio")),
-            TextNetConfig(**tupled("text")) if config.get("text") else None,
-            VideoNetConfig(**tupled("video")) if config.get("video") else None,
-            tokenizer,
-        )
+        try:
+            model = cls(
+                AudioNetConfig(**tupled("audio")),
+                TextNetConfig(**tupled("text")) if config.get("text") else None,
+                VideoNetConfig(**tupled("video")) if config.get("video") else None,
+                tokenizer,
+            )
+        except (KeyError, TypeError, ValueError) as exc:  # a field this version does not know, or a bad value
+            raise EncoderLoadError(f"compact encoders: {path / 'config.json'} does not describe towers this "
+                                   f"version can build ({exc}); retrain them or upgrade diffgap") from exc  # fmt: skip
         try:
             model.load_state_dict(load_file(str(path / "model.safetensors")))
         except (OSError, RuntimeError) as exc:

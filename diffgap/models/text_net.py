@@ -98,7 +98,8 @@ class TextNet(nn.Module):
         if self.beside and cfg.sentence_head == "linear":  # a 1024-wide MLP on the pooled vector did no better
             self.head: nn.Module = nn.Linear(cfg.prior_dim, cfg.dim)
         elif self.beside:  # the states head is itself a tower over token states, narrower
-            assert cfg.sentence_head == "states", f"sentence heads are states or linear, not {cfg.sentence_head!r}"
+            if cfg.sentence_head != "states":
+                raise ValueError(f"sentence heads are 'states' or 'linear', not {cfg.sentence_head!r}")
             self.head = TextNet(replace(cfg, prior_mode="tokens", d_model=cfg.head_d_model, n_layers=cfg.head_layers))
 
     def forward(
