@@ -9,14 +9,14 @@ With the protocol's towers (trained on `pretrain`), `--split pretrain` asks whet
 differently reads style B better zero-shot; `--split adapt` fits on style-B captions (not zero-shot),
 which bounds what the frozen audio tower allows once the text side has seen the words
 (BENCHMARKS.md, issue 17, seventh pass). `--drop` drops that share of token states at random while
-fitting (never [CLS]).
+fitting (never [CLS]). The head is fitted by `encoders train`'s own `fit_head`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,39 +31,33 @@ sys.path.insert(0, str(ROOT))
 from diffgap.encoders import load_encoders  # noqa: E402
 from diffgap.models.text_net import TextNet  # noqa: E402
 from diffgap.training.embeddings import embed_pairs  # noqa: E402
-from diffgap.training.encoders import SentenceStates, info_nce  # noqa: E402
+from diffgap.training.encoders import EncoderTrainConfig, SentenceStates, fit_head  # noqa: E402
 from diffgap.training.metrics import metrics, ranks_query_to_audio  # noqa: E402
 from diffgap.training.pairs import read_pairs  # noqa: E402
 
 log = logging.getLogger("head-probe")
 
 
-def fit_head(like: TextNet, states: SentenceStates, texts: list[str], xa: torch.Tensor, steps: int, drop: float):
-    """A fresh head shaped like the tower's own, fitted by InfoNCE to each caption's clip vector."""
+class DroppedStates:
+    """A states reading that drops a share of each caption's token states at random (never [CLS])."""
+
+    def __init__(self, states: SentenceStates, drop: float) -> None:
+        self.states, self.drop, self.gen = states, drop, torch.Generator().manual_seed(0)
+
+    def batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        out = self.states.batch(texts)
+        keep = torch.rand(out["mask"].shape, generator=self.gen) > self.drop  # (B, L)
+        keep[:, 0] = True
+        return {**out, "mask": out["mask"] & keep}
+
+
+def fresh_head(text: TextNet, reading, texts: list[str], xa: torch.Tensor, steps: int) -> tuple[TextNet, float]:
+    """A copy of the tower with a newly initialised head, fitted as `encoders train` fits one."""
+    tower = copy.deepcopy(text)
     torch.manual_seed(0)
-    net = TextNet(like.head.cfg)
-    scale = torch.nn.Parameter(torch.tensor(math.log(20.0)))
-    opt = torch.optim.AdamW([*net.parameters(), scale], lr=1e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(0)
-    order = torch.zeros(0, dtype=torch.long)
-    net.train()
-    for _ in range(steps):
-        if len(order) < 2:
-            order = torch.randperm(len(texts), generator=gen)
-        rows, order = order[:256], order[256:]
-        batch = states.batch([texts[i] for i in rows])
-        mask = batch["mask"]  # (B, L)
-        if drop:
-            keep = torch.rand(mask.shape, generator=gen) > drop  # (B, L)
-            keep[:, 0] = True
-            mask = mask & keep
-        loss = info_nce(net(states=batch["states"], mask=mask), xa[rows], scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return net.eval(), float(loss.detach())
+    tower.head = TextNet(tower.head.cfg)
+    loss = fit_head(tower, reading, texts, xa, EncoderTrainConfig(head_steps=steps))
+    return tower.eval(), loss
 
 
 def main() -> None:
@@ -100,11 +94,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for steps in (int(s) for s in args.steps.split(",")):
         t0 = time.time()
-        net, loss = fit_head(model.text, states, texts, xa, steps, args.drop)
+        reading = DroppedStates(states, args.drop) if args.drop else states
+        tower, loss = fresh_head(model.text, reading, texts, xa, steps)
         log.info("%d steps in %.0f s", steps, time.time() - t0)
         for name, (test, h, mask) in tests.items():
             with torch.inference_mode():
-                xq = net(states=h, mask=mask).numpy().astype(np.float32)  # (N, dim)
+                xq = tower.sentence_side(states=h, mask=mask).numpy().astype(np.float32)  # (N, dim)
             m = metrics(ranks_query_to_audio(xq, test.audio, test.query_group))
             print(f"| {args.split} | {steps} | {args.drop} | {loss:.3f} | {name} | {m['R@1']:.3f} | {m['R@10']:.3f} |")
 

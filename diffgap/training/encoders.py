@@ -29,7 +29,7 @@ from diffgap.encoders.sentence import SentenceEncoder, load_sentence_encoder
 from diffgap.media.audio import AudioDecodeError, decode_audio
 from diffgap.media.video import VideoDecodeError, decode_video
 from diffgap.models.audio_net import AudioNetConfig
-from diffgap.models.text_net import TextNetConfig, mix_sides
+from diffgap.models.text_net import TextNet, TextNetConfig, mix_sides
 from diffgap.models.video_net import VideoNetConfig
 from diffgap.training.metrics import metrics, ranks_query_to_audio
 from diffgap.training.pairs import Pair
@@ -214,29 +214,9 @@ def fit_sentence_head(
     linear = text.cfg.sentence_head == "linear"
     reading = SentenceVectors(sentence, texts) if linear else SentenceStates(sentence, texts, text.cfg.max_tokens)
     target = torch.tensor([i for _, i in captions])  # (C,) each caption's clip
-    gen = torch.Generator().manual_seed(cfg.seed)
-    logit_scale = torch.nn.Parameter(torch.tensor(math.log(20.0)))
-    opt = torch.optim.AdamW([*text.head.parameters(), logit_scale], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.head_steps if len(captions) > 1 else 0  # one caption has no negatives
-    # a transformer head warms up and anneals (as measured); the linear one kept a constant rate
-    sched = None if linear or not steps else torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps)
-    batch, loss, order = 256, torch.zeros(()), torch.zeros(0, dtype=torch.long)
-    text.head.train()
-    for step in range(steps):
-        if len(order) < 2:  # a new pass over the captions in a new order
-            order = torch.randperm(len(captions), generator=gen)
-        rows, order = order[:batch], order[batch:]
-        side = text.sentence_side(**sentence_reading(reading.batch([texts[r] for r in rows])))  # (b, dim)
-        loss = info_nce(side, xa[target[rows]], logit_scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        if (step + 1) % HEAD_LOG_EVERY == 0:
-            log.info("sentence head: step %d of %d, loss %.3f", step + 1, steps, float(loss.detach()))
+    loss = fit_head(text, reading, texts, xa[target], cfg)
     model.eval()
-    stats = {"head_loss": float(loss.detach()), "head_captions": len(captions)}
+    stats = {"head_loss": loss, "head_captions": len(captions)}
     if val_clips:
         by_weight = {}
         with torch.no_grad():
@@ -253,6 +233,39 @@ def fit_sentence_head(
                  text.cfg.prior_weight, len(val_clips), {w: round(v, 3) for w, v in by_weight.items()})  # fmt: skip
     stats["head_weight"] = text.cfg.prior_weight
     return stats
+
+
+def fit_head(
+    text: TextNet, reading: SentenceStates | SentenceVectors, texts: Sequence[str], xa: torch.Tensor,
+    cfg: EncoderTrainConfig,
+) -> float:  # fmt: skip
+    """Train only `text.head`, by InfoNCE, to place the sentence model's reading of each text onto its
+    audio vector (xa (C, dim), row-aligned with texts), for cfg.head_steps batches of 256; returns the
+    last batch's loss."""
+    linear = text.cfg.sentence_head == "linear"
+    gen = torch.Generator().manual_seed(cfg.seed)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(20.0)))
+    opt = torch.optim.AdamW([*text.head.parameters(), logit_scale], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.head_steps if len(texts) > 1 else 0  # one caption has no negatives
+    # a transformer head warms up and anneals (as measured); the linear one kept a constant rate
+    sched = None if linear or not steps else torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps)
+    batch, loss, order = 256, torch.zeros(()), torch.zeros(0, dtype=torch.long)
+    text.head.train()
+    for step in range(steps):
+        if len(order) < 2:  # a new pass over the captions in a new order
+            order = torch.randperm(len(texts), generator=gen)
+        rows, order = order[:batch], order[batch:]
+        side = text.sentence_side(**sentence_reading(reading.batch([texts[r] for r in rows])))  # (b, dim)
+        loss = info_nce(side, xa[rows], logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if (step + 1) % HEAD_LOG_EVERY == 0:
+            log.info("sentence head: step %d of %d, loss %.3f", step + 1, steps, float(loss.detach()))
+    text.head.eval()
+    return float(loss.detach())
 
 
 def sentence_reading(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
