@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from diffgap.diffusion.adapter import TextAdapter  # noqa: E402
 from diffgap.diffusion.refiner import Refiner, RefinerConfig  # noqa: E402
 from diffgap.encoders import load_encoders  # noqa: E402
+from diffgap.encoders.sentence import load_sentence_encoder, sentence_model_available  # noqa: E402
 from diffgap.index.faiss_sync import sync_faiss  # noqa: E402
 from diffgap.index.meaning import AUTO, MeaningIndex, resolve_meaning_model, sync_meaning  # noqa: E402
 from diffgap.index.store import FileRecord, IndexStore  # noqa: E402
@@ -186,6 +189,27 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
             ),
         }
 
+    with_adapter = {}
+    if sentence_model_available():
+        # a refiner as train-refiner ships it when the held-out pairs give the text adapter a weight; its
+        # sentence-model pass is the adapter's own here (this text tower reads no sentence model; a beside
+        # tower's pass is shared: diffgap/encoders/sentence.py keeps a batch's token states)
+        adapter = TextAdapter.new(load_sentence_encoder(), encoders.audio.dim)
+        config = replace(refiner.config, mix={"refined": 0.25, "mapped": 0.25, "direct": 0.25, "adapted": 0.25})
+        adapted = Refiner(config, refiner.net, refiner.mapper, adapter)
+        with_adapter_searcher = Searcher(store, encoders, {"text": adapted}, meaning)
+        states, mask, _ = adapter.sentence.token_states([QUERIES[1]])
+        fresh = itertools.cycle(QUERIES)  # a new text each time: no reading of a recent batch is reused
+        with_adapter = {
+            "text adapter, its own sentence-model pass": median_ms(lambda: adapter.encode([next(fresh)])),
+            "text adapter head, on token states already read": median_ms(
+                lambda: adapter.read({"states": states, "mask": mask})
+            ),
+            "whole query, refine 1 step, mixed with the mapper, direct and the text adapter, sound only": median_ms(
+                lambda: with_adapter_searcher.run([Query("text", 10, text=next(fresh), refine=RefineSpec(steps=1))])
+            ),
+        }
+
     stages = {
         "encode text": median_ms(lambda: encoders.text.encode([QUERIES[1]])),
         "refine, 1 step": median_ms(lambda: refiner.refine(xq, steps=1, blend=0.0)),
@@ -211,6 +235,7 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
             lambda: searcher.run([Query("text", 10, text=QUERIES[2], refine=RefineSpec(steps=1))])
         ),
         **by_meaning,
+        **with_adapter,
     }
     store.close()
     return stages

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from diffgap.encoders import load_encoders  # noqa: E402
 from diffgap.models.text_net import TextNet  # noqa: E402
 from diffgap.training.embeddings import embed_pairs  # noqa: E402
-from diffgap.training.encoders import EncoderTrainConfig, SentenceStates, fit_head  # noqa: E402
+from diffgap.training.encoders import EncoderTrainConfig, HeadFit, SentenceStates, fit_head  # noqa: E402
 from diffgap.training.metrics import metrics, ranks_query_to_audio  # noqa: E402
 from diffgap.training.pairs import read_pairs  # noqa: E402
 
@@ -56,7 +56,10 @@ def fresh_head(text: TextNet, reading, texts: list[str], xa: torch.Tensor, steps
     tower = copy.deepcopy(text)
     torch.manual_seed(0)
     tower.head = TextNet(tower.head.cfg)
-    loss = fit_head(tower, reading, texts, xa, EncoderTrainConfig(head_steps=steps))
+    cfg = EncoderTrainConfig()
+    fit = HeadFit(steps, cfg.lr, cfg.weight_decay, cfg.seed, one_cycle=True)
+    loss = fit_head(tower.head, lambda batch: tower.sentence_side(states=batch["states"], mask=batch["mask"]),
+                    reading, texts, xa, fit)  # fmt: skip
     return tower.eval(), loss
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from diffgap.index.store import IndexStore
 from diffgap.media.synthetic import generate_demo_corpus
 from diffgap.models.refiner_net import RefinerNetConfig
 from diffgap.retrieval.search import Query, RefineSpec, open_searcher
+from diffgap.training.adapter import AdapterTrainConfig, sentence_model_for
 from diffgap.training.embeddings import PairEmbeddings, embed_index_pairs, embed_pairs
 from diffgap.training.encoders import EncoderTrainConfig, train_compact_encoders
 from diffgap.training.evaluate import AblationConfig, format_table, rows_to_json, run_ablation
@@ -326,6 +327,8 @@ class RefinerJob:
     blend: float | None = None
     ensemble: bool = True  # also train the mapper and weigh refined, mapped and direct scores (fit_refiner)
     checkpoint_every: int = 500
+    # with text pairs and the ensemble: also fit a text adapter and weigh its score (fit_refiner); None: none
+    adapter: AdapterTrainConfig | None = None
 
     def output(self) -> Path:
         if self.out:
@@ -368,6 +371,7 @@ def train_refiner_job(job: RefinerJob, progress: ProgressFactory = no_progress) 
             checkpoint_every=job.checkpoint_every,
             record={"encoder_spec": spec, "video_encoder_spec": job.video_encoder},
             progress=lambda it, loss: step(1),
+            adapter=job.adapter if job.modality == "text" else None,
         )
     return refiner, report, out
 
@@ -403,6 +407,8 @@ def evaluate(
             test_pairs, upper_encoders, modality, cache_dir=Path(upper_index) / CACHE_DIR, progress=progress
         )
     trained = load_refiner(refiner, encoders) if refiner else None
+    if cfg.adapter is not None:
+        cfg = replace(cfg, adapter=replace(cfg.adapter, sentence_model=sentence_model_for(encoders, cfg.adapter)))
     rows = run_ablation(train, test, cfg, refiner=trained, upper=upper)
     return {
         "modality": modality,

@@ -140,7 +140,8 @@ def build_and_refine(corpus: Path, index: Path, spec: str, iterations: int = 30)
     assert main(["build", str(corpus / "audio"), "-o", str(index), "--encoder", spec, "-q"]) == 0
     for modality in ("text", "video"):
         args = ["refiner", "train", "-q", "--pairs", str(corpus / "captions.csv"), "--index", str(index),
-                "--modality", modality, "--video-encoder", spec, "--iterations", str(iterations)]  # fmt: skip
+                "--modality", modality, "--video-encoder", spec, "--iterations", str(iterations),
+                "--adapter-steps", "40"]  # fmt: skip
         assert main(args) == 0
         assert (index / f"refiner-{modality}" / "refiner.json").exists()
 

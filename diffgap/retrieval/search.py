@@ -202,7 +202,11 @@ class Searcher:
         raw = xq  # the queries as encoded: what a rerank conditions on
         if spec is not None:
             t1 = time.perf_counter()
-            xq = self.refiners[modality].refine(xq, direction=0, **spec.options())
+            refiner = self.refiners[modality]
+            adapted = None
+            if spec.blend is None and refiner.reads_text and all(q.text is not None for q in queries):
+                adapted = refiner.adapt([check_text(q.text) for q in queries])  # (B, d) its reading of the words
+            xq = refiner.refine(xq, direction=0, adapted=adapted, **spec.options())
             timings["refine"] = (time.perf_counter() - t1) * 1e3
         else:
             self._check_direct(modality, xq)

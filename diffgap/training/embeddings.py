@@ -31,6 +31,9 @@ class PairEmbeddings:
     query_group: np.ndarray  # (P,) int index into `audio`
     audio_keys: list[str]  # group key of each audio row
     modality: str  # "text" | "video"
+    # each query row's text (text queries), for what reads the words themselves (a refiner's text
+    # adapter); None where they were not kept (video, or an embedding cache written before this field)
+    texts: list[str] | None = None
 
     def subset_groups(self, groups: np.ndarray) -> PairEmbeddings:
         """The queries whose targets are in `groups`, with targets renumbered."""
@@ -44,6 +47,7 @@ class PairEmbeddings:
             remap[self.query_group[keep]],
             [self.audio_keys[g] for g in groups],
             self.modality,
+            None if self.texts is None else [t for t, k in zip(self.texts, keep, strict=True) if k],
         )
 
     def split(self, val_fraction: float, seed: int = 0) -> tuple[PairEmbeddings, PairEmbeddings]:
@@ -88,7 +92,12 @@ def embed_pairs(
         if cache.exists():
             data = np.load(cache, allow_pickle=False)
             log.info("loaded cached embeddings %s", cache)
-            return PairEmbeddings(data["audio"], data["query"], data["query_group"], list(data["audio_keys"]), modality)
+            texts = [str(t) for t in data["texts"]] if "texts" in data else None
+            if texts is None and modality == "text" and len(usable) == len(data["query"]):
+                texts = [str(p.text) for p in usable]  # an older cache; no pair was dropped, so rows are `usable`
+            return PairEmbeddings(
+                data["audio"], data["query"], data["query_group"], list(data["audio_keys"]), modality, texts
+            )
     keys: dict[str, int] = {}
     audio_paths: list[Path] = []
     for p in usable:
@@ -143,6 +152,7 @@ def embed_pairs(
         np.array([remap[keys[p.key]] for p in kept], dtype=np.int64),
         [list(keys)[i] for i in live],
         modality,
+        [p.text for p in kept] if modality == "text" else None,
     )
     if cache is not None:
         arrays = {
@@ -150,6 +160,7 @@ def embed_pairs(
             "query": result.query,
             "query_group": result.query_group,
             "audio_keys": np.array(result.audio_keys),
+            **({"texts": np.array(result.texts)} if result.texts is not None else {}),
         }
         atomic_write(cache, lambda fh: np.savez(fh, **arrays))
     return result
@@ -180,4 +191,4 @@ def embed_index_pairs(
         audio[g] = mean / max(float(np.linalg.norm(mean)), 1e-12)
     texts = [descriptions[p] for p in paths]
     query = np.concatenate([text_encoder.encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
-    return PairEmbeddings(audio, query.astype(np.float32), np.arange(len(paths), dtype=np.int64), paths, "text")
+    return PairEmbeddings(audio, query.astype(np.float32), np.arange(len(paths), dtype=np.int64), paths, "text", texts)

@@ -29,7 +29,7 @@ from diffgap.encoders.sentence import SentenceEncoder, load_sentence_encoder
 from diffgap.media.audio import AudioDecodeError, decode_audio
 from diffgap.media.video import VideoDecodeError, decode_video
 from diffgap.models.audio_net import AudioNetConfig
-from diffgap.models.text_net import TextNet, TextNetConfig, mix_sides
+from diffgap.models.text_net import TextNetConfig, mix_sides
 from diffgap.models.video_net import VideoNetConfig
 from diffgap.training.metrics import metrics, ranks_query_to_audio
 from diffgap.training.pairs import Pair
@@ -192,6 +192,17 @@ def validation_mrr(model: CompactModel, clips: Sequence[Clip], text_inputs: Call
     return metrics(ranks)["MRR@10"]
 
 
+@dataclass
+class HeadFit:
+    """How a head over a frozen sentence model is fitted (`fit_head`)."""
+
+    steps: int  # batches of 256 texts: a count of updates, so small sets get as many as large ones
+    lr: float
+    weight_decay: float
+    seed: int
+    one_cycle: bool  # warm up and anneal (a transformer head, as measured); False: a constant rate
+
+
 HEAD_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # a beside tower's sentence share, tried on held-out clips
 HEAD_LOG_EVERY = 200  # steps between progress lines while a sentence head fits (minutes for a states head)
 
@@ -214,7 +225,10 @@ def fit_sentence_head(
     linear = text.cfg.sentence_head == "linear"
     reading = SentenceVectors(sentence, texts) if linear else SentenceStates(sentence, texts, text.cfg.max_tokens)
     target = torch.tensor([i for _, i in captions])  # (C,) each caption's clip
-    loss = fit_head(text, reading, texts, xa[target], cfg)
+    # a transformer head warms up and anneals (as measured); the linear one kept a constant rate
+    fit = HeadFit(cfg.head_steps, cfg.lr, cfg.weight_decay, cfg.seed, one_cycle=not linear)
+    loss = fit_head(text.head, lambda batch: text.sentence_side(**sentence_reading(batch)), reading, texts,
+                    xa[target], fit)  # fmt: skip
     model.eval()
     stats = {"head_loss": loss, "head_captions": len(captions)}
     if val_clips:
@@ -236,27 +250,26 @@ def fit_sentence_head(
 
 
 def fit_head(
-    text: TextNet, reading: SentenceStates | SentenceVectors, texts: Sequence[str], xa: torch.Tensor,
-    cfg: EncoderTrainConfig,
+    head: torch.nn.Module, side: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    reading: SentenceStates | SentenceVectors, texts: Sequence[str], xa: torch.Tensor, fit: HeadFit,
 ) -> float:  # fmt: skip
-    """Train only `text.head`, by InfoNCE, to place the sentence model's reading of each text onto its
-    audio vector (xa (C, dim), row-aligned with texts), for cfg.head_steps batches of 256; returns the
-    last batch's loss."""
-    linear = text.cfg.sentence_head == "linear"
-    gen = torch.Generator().manual_seed(cfg.seed)
+    """Train only `head`, by InfoNCE, so that `side` (the head's unit vectors (b, dim) from a batch of
+    the sentence model's readings) places each text onto its audio vector (xa (C, dim), row-aligned
+    with texts), for fit.steps batches of 256; returns the last batch's loss."""
+    gen = torch.Generator().manual_seed(fit.seed)
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(20.0)))
-    opt = torch.optim.AdamW([*text.head.parameters(), logit_scale], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.head_steps if len(texts) > 1 else 0  # one caption has no negatives
-    # a transformer head warms up and anneals (as measured); the linear one kept a constant rate
-    sched = None if linear or not steps else torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps)
+    opt = torch.optim.AdamW([*head.parameters(), logit_scale], lr=fit.lr, weight_decay=fit.weight_decay)
+    steps = fit.steps if len(texts) > 1 else 0  # one caption has no negatives
+    sched = None
+    if fit.one_cycle and steps:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, fit.lr, total_steps=steps)
     batch, loss, order = 256, torch.zeros(()), torch.zeros(0, dtype=torch.long)
-    text.head.train()
+    head.train()
     for step in range(steps):
         if len(order) < 2:  # a new pass over the captions in a new order
             order = torch.randperm(len(texts), generator=gen)
         rows, order = order[:batch], order[batch:]
-        side = text.sentence_side(**sentence_reading(reading.batch([texts[r] for r in rows])))  # (b, dim)
-        loss = info_nce(side, xa[rows], logit_scale)
+        loss = info_nce(side(reading.batch([texts[r] for r in rows])), xa[rows], logit_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -264,7 +277,7 @@ def fit_head(
             sched.step()
         if (step + 1) % HEAD_LOG_EVERY == 0:
             log.info("sentence head: step %d of %d, loss %.3f", step + 1, steps, float(loss.detach()))
-    text.head.eval()
+    head.eval()
     return float(loss.detach())
 
 

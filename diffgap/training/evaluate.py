@@ -10,9 +10,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from diffgap.diffusion.adapter import TextAdapter
 from diffgap.diffusion.refiner import Refiner
 from diffgap.diffusion.scoring import ScoreSpec, rerank
 from diffgap.models.mapper_net import Mapper
+from diffgap.training.adapter import AdapterTrainConfig, fit_adapter
 from diffgap.training.embeddings import PairEmbeddings
 from diffgap.training.mapper import MapperConfig, train_mapper
 from diffgap.training.metrics import choose_blend, choose_mix, metrics, mix, ranks_after_rerank, score_mapping
@@ -53,6 +55,10 @@ class AblationConfig:
     # from noise, a fixed blend, the denoising-error rerank): a quicker table of baselines, the
     # shipped refiner and the candidate recipes.
     ablations: bool = True
+    # With text pairs: a text adapter (diffgap/diffusion/adapter.py) fitted on the pairs less the
+    # held-out share, as train-refiner fits it; rows for it alone and in the ensemble. `sentence_model`
+    # must be resolved (pipeline.evaluate does it). None: no adapter rows.
+    adapter: AdapterTrainConfig | None = None
 
 
 UPPER = "in-domain upper bound: direct search with encoders trained on the target domain"
@@ -225,6 +231,20 @@ def run_ablation(
     )
     if fit_refiner is not None:
         rows.append(ensemble_row(fit, held_out, test, cfg, (full, fwd, bwd), fit_refiner))
+    if fit_refiner is not None and cfg.adapter is not None and fit.texts is not None and test.texts is not None:
+        assert cfg.adapter.sentence_model, "resolve the adapter's sentence model first (sentence_model_for)"
+        t = time.perf_counter()
+        adapter = fit_adapter(fit, cfg.adapter.sentence_model, cfg.adapter)
+        adapted = adapter.encode(test.texts)  # (Q, d), row-aligned with test.query
+        rows.append(
+            Row(
+                f"text adapter alone (a head over {cfg.adapter.sentence_model}'s token states, fitted on the pairs "
+                "less the held-out share)",
+                *score_mapping(test, lambda x: adapted, None),
+                {"bytes": adapter.num_bytes, "train_s": round(time.perf_counter() - t, 1)},
+            )
+        )
+        rows.append(ensemble_row(fit, held_out, test, cfg, (full, fwd, bwd), fit_refiner, adapter))
     for m in cfg.intervals:
         model = train_one(bidirectional=True, switch_every=m)
         refiner_rows(model, f"refiner with BST (m={m})", (s0,), bidirectional=True)
@@ -238,38 +258,44 @@ def ensemble_row(
     cfg: AblationConfig,
     models: tuple[Refiner, Mapper, Mapper],
     fit_refiner: Refiner,
+    adapter: TextAdapter | None = None,
 ) -> Row:
     """Refined, mapped and (in one space) direct scores summed with weights picked per direction on
     pairs held out of training, by a refiner and mappers trained without them (`fit`), as the blend
-    is; the weights then apply to `models` (refiner, forward and backward mapper on all pairs)."""
+    is; the weights then apply to `models` (refiner, forward and backward mapper on all pairs). With
+    an `adapter` (fitted on `fit`, as train-refiner ships it), its score of the query texts is a
+    fourth part of the query -> audio direction."""
     s0 = cfg.steps[0]
     same_space = fit.audio.shape[1] == fit.query.shape[1]
     t = time.perf_counter()
     fit_maps = (train_mapper(fit, 0, cfg.mapper), train_mapper(fit, 1, cfg.mapper))
     full, fwd, bwd = models
+    held_adapted = test_adapted = None  # (Q, d) the adapter's reading of each query text
+    if adapter is not None:
+        assert held_out.texts is not None and test.texts is not None, "the adapter reads the queries' texts"
+        held_adapted, test_adapted = adapter.encode(held_out.texts), adapter.encode(test.texts)
 
-    def maps(model: Refiner, mappers: tuple[Mapper, Mapper], x: np.ndarray, d: int) -> list[np.ndarray]:
+    def maps(
+        model: Refiner, mappers: tuple[Mapper, Mapper], x: np.ndarray, d: int, adapted: np.ndarray | None = None
+    ) -> list[np.ndarray]:
         out = [model.refine(x, direction=d, steps=s0, blend=0.0), mappers[d].map(x)]
-        return out + [x] if same_space else out
+        out = out + [x] if same_space else out
+        return out + [adapted] if adapted is not None else out
 
     weights, scores = [], []
-    for d, rows_of in ((0, held_out.query), (1, held_out.audio)):
-        w, score = choose_mix(held_out, maps(fit_refiner, fit_maps, rows_of, d), direction=d)
+    for d, rows_of, adapted in ((0, held_out.query, held_adapted), (1, held_out.audio, None)):
+        w, score = choose_mix(held_out, maps(fit_refiner, fit_maps, rows_of, d, adapted), direction=d)
         weights.append(w)
         scores.append(round(score, 4))
-    log.info(
-        "ensemble weights (refined, mapped%s): %s, held-out MRR@10 %s",
-        ", direct" if same_space else "",
-        weights,
-        scores,
-    )
+    names = ["refined", "mapped"] + (["direct"] if same_space else []) + (["adapted"] if adapter else [])
+    parts = ", ".join(names[:-1]) + " and " + names[-1]
+    log.info("ensemble weights (%s): %s, held-out MRR@10 %s", parts, weights, scores)
     named = ", ".join("/".join(f"{v:g}" for v in w) for w in weights)
     return Row(
-        f"ensemble of refined, mapped{' and direct' if same_space else ''} scores, weights chosen on held-out "
-        f"pairs ({named})",
+        f"ensemble of {parts} scores, weights chosen on held-out pairs ({named})",
         *score_mapping(
             test,
-            lambda x: mix(maps(full, (fwd, bwd), x, 0), weights[0]),
+            lambda x: mix(maps(full, (fwd, bwd), x, 0, test_adapted), weights[0]),
             lambda x: mix(maps(full, (fwd, bwd), x, 1), weights[1]),
         ),
         {"weights": weights, "held_out_MRR@10": scores, "train_s": round(time.perf_counter() - t, 1)},

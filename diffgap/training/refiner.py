@@ -27,10 +27,12 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from diffgap.atomic import atomic_write_bytes, atomic_write_json
+from diffgap.diffusion.adapter import TextAdapter
 from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, RefinerConfig
 from diffgap.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from diffgap.encoders import EncoderSet
 from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
+from diffgap.training.adapter import AdapterTrainConfig, fit_adapter, sentence_model_for
 from diffgap.training.embeddings import PairEmbeddings
 from diffgap.training.mapper import MapperConfig, train_mapper
 from diffgap.training.metrics import choose_blend, choose_mix, score_mapping
@@ -350,6 +352,7 @@ def fit_refiner(
     checkpoint_every: int = 500,
     record: dict[str, Any] | None = None,
     progress: Callable[[int, float], None] | None = None,
+    adapter: AdapterTrainConfig | None = None,
 ) -> tuple[Refiner, dict[str, Any]]:
     """Everything `train-refiner` does: hold out a share of the audio targets, train (resumably) on the
     rest, score refined against direct search on the held-out pairs, pick the blend weight there
@@ -357,7 +360,9 @@ def fit_refiner(
     and the report. `record` (e.g. the encoder specs) is kept in the refiner's training notes.
     With `ensemble` (and no fixed `blend`), an MLP mapper is trained on the same pairs and the weights
     of the refined, mapped and direct scores are picked on the held-out pairs too (`config.mix`):
-    on SynthCaps it matched or beat both the mapper and the refiner alone in every table of run 7."""
+    on SynthCaps it matched or beat both the mapper and the refiner alone in every table of run 7.
+    With `adapter` as well (text pairs), a text adapter (diffgap/diffusion/adapter.py) is fitted on the
+    same training pairs and its score is a fourth part of that choice."""
     cfg = cfg or RefinerTrainConfig()
     query_encoder = encoders.for_modality(data.modality)
     train, val = data.split(val_fraction, seed=cfg.seed)
@@ -395,7 +400,12 @@ def fit_refiner(
         if ensemble and blend is None:
             # half the refiner's iterations: the 3,000 of every eval table at the default 6,000
             mapper_cfg = MapperConfig(iterations=max(1, cfg.iterations // 2), seed=cfg.seed)
-            _add_mapper(refiner, train, val, eval_steps, mapper_cfg, report)
+            text_adapter = None
+            if adapter is not None and train.texts is not None and val.texts is not None:
+                text_adapter = fit_adapter(train, sentence_model_for(encoders, adapter), adapter)
+            elif adapter is not None:
+                log.warning("no text adapter: the pairs are not text pairs with their texts kept")
+            _fit_mix(refiner, train, val, eval_steps, mapper_cfg, report, text_adapter)
         refiner.config.training["validation"] = report
         log.info(
             "held-out %s->audio R@1: refined %.3f%s (R@10 %.3f), %d queries",
@@ -415,23 +425,34 @@ def fit_refiner(
     return refiner, report
 
 
-def _add_mapper(
+def _fit_mix(
     refiner: Refiner,
     train: PairEmbeddings,
     val: PairEmbeddings,
     steps: int,
     mapper_cfg: MapperConfig,
     report: dict[str, Any],
+    adapter: TextAdapter | None = None,
 ) -> None:
-    """Train the query -> audio mapper on `train` and pick the weights of the refined, mapped and
-    (in one space) direct scores by held-out MRR@10 on `val`; the refiner keeps the mapper only when
-    it has a weight."""
+    """Train the query -> audio mapper on `train` and pick the weights of the refined, mapped, (in one
+    space) direct and (with an `adapter` fitted on `train`) adapted scores by held-out MRR@10 on `val`;
+    the refiner keeps the mapper and the adapter only when they have a weight."""
     mapper = train_mapper(train, 0, mapper_cfg)
-    parts = ["refined", "mapped"] + (["direct"] if val.query.shape[1] == val.audio.shape[1] else [])
-    maps = [refiner.refine(val.query, steps=steps, blend=0.0), mapper.map(val.query), val.query][: len(parts)]
-    weights, score = choose_mix(val, maps)
+    parts = {
+        "refined": lambda: refiner.refine(val.query, steps=steps, blend=0.0),
+        "mapped": lambda: mapper.map(val.query),
+    }
+    if val.query.shape[1] == val.audio.shape[1]:
+        parts["direct"] = lambda: val.query
+    if adapter is not None:
+        assert val.texts is not None, "scoring the adapter on held-out pairs needs their texts"
+        parts["adapted"] = lambda: adapter.encode(val.texts)
+    weights, score = choose_mix(val, [make() for make in parts.values()])
     refiner.config.mix = {name: float(w) for name, w in zip(parts, weights, strict=True)}
     refiner.config.mapper_hidden = mapper_cfg.hidden
     refiner.mapper = mapper if refiner.config.mix["mapped"] > 0 else None
+    refiner.adapter = adapter if refiner.config.mix.get("adapted", 0) > 0 else None
+    if adapter is not None:
+        report["adapter_bytes"] = adapter.num_bytes
     report["val_MRR@10_mix"] = round(score, 4)
     log.info("score weights %s picked on the held-out pairs (MRR@10 %.4f)", refiner.config.mix, score)

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from diffgap.atomic import atomic_write_json
 from diffgap.diffusion.refiner import DEFAULT_STEPS
+from diffgap.encoders.sentence import DEFAULT_SENTENCE_MODEL, INSTALL_HINT, sentence_model_available
 from diffgap.models.refiner_net import RefinerNetConfig
 from diffgap.pipeline import PairsSource, RefinerJob, evaluate, train_refiner_job
+from diffgap.training.adapter import AdapterTrainConfig
 from diffgap.training.evaluate import AblationConfig
 from diffgap.training.mapper import MapperConfig
 from diffgap.training.refiner import LR_SCHEDULES, RefinerTrainConfig
 from indexer.common import EXIT_OK, CliError, progress_bars, step_count, step_counts, unit_interval
+
+log = logging.getLogger(__name__)
 
 
 def _pairs(args: argparse.Namespace, path: str | None = None, split: str | None = None) -> PairsSource:
@@ -40,6 +45,17 @@ def _train_cfg(args: argparse.Namespace) -> RefinerTrainConfig:
     )
 
 
+def _adapter_cfg(args: argparse.Namespace) -> AdapterTrainConfig | None:
+    if args.adapter is False:
+        return None
+    if args.adapter is None and not sentence_model_available(args.adapter_model or DEFAULT_SENTENCE_MODEL):
+        log.info("no text adapter: the sentence model is not installed (%s)", INSTALL_HINT)
+        return None
+    if args.adapter_steps < 1:
+        raise CliError(f"--adapter-steps must be at least 1 (--no-adapter turns it off), got {args.adapter_steps}")
+    return AdapterTrainConfig(steps=args.adapter_steps, seed=args.seed, sentence_model=args.adapter_model)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if not args.from_index and not args.pairs:
         raise CliError("give --pairs CSV or --from-index")
@@ -60,6 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         blend=args.blend,
         ensemble=not args.no_ensemble,
         checkpoint_every=args.checkpoint_every,
+        adapter=_adapter_cfg(args),
     )
     _, report, _ = train_refiner_job(job, progress_bars(args.quiet))
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
@@ -75,7 +92,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bridge_start=args.bridge_start,
         mapper_bridge_start=args.mapper_bridge_start,
         ablations=not args.no_ablations,
+        variants=() if args.no_variants else AblationConfig.variants,
         blend=args.blend,
+        adapter=_adapter_cfg(args) if args.modality == "text" else None,
     )
     payload = evaluate(
         _pairs(args, split=args.split),
@@ -150,6 +169,22 @@ def _common(p: argparse.ArgumentParser, pairs_required: bool = True) -> None:
         help="constant, or cosine: warmup then decay to a tenth of --lr",
     )
     p.add_argument("--seed", type=int, default=defaults.seed)
+    adapter = AdapterTrainConfig()
+    p.add_argument(
+        "--adapter",
+        action=argparse.BooleanOptionalAction,
+        help="text pairs: also fit a text adapter (a ~1 MB head over a frozen sentence model's token states) "
+        "and let the held-out pairs weigh its score in the ensemble (default: on when the sentence model is "
+        "installed, diffgap[sentence])",
+    )
+    p.add_argument(
+        "--adapter-steps", type=int, default=adapter.steps, help="batches of 256 captions the adapter is fitted for"
+    )
+    p.add_argument(
+        "--adapter-model",
+        metavar="NAME",
+        help="sentence model the adapter reads (default: the text tower's own, else minilm-l6; or a model directory)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -218,6 +253,11 @@ def register_eval(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip the rows earlier runs settled (other prediction target, bridge from the query, from noise, "
         "fixed blend, rerank): baselines, the shipped refiner and the candidate recipes only",
+    )
+    p.add_argument(
+        "--no-variants",
+        action="store_true",
+        help="skip the rows of training recipes (EMA, cosine LR, retrieval-path loss), a refiner trained each",
     )
     p.add_argument(
         "--upper-index",

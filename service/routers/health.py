@@ -42,7 +42,9 @@ def readyz(holder: HolderDep, settings: SettingsDep, response: Response) -> Read
             "bytes": r.num_bytes,
             "prediction": r.config.prediction_type,
             "blend": r.config.blend,  # the weight a search gets when it names none
-            "mix": r.config.mix,  # or, when trained with its mapper, the weights of its three scores
+            "mix": r.config.mix,  # or, when trained with its mapper (and adapter), the weights of its scores
+            # the text adapter's sentence model, when the mix weighs it (it reads each text query's words)
+            "adapter": r.adapter.sentence.ref.name if r.reads_text and r.adapter is not None else None,
             "trained_pairs": r.config.training.get("pairs"),
             "query_encoder": state.encoders.get(m).fingerprint.public_name if state.encoders.get(m) else None,
         }
