@@ -35,6 +35,7 @@ from rerank_synthcaps import split_embeddings, start_run  # noqa: E402
 
 from diffgap.diffusion.refiner import DEFAULT_STEPS  # noqa: E402
 from diffgap.encoders import load_encoders  # noqa: E402
+from diffgap.training.adapter import AdapterTrainConfig, sentence_model_for  # noqa: E402
 from diffgap.training.embeddings import PairEmbeddings  # noqa: E402
 from diffgap.training.mapper import train_mapper  # noqa: E402
 from diffgap.training.metrics import metrics, ranks_query_to_audio  # noqa: E402
@@ -47,6 +48,7 @@ SERIES = (  # key, legend label, matplotlib style
     ("mapper", "MLP mapper", "s-"),
     ("refiner", f"refiner alone, unblended ({DEFAULT_STEPS} step)", "o:"),
     ("shipped", "refiner as shipped (ensemble weighed on held-out pairs)", "o-"),
+    ("adapter", "text adapter alone (--adapter)", "^:"),
 )
 
 
@@ -55,7 +57,8 @@ def first_pairs(data: PairEmbeddings, n: int, seed: int = 0) -> PairEmbeddings:
     if not n or n >= len(data.query):
         return data
     idx = np.sort(np.random.default_rng(seed).choice(len(data.query), n, replace=False))
-    return PairEmbeddings(data.audio, data.query[idx], data.query_group[idx], data.audio_keys, data.modality)
+    texts = None if data.texts is None else [data.texts[i] for i in idx]
+    return PairEmbeddings(data.audio, data.query[idx], data.query_group[idx], data.audio_keys, data.modality, texts)
 
 
 def r_at_1(xq: np.ndarray, test: PairEmbeddings) -> float:
@@ -77,13 +80,13 @@ def draw(result: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    sizes = [r["pairs"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
     if result.get("upper") is not None:
         ax.axhline(result["upper"], color="tab:purple", ls="-.", label="upper bound: encoders trained in-domain")
     for key, label, style in SERIES:
-        if rows[0].get(key) is not None:
-            ax.plot(sizes, [r[key] for r in rows], style, label=label)
+        points = [(r["pairs"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("training pairs (SynthCaps adapt, random subset)")
     ax.set_ylabel(f"{result['modality']} -> audio R@1 ({result['test_queries']} test queries)")
@@ -106,6 +109,9 @@ def main() -> None:
     parser.add_argument("--modality", default="text", choices=["text", "video"])
     parser.add_argument("--sizes", default="100,300,1000,0")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--adapter", action="store_true", help="text: ship the refiner with its text adapter (refiner train's default)"
+    )
     args = parser.parse_args()
     name = args.name or args.modality
     work, train_all, test = start_run(args)
@@ -118,26 +124,34 @@ def main() -> None:
         log.info("upper bound (direct search, in-domain encoders): R@1 %.3f", upper)
     spec = f"compact:{Path(args.encoders).resolve()}"
     encoders = load_encoders(spec, spec if args.modality == "video" else None)
+    adapter = None
+    if args.adapter:
+        assert args.modality == "text" and test.texts is not None, "the text adapter reads text queries"
+        adapter = AdapterTrainConfig()
+        adapter.sentence_model = sentence_model_for(encoders, adapter)
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         train = first_pairs(train_all, n)
         t = time.perf_counter()
         mapper = train_mapper(train, 0)
         # what `refiner train` does, checkpoints off: the saved refiner is only read back here
-        refiner, report = fit_refiner(train, encoders, work / f"refiner-{name}-{len(train.query)}", checkpoint_every=0)
+        refiner, report = fit_refiner(train, encoders, work / f"refiner-{name}-{len(train.query)}", checkpoint_every=0,
+                                      adapter=adapter)  # fmt: skip
+        adapted = refiner.adapt(test.texts) if adapter is not None else None  # None: the mix gave it no weight
         row = {
             "pairs": len(train.query),
             "direct": direct,
             "mapper": r_at_1(mapper.map(test.query), test),
             "refiner": r_at_1(refiner.refine(test.query, blend=0.0), test),
             "blended": r_at_1(refiner.refine(test.query, blend=refiner.config.blend), test),
-            "shipped": r_at_1(refiner.refine(test.query), test),
+            "shipped": r_at_1(refiner.refine(test.query, adapted=adapted), test),
+            "adapter": r_at_1(adapted, test) if adapted is not None else None,
             "blend": refiner.config.blend,
             "mix": refiner.config.mix,
             "train_s": round(time.perf_counter() - t, 1),
         }
-        for key in ("mapper", "refiner", "shipped"):
-            row[f"{key}_recovery"] = recovery(row[key], direct, upper)
+        for key in ("mapper", "refiner", "shipped", "adapter"):
+            row[f"{key}_recovery"] = recovery(row[key], direct, upper) if row[key] is not None else None
         rows.append(row)
         log.info("%s", row)
     result = {"modality": args.modality, "encoders": args.encoders, "encoders_label": args.encoders_label,
@@ -153,12 +167,16 @@ def table(result: dict) -> str:
 
     def cell(row: dict, key: str) -> str:
         rec = row.get(f"{key}_recovery")
+        if row.get(key) is None:
+            return "n/a"
         return f"{row[key]:.3f}" + (f" ({rec:.0%})" if rec is not None else "")
+
+    adapter = any("adapter" in r for r in result["rows"])
 
     lines = [
         "| training pairs | direct R@1 | MLP mapper R@1 | refiner unblended | refiner, blend picked | "
-        "as shipped (ensemble weights) | train s |",
-        "|---|---|---|---|---|---|---|",
+        "as shipped (ensemble weights) | train s |" + (" text adapter alone |" if adapter else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if adapter else ""),
     ]
     for r in result["rows"]:
         direct = "n/a" if r["direct"] is None else f"{r['direct']:.3f}"
@@ -166,6 +184,7 @@ def table(result: dict) -> str:
         lines.append(
             f"| {r['pairs']:,} | {direct} | {cell(r, 'mapper')} | {cell(r, 'refiner')} | {r['blended']:.3f} "
             f"({r['blend']}) | {cell(r, 'shipped')} ({mix}) | {r['train_s']} |"
+            + (f" {cell(r, 'adapter')} |" if adapter else "")
         )
     if result.get("upper") is not None:
         lines.append(f"\nUpper bound (direct search with in-domain encoders): R@1 {result['upper']:.3f}.")

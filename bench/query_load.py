@@ -36,6 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -199,12 +200,15 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
         adapted = Refiner(config, refiner.net, refiner.mapper, adapter)
         with_adapter_searcher = Searcher(store, encoders, {"text": adapted}, meaning)
         states, mask, _ = adapter.sentence.token_states([QUERIES[1]])
+
+        @torch.inference_mode()
+        def head_only(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return adapter.read({"states": states, "mask": mask})
+
         fresh = itertools.cycle(QUERIES)  # a new text each time: no reading of a recent batch is reused
         with_adapter = {
             "text adapter, its own sentence-model pass": median_ms(lambda: adapter.encode([next(fresh)])),
-            "text adapter head, on token states already read": median_ms(
-                lambda: adapter.read({"states": states, "mask": mask})
-            ),
+            "text adapter head, on token states already read": median_ms(lambda: head_only(states, mask)),
             "whole query, refine 1 step, mixed with the mapper, direct and the text adapter, sound only": median_ms(
                 lambda: with_adapter_searcher.run([Query("text", 10, text=next(fresh), refine=RefineSpec(steps=1))])
             ),

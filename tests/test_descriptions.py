@@ -112,12 +112,15 @@ def test_adapt_from_index_beats_direct_on_held_out_files(adapt_setup, capsys):
                 "0.25",
                 "--iterations",
                 "1500",
+                "--adapter-steps",
+                "200",
             ]
         )
         == 0
     )
     report = json.loads(capsys.readouterr().out)
     assert report["pairs_val"] == 25
+    assert "adapted" in report["mix"] and report["adapter_bytes"] > 0  # the library's own names fit it too
     assert report["val_refined"]["R@1"] > report["val_direct"]["R@1"], report
     assert report["val_refined"]["MRR@10"] > report["val_direct"]["MRR@10"], report
     assert (index / "refiner-text" / "refiner.json").exists()
