@@ -27,7 +27,7 @@ from diffgap.index.store import IndexStore
 from diffgap.media.synthetic import generate_demo_corpus
 from diffgap.models.refiner_net import RefinerNetConfig
 from diffgap.retrieval.search import Query, RefineSpec, open_searcher
-from diffgap.training.adapter import AdapterTrainConfig, sentence_model_for
+from diffgap.training.adapter import AdapterTrainConfig, sentence_model_for, wanted
 from diffgap.training.embeddings import PairEmbeddings, embed_index_pairs, embed_pairs
 from diffgap.training.encoders import EncoderTrainConfig, train_compact_encoders
 from diffgap.training.evaluate import AblationConfig, format_table, rows_to_json, run_ablation
@@ -407,7 +407,9 @@ def evaluate(
             test_pairs, upper_encoders, modality, cache_dir=Path(upper_index) / CACHE_DIR, progress=progress
         )
     trained = load_refiner(refiner, encoders) if refiner else None
-    if cfg.adapter is not None:
+    if not wanted(encoders, cfg.adapter):
+        cfg = replace(cfg, adapter=None)
+    elif cfg.adapter is not None:
         cfg = replace(cfg, adapter=replace(cfg.adapter, sentence_model=sentence_model_for(encoders, cfg.adapter)))
     rows = run_ablation(train, test, cfg, refiner=trained, upper=upper)
     return {

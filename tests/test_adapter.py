@@ -196,3 +196,17 @@ def test_pairs_keep_their_texts_row_aligned_through_a_split():
         for text, group in zip(part.texts, part.query_group, strict=True):
             original = next(g for g, captions in enumerate(CAPTIONS) if text in captions)
             assert part.audio_keys[group] == str(original)
+
+
+def test_by_default_an_adapter_is_fitted_only_where_it_shares_the_towers_sentence_pass(tmp_path, tiny_clap):
+    from conftest import train_tiny_towers
+
+    from diffgap.encoders import load_encoders
+    from diffgap.training.adapter import sentence_model_for, wanted
+
+    train_tiny_towers(tmp_path, d_model=32, prior="minilm-l6", prior_mode="beside", sentence_head="linear")
+    beside, clap = load_encoders(f"compact:{tmp_path / 'enc'}"), load_encoders(f"clap:{tiny_clap}")
+    default = AdapterTrainConfig(only_shared=True)  # what refiner train does unless told
+    assert sentence_model_for(beside, default) == "minilm-l6" and wanted(beside, default)
+    assert sentence_model_for(clap, default) == "minilm-l6" and not wanted(clap, default)
+    assert wanted(clap, AdapterTrainConfig()) and not wanted(clap, None)  # --adapter; --no-adapter

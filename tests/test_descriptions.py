@@ -112,6 +112,7 @@ def test_adapt_from_index_beats_direct_on_held_out_files(adapt_setup, capsys):
                 "0.25",
                 "--iterations",
                 "1500",
+                "--adapter",
                 "--adapter-steps",
                 "200",
             ]

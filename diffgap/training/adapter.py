@@ -29,18 +29,37 @@ class AdapterTrainConfig:
     # None: the text tower's own sentence model when it reads one (a compact "beside" tower: one model
     # loaded, and one pass of it per query serves both), else minilm-l6
     sentence_model: str | None = None
+    # True (what `refiner train` does unless told): fit an adapter only for a text tower that reads a
+    # sentence model itself, whose pass the adapter then shares (+0.6 ms a query, BENCHMARKS.md run 8).
+    # For other towers (CLAP, corpus-only) it costs a sentence-model pass per query, over issue 18's
+    # 2 ms budget, and its gain is unmeasured: there it is opt-in.
+    only_shared: bool = False
 
 
-def sentence_model_for(encoders: EncoderSet, cfg: AdapterTrainConfig) -> str:
-    """The sentence model an adapter for these encoders reads."""
-    if cfg.sentence_model:
-        return cfg.sentence_model
+def tower_sentence_model(encoders: EncoderSet) -> str | None:
+    """The sentence model the text tower itself reads (a compact tower with a sentence prior), or None."""
     text = encoders.get("text")
     tower = getattr(getattr(text, "model", None), "text", None)  # a compact text tower's network, if any
     prior = getattr(getattr(tower, "cfg", None), "prior", None)
     if prior and getattr(tower.cfg, "prior_dim", 0) > 0 and prior_kind(prior) == "sentence":
         return prior
-    return DEFAULT_SENTENCE_MODEL
+    return None
+
+
+def sentence_model_for(encoders: EncoderSet, cfg: AdapterTrainConfig) -> str:
+    """The sentence model an adapter for these encoders reads."""
+    return cfg.sentence_model or tower_sentence_model(encoders) or DEFAULT_SENTENCE_MODEL
+
+
+def wanted(encoders: EncoderSet, cfg: AdapterTrainConfig | None) -> bool:
+    """Whether to fit an adapter for these encoders (see `AdapterTrainConfig.only_shared`)."""
+    if cfg is None:
+        return False
+    shared = tower_sentence_model(encoders) == sentence_model_for(encoders, cfg)
+    if cfg.only_shared and not shared:
+        log.info("no text adapter: the text tower reads no sentence model whose pass it could share "
+                 "(--adapter fits one anyway, at a sentence-model pass per query)")  # fmt: skip
+    return shared or not cfg.only_shared
 
 
 def fit_adapter(train: PairEmbeddings, sentence_model: str, cfg: AdapterTrainConfig) -> TextAdapter:

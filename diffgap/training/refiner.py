@@ -32,7 +32,7 @@ from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, RefinerConfig
 from diffgap.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from diffgap.encoders import EncoderSet
 from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
-from diffgap.training.adapter import AdapterTrainConfig, fit_adapter, sentence_model_for
+from diffgap.training.adapter import AdapterTrainConfig, fit_adapter, sentence_model_for, wanted
 from diffgap.training.embeddings import PairEmbeddings
 from diffgap.training.mapper import MapperConfig, train_mapper
 from diffgap.training.metrics import choose_blend, choose_mix, score_mapping
@@ -400,11 +400,12 @@ def fit_refiner(
         if ensemble and blend is None:
             # half the refiner's iterations: the 3,000 of every eval table at the default 6,000
             mapper_cfg = MapperConfig(iterations=max(1, cfg.iterations // 2), seed=cfg.seed)
-            text_adapter = None
-            if adapter is not None and train.texts is not None and val.texts is not None:
-                text_adapter = fit_adapter(train, sentence_model_for(encoders, adapter), adapter)
-            elif adapter is not None:
+            text_adapter, want = None, wanted(encoders, adapter)
+            if want and (train.texts is None or val.texts is None):
                 log.warning("no text adapter: the pairs are not text pairs with their texts kept")
+            elif want:
+                assert adapter is not None  # wanted() says so
+                text_adapter = fit_adapter(train, sentence_model_for(encoders, adapter), adapter)
             _fit_mix(refiner, train, val, eval_steps, mapper_cfg, report, text_adapter)
         refiner.config.training["validation"] = report
         log.info(

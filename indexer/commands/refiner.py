@@ -53,7 +53,9 @@ def _adapter_cfg(args: argparse.Namespace) -> AdapterTrainConfig | None:
         return None
     if args.adapter_steps < 1:
         raise CliError(f"--adapter-steps must be at least 1 (--no-adapter turns it off), got {args.adapter_steps}")
-    return AdapterTrainConfig(steps=args.adapter_steps, seed=args.seed, sentence_model=args.adapter_model)
+    return AdapterTrainConfig(
+        steps=args.adapter_steps, seed=args.seed, sentence_model=args.adapter_model, only_shared=args.adapter is None
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -174,8 +176,9 @@ def _common(p: argparse.ArgumentParser, pairs_required: bool = True) -> None:
         "--adapter",
         action=argparse.BooleanOptionalAction,
         help="text pairs: also fit a text adapter (a ~1 MB head over a frozen sentence model's token states) "
-        "and let the held-out pairs weigh its score in the ensemble (default: on when the sentence model is "
-        "installed, diffgap[sentence])",
+        "and let the held-out pairs weigh its score in the ensemble (default: on for a text tower that reads "
+        "the sentence model itself, whose pass it shares; --adapter for others, CLAP included, at a "
+        "sentence-model pass per query; needs diffgap[sentence])",
     )
     p.add_argument(
         "--adapter-steps", type=int, default=adapter.steps, help="batches of 256 captions the adapter is fitted for"
