@@ -410,6 +410,13 @@ def test_train_refiner_refuses_a_blend_outside_the_unit_interval(captioned, tmp_
     assert not (tmp_path / "ref").exists()
 
 
+def test_train_refiner_refuses_a_step_count_below_one_for_its_adapter(captioned, tiny_clap, tmp_path, caplog):
+    args = ["refiner", "train", "-q", "--pairs", str(captioned / "pairs.csv"), "--encoder", f"clap:{tiny_clap}",
+            "--out", str(tmp_path / "ref"), "--adapter", "--adapter-steps", "0"]  # fmt: skip
+    assert main(args) == 2
+    assert "--adapter-steps must be at least 1" in caplog.text and not (tmp_path / "ref").exists()
+
+
 def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys):
     enc = f"clap:{tiny_clap}"
     assert (
