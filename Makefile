@@ -12,8 +12,12 @@ install: .venv/bin/python
 
 # What the demo needs (the service, and the sentence model for words by meaning): half the install
 # time of the test tools (Ray, schemathesis, selenium), so a new user's server is up sooner.
+# pip byte-compiles every file it installs (all of torch, sympy and transformers: 60 of the 92 s it
+# took here); compiling only the modules the demo and the server import is a few seconds, and
+# PYTHONDONTWRITEBYTECODE, if the shell sets it, would otherwise leave them to compile at every start.
 install-demo: .venv/bin/python
-	$(PIP) install -q -e ".[serve,sentence]"
+	$(PIP) install -q --no-compile -e ".[serve,sentence]"
+	PYTHONDONTWRITEBYTECODE= $(PY) -c "import indexer.cli, service.app, diffgap.pipeline, transformers.models.bert.modeling_bert"
 
 # The README's test command: the default suite, then the tests marked slow.
 test: install

@@ -19,6 +19,7 @@ given).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -35,7 +36,7 @@ from rerank_synthcaps import split_embeddings, start_run  # noqa: E402
 
 from diffgap.diffusion.refiner import DEFAULT_STEPS  # noqa: E402
 from diffgap.encoders import load_encoders  # noqa: E402
-from diffgap.training.adapter import AdapterTrainConfig, sentence_model_for  # noqa: E402
+from diffgap.training.adapter import AdapterTrainConfig, fit_adapter, sentence_model_for  # noqa: E402
 from diffgap.training.embeddings import PairEmbeddings  # noqa: E402
 from diffgap.training.mapper import train_mapper  # noqa: E402
 from diffgap.training.metrics import metrics, ranks_query_to_audio  # noqa: E402
@@ -49,6 +50,7 @@ SERIES = (  # key, legend label, matplotlib style
     ("refiner", f"refiner alone, unblended ({DEFAULT_STEPS} step)", "o:"),
     ("shipped", "refiner as shipped (ensemble weighed on held-out pairs)", "o-"),
     ("adapter", "text adapter alone (--adapter)", "^:"),
+    ("adapter_fixed", "text adapter alone, all its steps (no held-out stopping)", "v:"),
 )
 
 
@@ -112,6 +114,9 @@ def main() -> None:
     parser.add_argument(
         "--adapter", action="store_true", help="text: ship the refiner with its text adapter (refiner train's default)"
     )
+    parser.add_argument(
+        "--adapter-fixed", action="store_true", help="also fit the adapter for all its steps, no held-out stopping"
+    )
     args = parser.parse_args()
     name = args.name or args.modality
     work, train_all, test = start_run(args)
@@ -137,28 +142,38 @@ def main() -> None:
         # what `refiner train` does, checkpoints off: the saved refiner is only read back here
         refiner, report = fit_refiner(train, encoders, work / f"refiner-{name}-{len(train.query)}", checkpoint_every=0,
                                       adapter=adapter)  # fmt: skip
-        adapted = refiner.adapt(test.texts) if adapter is not None else None  # None: the mix gave it no weight
+        train_s = round(time.perf_counter() - t, 1)  # what `refiner train` took (the mapper as well)
+        adapted = refiner.adapt(test.texts) if adapter is not None and refiner.adapter is not None else None
+        if adapter is not None and adapted is None:  # the mix gave it no weight: fit it again to score it alone
+            adapted = fit_adapter(*train.split(0.1, seed=0), adapter.sentence_model, adapter)[0].encode(test.texts)
+        fixed = None
+        if args.adapter_fixed:  # the same fit without held-out checks: every step, the last weights kept
+            cfg = dataclasses.replace(adapter, check_every=0)
+            fixed = fit_adapter(train.split(0.1, seed=0)[0], adapter.sentence_model, cfg)[0].encode(test.texts)
         row = {
             "pairs": len(train.query),
             "direct": direct,
             "mapper": r_at_1(mapper.map(test.query), test),
             "refiner": r_at_1(refiner.refine(test.query, blend=0.0), test),
             "blended": r_at_1(refiner.refine(test.query, blend=refiner.config.blend), test),
-            "shipped": r_at_1(refiner.refine(test.query, adapted=adapted), test),
+            "shipped": r_at_1(refiner.refine(test.query, adapted=adapted if refiner.adapter else None), test),
             "adapter": r_at_1(adapted, test) if adapted is not None else None,
+            "adapter_fixed": r_at_1(fixed, test) if fixed is not None else None,
+            "adapter_fit": report.get("adapter_fit"),
             "blend": refiner.config.blend,
             "mix": refiner.config.mix,
-            "train_s": round(time.perf_counter() - t, 1),
+            "train_s": train_s,
         }
-        for key in ("mapper", "refiner", "shipped", "adapter"):
+        for key in ("mapper", "refiner", "shipped", "adapter", "adapter_fixed"):
             row[f"{key}_recovery"] = recovery(row[key], direct, upper) if row[key] is not None else None
         rows.append(row)
         log.info("%s", row)
-    result = {"modality": args.modality, "encoders": args.encoders, "encoders_label": args.encoders_label,
-              "upper_encoders": args.upper_encoders, "upper": upper, "test_queries": len(test.query),
-              "rows": rows}  # fmt: skip
-    (work / f"data_efficiency-{name}.json").write_text(json.dumps(result, indent=2))
-    draw(result, ROOT / "docs" / f"data-efficiency-{name}.png")
+        # written after every size, so that a run stopped early keeps what it measured
+        result = {"modality": args.modality, "encoders": args.encoders, "encoders_label": args.encoders_label,
+                  "upper_encoders": args.upper_encoders, "upper": upper, "test_queries": len(test.query),
+                  "rows": rows}  # fmt: skip
+        (work / f"data_efficiency-{name}.json").write_text(json.dumps(result, indent=2))
+        draw(result, ROOT / "docs" / f"data-efficiency-{name}.png")
     print(table(result))
 
 
@@ -171,12 +186,15 @@ def table(result: dict) -> str:
             return "n/a"
         return f"{row[key]:.3f}" + (f" ({rec:.0%})" if rec is not None else "")
 
-    adapter = any("adapter" in r for r in result["rows"])
+    adapter = any(r.get("adapter") is not None for r in result["rows"])
+    fixed = any(r.get("adapter_fixed") is not None for r in result["rows"])
 
     lines = [
         "| training pairs | direct R@1 | MLP mapper R@1 | refiner unblended | refiner, blend picked | "
-        "as shipped (ensemble weights) | train s |" + (" text adapter alone |" if adapter else ""),
-        "|---|---|---|---|---|---|---|" + ("---|" if adapter else ""),
+        "as shipped (ensemble weights) | train s |"
+        + (" text adapter alone |" if adapter else "")
+        + (" adapter, all steps |" if fixed else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if adapter else "") + ("---|" if fixed else ""),
     ]
     for r in result["rows"]:
         direct = "n/a" if r["direct"] is None else f"{r['direct']:.3f}"
@@ -185,6 +203,7 @@ def table(result: dict) -> str:
             f"| {r['pairs']:,} | {direct} | {cell(r, 'mapper')} | {cell(r, 'refiner')} | {r['blended']:.3f} "
             f"({r['blend']}) | {cell(r, 'shipped')} ({mix}) | {r['train_s']} |"
             + (f" {cell(r, 'adapter')} |" if adapter else "")
+            + (f" {cell(r, 'adapter_fixed')} |" if fixed else "")
         )
     if result.get("upper") is not None:
         lines.append(f"\nUpper bound (direct search with in-domain encoders): R@1 {result['upper']:.3f}.")

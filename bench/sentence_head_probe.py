@@ -58,9 +58,9 @@ def fresh_head(text: TextNet, reading, texts: list[str], xa: torch.Tensor, steps
     tower.head = TextNet(tower.head.cfg)
     cfg = EncoderTrainConfig()
     fit = HeadFit(steps, cfg.lr, cfg.weight_decay, cfg.seed, one_cycle=True)
-    loss = fit_head(tower.head, lambda batch: tower.sentence_side(states=batch["states"], mask=batch["mask"]),
-                    reading, texts, xa, fit)  # fmt: skip
-    return tower.eval(), loss
+    fitted = fit_head(tower.head, lambda batch: tower.sentence_side(states=batch["states"], mask=batch["mask"]),
+                      reading, texts, xa, fit)  # fmt: skip
+    return tower.eval(), fitted.loss
 
 
 def main() -> None:

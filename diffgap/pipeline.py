@@ -427,7 +427,7 @@ def evaluate(
 class DemoConfig:
     clips: int = 240  # synthetic captioned clips (a fifth held out as `test`)
     epochs: int = 12  # compact encoder epochs
-    refiner_iterations: int = 1500
+    refiner_iterations: int = 600
     compact: bool = False  # compact encoders even when LAION CLAP weights are in the local cache
     num_jobs: int = 2
     seed: int = 0

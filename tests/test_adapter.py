@@ -3,18 +3,21 @@ wheel), fitted to audio vectors, saved beside the refiner and served as one part
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
 import pytest
+import torch
 
 from diffgap.diffusion.adapter import TextAdapter
 from diffgap.diffusion.refiner import ADAPTER_FILE, Refiner, RefinerConfig, RefinerError
 from diffgap.encoders.sentence import load_sentence_encoder
 from diffgap.models.mapper_net import Mapper
 from diffgap.models.refiner_net import RefinerNetConfig
-from diffgap.training.adapter import AdapterTrainConfig, fit_adapter
+from diffgap.training.adapter import AdapterTrainConfig, fit_adapter, held_out_score
 from diffgap.training.embeddings import PairEmbeddings
+from diffgap.training.encoders import HeadFit, SentenceStates, fit_head
 from diffgap.training.metrics import metrics, ranks_query_to_audio
 
 # six sounds, three captions each: the first two are trained on, the third is a paraphrase held out
@@ -41,7 +44,7 @@ def _pairs(which: slice, seed: int = 0) -> PairEmbeddings:
 
 @pytest.fixture(scope="module")
 def fitted() -> TextAdapter:
-    return fit_adapter(_pairs(slice(0, 2)), "minilm-l6", AdapterTrainConfig(steps=60, lr=3e-3))
+    return fit_adapter(_pairs(slice(0, 2)), "minilm-l6", AdapterTrainConfig(steps=60, lr=3e-3))[0]
 
 
 def _r_at_1(adapter: TextAdapter, data: PairEmbeddings) -> float:
@@ -210,3 +213,38 @@ def test_by_default_an_adapter_is_fitted_only_where_it_shares_the_towers_sentenc
     assert sentence_model_for(beside, default) == "minilm-l6" and wanted(beside, default)
     assert sentence_model_for(clap, default) == "minilm-l6" and not wanted(clap, default)
     assert wanted(clap, AdapterTrainConfig()) and not wanted(clap, None)  # --adapter; --no-adapter
+
+
+def test_fitting_keeps_the_weights_of_the_best_held_out_score_and_stops_when_it_stops_improving():
+    sentence = load_sentence_encoder("minilm-l6")
+    data = _pairs(slice(0, 2))
+    adapter = TextAdapter.new(sentence, DIM, seed=0)
+    reading = SentenceStates(sentence, data.texts, adapter.head.cfg.max_tokens)
+    scripted = iter([0.2, 0.6, 0.5, 0.4, 0.6, 0.3] + [0.0] * 20)  # best at the 2nd check; a tie is not better
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def held_out() -> float:
+        assert not adapter.head.training and not torch.is_grad_enabled()  # scored as served
+        seen.append(copy.deepcopy(adapter.head.state_dict()))
+        return next(scripted)
+
+    fit = HeadFit(steps=200, lr=3e-3, weight_decay=0.01, seed=0, one_cycle=True, check_every=5, patience=4)
+    xa = torch.from_numpy(data.audio[data.query_group])
+    fitted = fit_head(adapter.head, adapter.read, reading, data.texts, xa, fit, held_out)
+    # checks at steps 5, 10, ..., 30: the 2nd is best, the 3rd-6th are no better, so it stops at step 30
+    assert (fitted.steps, fitted.best_step, fitted.best_score, len(seen)) == (30, 10, 0.6, 6)
+    for name, value in adapter.head.state_dict().items():
+        torch.testing.assert_close(value, seen[1][name])  # the kept weights are those scored at step 10
+    assert any(not torch.equal(seen[5][k], seen[1][k]) for k in seen[1])  # and training had moved on since
+
+
+def test_an_adapter_fitted_with_held_out_pairs_is_the_best_it_scored_on_them():
+    # four clips train the head, two are held out: their captions rank among all six clips
+    data = _pairs(slice(0, 3))
+    train, val = data.subset_groups(np.arange(4)), data.subset_groups(np.arange(4, 6))
+    cfg = AdapterTrainConfig(steps=120, lr=3e-3, check_every=10, patience=3)
+    adapter, fitted = fit_adapter(train, "minilm-l6", cfg, val)
+    assert fitted.best_step is not None and fitted.best_step % 10 == 0 and fitted.steps <= 120
+    reading = SentenceStates(adapter.sentence, val.texts, adapter.head.cfg.max_tokens)
+    assert held_out_score(adapter, reading, train, val)() == pytest.approx(fitted.best_score)
+    assert fit_adapter(train, "minilm-l6", cfg)[1].best_step is None  # no held-out pairs: no checks

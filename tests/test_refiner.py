@@ -410,11 +410,16 @@ def test_train_refiner_refuses_a_blend_outside_the_unit_interval(captioned, tmp_
     assert not (tmp_path / "ref").exists()
 
 
-def test_train_refiner_refuses_a_step_count_below_one_for_its_adapter(captioned, tiny_clap, tmp_path, caplog):
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [(["--adapter-steps", "0"], "--adapter-steps must be at least 1"),
+     (["--adapter-check-every", "-5"], "--adapter-check-every must be 0 (no checks) or more")],
+)  # fmt: skip
+def test_train_refiner_refuses_bad_step_counts_for_its_adapter(captioned, tiny_clap, tmp_path, caplog, option, message):
     args = ["refiner", "train", "-q", "--pairs", str(captioned / "pairs.csv"), "--encoder", f"clap:{tiny_clap}",
-            "--out", str(tmp_path / "ref"), "--adapter", "--adapter-steps", "0"]  # fmt: skip
+            "--out", str(tmp_path / "ref"), "--adapter", *option]  # fmt: skip
     assert main(args) == 2
-    assert "--adapter-steps must be at least 1" in caplog.text and not (tmp_path / "ref").exists()
+    assert message in caplog.text and not (tmp_path / "ref").exists()
 
 
 def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys):
@@ -459,6 +464,9 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
     assert sum(cfg["mix"].values()) == pytest.approx(1.0) and report["val_MRR@10_mix"] >= max(by_weight.values()) - 1e-9
     assert (tmp_path / "ref" / MAPPER_FILE).exists() == (cfg["mix"]["mapped"] > 0)
     assert (tmp_path / "ref" / ADAPTER_FILE).exists() == (cfg["mix"]["adapted"] > 0) and report["adapter_bytes"] > 0
+    # the adapter was scored on the held-out pairs (the last of its 30 steps at least) and its best step kept
+    fit = report["adapter_fit"]
+    assert fit["steps"] <= 30 and fit["best_step"] is not None and 0 <= fit["best_score"] <= 1
     (cached,) = (tmp_path / "cache").glob("pairs-*.npz")  # embeddings are cached, with their texts
     with open(captioned / "pairs.csv", newline="") as fh:
         captions = [row["caption"] for row in csv.DictReader(fh)]

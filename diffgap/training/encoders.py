@@ -201,6 +201,20 @@ class HeadFit:
     weight_decay: float
     seed: int
     one_cycle: bool  # warm up and anneal (a transformer head, as measured); False: a constant rate
+    # Steps between scores on held-out texts, when `fit_head` is given a way to score them (0: never).
+    # The best-scoring weights are kept: a few hundred captions are memorised long before the last step.
+    check_every: int = 0
+    # Held-out scores in a row without a better one before fitting stops (only a time saver: the best
+    # weights are kept either way; the one-cycle rate has not annealed when it stops early).
+    patience: int = 6
+
+
+@dataclass
+class HeadFitResult:
+    loss: float  # the last training batch's InfoNCE
+    steps: int  # steps taken (fewer than asked when held-out scores stopped improving)
+    best_step: int | None = None  # the step whose weights were kept (None: the last; no held-out scores)
+    best_score: float | None = None  # its held-out score
 
 
 HEAD_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # a beside tower's sentence share, tried on held-out clips
@@ -227,10 +241,10 @@ def fit_sentence_head(
     target = torch.tensor([i for _, i in captions])  # (C,) each caption's clip
     # a transformer head warms up and anneals (as measured); the linear one kept a constant rate
     fit = HeadFit(cfg.head_steps, cfg.lr, cfg.weight_decay, cfg.seed, one_cycle=not linear)
-    loss = fit_head(text.head, lambda batch: text.sentence_side(**sentence_reading(batch)), reading, texts,
-                    xa[target], fit)  # fmt: skip
+    fitted = fit_head(text.head, lambda batch: text.sentence_side(**sentence_reading(batch)), reading, texts,
+                      xa[target], fit)  # fmt: skip
     model.eval()
-    stats = {"head_loss": loss, "head_captions": len(captions)}
+    stats = {"head_loss": fitted.loss, "head_captions": len(captions)}
     if val_clips:
         by_weight = {}
         with torch.no_grad():
@@ -252,10 +266,13 @@ def fit_sentence_head(
 def fit_head(
     head: torch.nn.Module, side: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     reading: SentenceStates | SentenceVectors, texts: Sequence[str], xa: torch.Tensor, fit: HeadFit,
-) -> float:  # fmt: skip
+    held_out: Callable[[], float] | None = None,
+) -> HeadFitResult:  # fmt: skip
     """Train only `head`, by InfoNCE, so that `side` (the head's unit vectors (b, dim) from a batch of
     the sentence model's readings) places each text onto its audio vector (xa (C, dim), row-aligned
-    with texts), for fit.steps batches of 256; returns the last batch's loss."""
+    with texts), for fit.steps batches of 256. With `held_out` (a score of the head as it is, higher is
+    better, run in eval mode without gradients) and `fit.check_every`, the best-scoring weights are
+    kept and fitting stops after `fit.patience` checks without a better score."""
     gen = torch.Generator().manual_seed(fit.seed)
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(20.0)))
     opt = torch.optim.AdamW([*head.parameters(), logit_scale], lr=fit.lr, weight_decay=fit.weight_decay)
@@ -264,6 +281,10 @@ def fit_head(
     if fit.one_cycle and steps:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, fit.lr, total_steps=steps)
     batch, loss, order = 256, torch.zeros(()), torch.zeros(0, dtype=torch.long)
+    checking = held_out is not None and fit.check_every > 0
+    result = HeadFitResult(loss=0.0, steps=0)
+    best_state: dict[str, torch.Tensor] | None = None
+    misses = 0
     head.train()
     for step in range(steps):
         if len(order) < 2:  # a new pass over the captions in a new order
@@ -275,10 +296,29 @@ def fit_head(
         opt.step()
         if sched is not None:
             sched.step()
+        result.steps = step + 1
         if (step + 1) % HEAD_LOG_EVERY == 0:
             log.info("sentence head: step %d of %d, loss %.3f", step + 1, steps, float(loss.detach()))
+        if checking and ((step + 1) % fit.check_every == 0 or step + 1 == steps):
+            assert held_out is not None  # checking says so
+            head.eval()
+            with torch.no_grad():
+                score = held_out()
+            head.train()
+            if result.best_score is None or score > result.best_score:
+                result.best_step, result.best_score, misses = step + 1, score, 0
+                best_state = copy.deepcopy(head.state_dict())
+            else:
+                misses += 1
+            if misses >= fit.patience:
+                log.info("sentence head: stopping at step %d of %d, held-out score %.3f at step %d and "
+                         "no better since", step + 1, steps, result.best_score, result.best_step)  # fmt: skip
+                break
+    if best_state is not None:
+        head.load_state_dict(best_state)
     head.eval()
-    return float(loss.detach())
+    result.loss = float(loss.detach())
+    return result
 
 
 def sentence_reading(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

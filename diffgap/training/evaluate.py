@@ -234,7 +234,7 @@ def run_ablation(
     if fit_refiner is not None and cfg.adapter is not None and fit.texts is not None and test.texts is not None:
         assert cfg.adapter.sentence_model, "resolve the adapter's sentence model first (sentence_model_for)"
         t = time.perf_counter()
-        adapter = fit_adapter(fit, cfg.adapter.sentence_model, cfg.adapter)
+        adapter, _ = fit_adapter(fit, cfg.adapter.sentence_model, cfg.adapter, held_out)
         adapted = adapter.encode(test.texts)  # (Q, d), row-aligned with test.query
         rows.append(
             Row(

@@ -405,7 +405,8 @@ def fit_refiner(
                 log.warning("no text adapter: the pairs are not text pairs with their texts kept")
             elif want:
                 assert adapter is not None  # wanted() says so
-                text_adapter = fit_adapter(train, sentence_model_for(encoders, adapter), adapter)
+                text_adapter, fitted = fit_adapter(train, sentence_model_for(encoders, adapter), adapter, val)
+                report["adapter_fit"] = asdict(fitted)
             _fit_mix(refiner, train, val, eval_steps, mapper_cfg, report, text_adapter)
         refiner.config.training["validation"] = report
         log.info(

@@ -53,8 +53,14 @@ def _adapter_cfg(args: argparse.Namespace) -> AdapterTrainConfig | None:
         return None
     if args.adapter_steps < 1:
         raise CliError(f"--adapter-steps must be at least 1 (--no-adapter turns it off), got {args.adapter_steps}")
+    if args.adapter_check_every < 0:
+        raise CliError(f"--adapter-check-every must be 0 (no checks) or more, got {args.adapter_check_every}")
     return AdapterTrainConfig(
-        steps=args.adapter_steps, seed=args.seed, sentence_model=args.adapter_model, only_shared=args.adapter is None
+        steps=args.adapter_steps,
+        check_every=args.adapter_check_every,
+        seed=args.seed,
+        sentence_model=args.adapter_model,
+        only_shared=args.adapter is None,
     )
 
 
@@ -181,7 +187,18 @@ def _common(p: argparse.ArgumentParser, pairs_required: bool = True) -> None:
         "sentence-model pass per query; needs diffgap[sentence])",
     )
     p.add_argument(
-        "--adapter-steps", type=int, default=adapter.steps, help="batches of 256 captions the adapter is fitted for"
+        "--adapter-steps",
+        type=int,
+        default=adapter.steps,
+        help="batches of 256 captions the adapter is fitted for, at most (see --adapter-check-every)",
+    )
+    p.add_argument(
+        "--adapter-check-every",
+        type=int,
+        default=adapter.check_every,
+        metavar="STEPS",
+        help="score the adapter on the held-out pairs every STEPS steps, keep its best weights and stop when "
+        f"{adapter.patience} scores in a row are no better (0: fit every step, keep the last weights)",
     )
     p.add_argument(
         "--adapter-model",
