@@ -26,9 +26,10 @@ def is_gone(pid: int) -> bool:
         return True
 
 
-def worker_states(url: str, want: int, until=lambda states: True, timeout: float = 60) -> dict[int, int]:  # noqa: ANN001
+def worker_states(url: str, want: int, until=lambda states: True, timeout: float = 180) -> dict[int, int]:  # noqa: ANN001
     """{worker pid: generation} from /readyz on fresh connections (the kernel hands each to either
-    worker) until `want` ready workers are seen and `until(states)` holds."""
+    worker) until `want` ready workers are seen and `until(states)` holds. The deadline is generous: a
+    worker loads the index and its encoders before it is ready, which took over 60 s on a loaded machine."""
     deadline = time.monotonic() + timeout
     states: dict[int, int] = {}
     while time.monotonic() < deadline:
