@@ -15,7 +15,6 @@ from pathlib import Path
 
 from write_benchmarks import replace_block  # bench/ is on sys.path when run as a script
 
-BEGIN, END = "<!-- recovery:begin -->", "<!-- recovery:end -->"
 DIRECTIONS = (("to_audio", "{m} -> audio"), ("from_audio", "audio -> {m}"))
 
 
@@ -70,14 +69,16 @@ def render(works: dict[str, Path]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", action="append", required=True, help="SEED=WORK_DIR of a bench/synthcaps.sh run")
-    ap.add_argument("--out", help="insert into this markdown file between the recovery markers")
+    ap.add_argument("--out", help="insert into this markdown file between the --marker lines")
+    ap.add_argument("--marker", default="recovery", help="the markers' name: <!-- NAME:begin --> (one per table kept)")
     args = ap.parse_args()
     works = {k: Path(v) for k, v in (w.split("=", 1) for w in args.work)}
     block = render(works)
     if not args.out:
         print(block)
         return
-    replace_block(Path(args.out), BEGIN, END, f"{BEGIN}\n\n{block}\n\n{END}")
+    begin, end = f"<!-- {args.marker}:begin -->", f"<!-- {args.marker}:end -->"
+    replace_block(Path(args.out), begin, end, f"{begin}\n\n{block}\n\n{end}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@
 # runs whatever else the machine is doing), REFINER_ITERS (6000), STEPS (DDIM step counts scored,
 # default 1), THREADS (torch threads per command; default what diffgap/resources.py finds free),
 # RUNS (default "in-domain protocol"; the protocol's recovery column needs the in-domain index),
-# MODALITIES (default "text video"), EVAL_ARGS (more `refiner eval` options, e.g. --no-ablations).
+# MODALITIES (default "text video"), EVAL_ARGS (more `refiner eval` options, e.g. --no-ablations),
+# BENCH_OUT (the markdown file the tables go into, default BENCHMARKS.md: give each of two runs side by
+# side its own file).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 data="$(realpath -m "${1:?usage: bench/synthcaps.sh SYNTHCAPS_DIR [WORK_DIR]}")"
@@ -26,6 +28,7 @@ iters="${REFINER_ITERS:-6000}"
 steps="${STEPS:-1}"
 seed="${SEED:-0}"
 runs="${RUNS:-in-domain protocol}"
+bench_out="$(realpath -m "${BENCH_OUT:-$here/BENCHMARKS.md}")"
 budget=(--epochs 40 --max-minutes "$enc_minutes")
 [ -n "${ENC_STEPS:-}" ] && budget=(--max-steps "$ENC_STEPS")
 mkdir -p "$work"
@@ -57,6 +60,6 @@ for run in $runs; do
       --json "$dir/eval-$modality.json" | tee "$dir/eval-$modality.md"
   done
   elapsed=$(( $(date +%s) - start ))
-  "$py" "$here/bench/write_benchmarks.py" --work "$dir" --elapsed "$elapsed" --out "$here/BENCHMARKS.md" \
+  "$py" "$here/bench/write_benchmarks.py" --work "$dir" --elapsed "$elapsed" --out "$bench_out" \
     --label "seed $seed, $run: encoders trained on $splits"
 done
