@@ -1,7 +1,8 @@
 """The recovery table of issue 18 from `bench/synthcaps.sh` work folders: per seed, modality and
 direction, each method's R@1 under the protocol (encoders on pretrain only) with its recovery, and
 its R@1 and gain over direct search with in-domain encoders. Printed as markdown, or written into
-BENCHMARKS.md between marker lines.
+BENCHMARKS.md between marker lines; `--png` draws the protocol's R@1 per method against direct search
+and the in-domain upper bound.
 
     python bench/recovery_table.py --work 0=runs/sc-v0-work --work 1=runs/sc-v1-work [--out BENCHMARKS.md]
 """
@@ -14,6 +15,8 @@ import re
 from pathlib import Path
 
 from write_benchmarks import replace_block  # bench/ is on sys.path when run as a script
+
+from diffgap.training.evaluate import DIRECT, UPPER
 
 DIRECTIONS = (("to_audio", "{m} -> audio"), ("from_audio", "audio -> {m}"))
 
@@ -60,10 +63,62 @@ def render(works: dict[str, Path]) -> str:
             lines = [f"**{label.format(m=modality)}**", "", "| method | " + " | ".join(columns) + " |"]
             lines.append("|---" * (len(columns) + 1) + "|")
             for name in names:
-                cells = [cell(t.get(name), key, t.get("direct"), rec) for t, rec in tables]
+                cells = [cell(t.get(name), key, t.get(_family(DIRECT)), rec) for t, rec in tables]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def draw(works: dict[str, Path], modality: str, png: Path) -> None:
+    """One panel per seed and direction: each method's R@1 with the protocol's encoders as a bar, direct
+    search (dashed) and the in-domain upper bound (solid) as lines, so recovery is the bar's reach
+    from the dashed line to the solid one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        (seed, key, label, table)
+        for seed, work in works.items()
+        if (table := load(work, "protocol", modality)) is not None
+        for key, label in DIRECTIONS
+    ]
+    assert panels, f"no protocol eval-{modality}.json under {list(works.values())}"
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 2.4 * len(panels)), squeeze=False)
+    for ax, (seed, key, label, table) in zip(axes[:, 0], panels, strict=True):
+        rows = [
+            (n, r[key]["R@1"]) for n, r in table.items() if r.get(key) and n not in (_family(DIRECT), _family(UPPER))
+        ]
+        upper = table.get(_family(UPPER), {}).get(key)
+        ax.barh([_short(n) for n, _ in rows], [v for _, v in rows], color="#4c72b0")
+        ax.axvline(table[_family(DIRECT)][key]["R@1"], color="k", ls="--", lw=1, label="direct search")
+        if upper:
+            ax.axvline(upper["R@1"], color="#c44e52", lw=1.5, label="in-domain upper bound")
+        ax.set_title(f"seed {seed}: {label.format(m=modality)}", fontsize=10)
+        ax.set_xlabel("R@1, protocol encoders")
+        ax.set_xlim(0, 1)
+        ax.invert_yaxis()
+    axes[0][0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+SHORT = (  # (words of a row name, its label in a chart), first match wins
+    ("ensemble", "ensemble (shipped)"),
+    ("bridge from the mapper", "bridge from mapper"),
+    ("blend chosen", "BST refiner, blend picked"),
+    ("regression mapper", "MLP mapper"),
+    ("without BST", "refiner, one way"),
+    ("adapter alone", "text adapter"),
+    ("refiner with BST (m=", "BST refiner"),
+)
+
+
+def _short(name: str) -> str:
+    """A row name cut to what tells the rows apart in a chart's axis."""
+    return next((label for words, label in SHORT if words in name), name.split(",")[0].replace("refiner with", ""))
 
 
 def main() -> None:
@@ -71,8 +126,12 @@ def main() -> None:
     ap.add_argument("--work", action="append", required=True, help="SEED=WORK_DIR of a bench/synthcaps.sh run")
     ap.add_argument("--out", help="insert into this markdown file between the --marker lines")
     ap.add_argument("--marker", default="recovery", help="the markers' name: <!-- NAME:begin --> (one per table kept)")
+    ap.add_argument("--png", type=Path, help="also draw the protocol's rows of --modality as this PNG")
+    ap.add_argument("--modality", default="video", choices=["text", "video"])
     args = ap.parse_args()
     works = {k: Path(v) for k, v in (w.split("=", 1) for w in args.work)}
+    if args.png:
+        draw(works, args.modality, args.png)
     block = render(works)
     if not args.out:
         print(block)
