@@ -33,6 +33,9 @@ def _family(name: str) -> str:
     return re.sub(r" \([^)]*\)$", "", name)
 
 
+DIRECT_ROW, UPPER_ROW = _family(DIRECT), _family(UPPER)
+
+
 def cell(row: dict | None, key: str, base: dict | None, recovery: bool) -> str:
     if row is None or row.get(key) is None:
         return ""
@@ -63,7 +66,7 @@ def render(works: dict[str, Path]) -> str:
             lines = [f"**{label.format(m=modality)}**", "", "| method | " + " | ".join(columns) + " |"]
             lines.append("|---" * (len(columns) + 1) + "|")
             for name in names:
-                cells = [cell(t.get(name), key, t.get(_family(DIRECT)), rec) for t, rec in tables]
+                cells = [cell(t.get(name), key, t.get(DIRECT_ROW), rec) for t, rec in tables]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             parts.append("\n".join(lines))
     return "\n\n".join(parts)
@@ -84,15 +87,16 @@ def draw(works: dict[str, Path], modality: str, png: Path) -> None:
         if (table := load(work, "protocol", modality)) is not None
         for key, label in DIRECTIONS
     ]
-    assert panels, f"no protocol eval-{modality}.json under {list(works.values())}"
+    if not panels:
+        raise SystemExit(
+            f"recovery_table: no protocol/eval-{modality}.json under {', '.join(map(str, works.values()))}"
+        )
     fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 2.4 * len(panels)), squeeze=False)
     for ax, (seed, key, label, table) in zip(axes[:, 0], panels, strict=True):
-        rows = [
-            (n, r[key]["R@1"]) for n, r in table.items() if r.get(key) and n not in (_family(DIRECT), _family(UPPER))
-        ]
-        upper = table.get(_family(UPPER), {}).get(key)
+        rows = [(n, r[key]["R@1"]) for n, r in table.items() if r.get(key) and n not in (DIRECT_ROW, UPPER_ROW)]
+        upper = table.get(UPPER_ROW, {}).get(key)
         ax.barh([_short(n) for n, _ in rows], [v for _, v in rows], color="#4c72b0")
-        ax.axvline(table[_family(DIRECT)][key]["R@1"], color="k", ls="--", lw=1, label="direct search")
+        ax.axvline(table[DIRECT_ROW][key]["R@1"], color="k", ls="--", lw=1, label="direct search")
         if upper:
             ax.axvline(upper["R@1"], color="#c44e52", lw=1.5, label="in-domain upper bound")
         ax.set_title(f"seed {seed}: {label.format(m=modality)}", fontsize=10)
@@ -129,10 +133,14 @@ def main() -> None:
     ap.add_argument("--png", type=Path, help="also draw the protocol's rows of --modality as this PNG")
     ap.add_argument("--modality", default="video", choices=["text", "video"])
     args = ap.parse_args()
+    if bad := [w for w in args.work if "=" not in w]:
+        ap.error(f"--work takes SEED=WORK_DIR, got {bad[0]!r}")
     works = {k: Path(v) for k, v in (w.split("=", 1) for w in args.work)}
+    block = render(works)
+    if not block:  # an empty table would wipe the one between the markers
+        ap.error(f"no eval-text.json or eval-video.json under {', '.join(map(str, works.values()))}")
     if args.png:
         draw(works, args.modality, args.png)
-    block = render(works)
     if not args.out:
         print(block)
         return
