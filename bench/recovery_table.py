@@ -76,11 +76,6 @@ def draw(works: dict[str, Path], modality: str, png: Path) -> None:
     """One panel per seed and direction: each method's R@1 with the protocol's encoders as a bar, direct
     search (dashed) and the in-domain upper bound (solid) as lines, so recovery is the bar's reach
     from the dashed line to the solid one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [
         (seed, key, label, table)
         for seed, work in works.items()
@@ -91,6 +86,13 @@ def draw(works: dict[str, Path], modality: str, png: Path) -> None:
         raise SystemExit(
             f"recovery_table: no protocol/eval-{modality}.json under {', '.join(map(str, works.values()))}"
         )
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("recovery_table: --png needs matplotlib (pip install -e '.[bench]')") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 2.4 * len(panels)), squeeze=False)
     for ax, (seed, key, label, table) in zip(axes[:, 0], panels, strict=True):
         rows = [(n, r[key]["R@1"]) for n, r in table.items() if r.get(key) and n not in (DIRECT_ROW, UPPER_ROW)]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from diffgap.training.evaluate import DIRECT, UPPER
 
 SCRIPT = Path(__file__).parents[1] / "bench" / "recovery_table.py"
@@ -48,13 +50,21 @@ def test_table_between_markers_and_figure(tmp_path):
     write_eval(work / "in-domain" / "eval-video.json", direct=0.6, upper=None, mapper=0.66)
     out = tmp_path / "B.md"
     out.write_text("# B\n\nbefore\n\n<!-- rc:begin -->\nold\n<!-- rc:end -->\n\nafter\n")
-    png = tmp_path / "r.png"
-    res = run("--work", f"0={work}", "--out", str(out), "--marker", "rc", "--png", str(png))
+    res = run("--work", f"0={work}", "--out", str(out), "--marker", "rc")
     assert res.returncode == 0, res.stderr
     text = out.read_text()
     assert "old" not in text and text.startswith("# B\n\nbefore") and text.rstrip().endswith("after")
     assert "| regression mapper | 0.500 (50%) | 0.660 (1.10x) |" in text, text
     assert "| direct | 0.400 (0%) | 0.600 (1.00x) |" in text, text
+
+
+def test_figure(tmp_path):
+    pytest.importorskip("matplotlib")  # the [bench] extra; CI's default install leaves it out
+    work = tmp_path / "w0"
+    write_eval(work / "protocol" / "eval-video.json", direct=0.4, upper=0.6, mapper=0.5)
+    png = tmp_path / "r.png"
+    res = run("--work", f"0={work}", "--png", str(png))
+    assert res.returncode == 0, res.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
