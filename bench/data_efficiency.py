@@ -38,7 +38,7 @@ from diffgap.diffusion.refiner import DEFAULT_STEPS  # noqa: E402
 from diffgap.encoders import load_encoders  # noqa: E402
 from diffgap.training.adapter import AdapterTrainConfig, fit_adapter, sentence_model_for  # noqa: E402
 from diffgap.training.embeddings import PairEmbeddings  # noqa: E402
-from diffgap.training.mapper import train_mapper  # noqa: E402
+from diffgap.training.mapper import MapperConfig, train_mapper  # noqa: E402
 from diffgap.training.metrics import metrics, ranks_query_to_audio  # noqa: E402
 from diffgap.training.refiner import fit_refiner  # noqa: E402
 
@@ -138,7 +138,7 @@ def main() -> None:
     for n in (int(s) for s in args.sizes.split(",")):
         train = first_pairs(train_all, n)
         t = time.perf_counter()
-        mapper = train_mapper(train, 0)
+        mapper = train_mapper(train, 0, MapperConfig(ranking_weight=0.0))  # the plain regression baseline
         # what `refiner train` does, checkpoints off: the saved refiner is only read back here
         refiner, report = fit_refiner(train, encoders, work / f"refiner-{name}-{len(train.query)}", checkpoint_every=0,
                                       adapter=adapter)  # fmt: skip

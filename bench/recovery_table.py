@@ -21,8 +21,8 @@ from diffgap.training.evaluate import DIRECT, UPPER
 DIRECTIONS = (("to_audio", "{m} -> audio"), ("from_audio", "audio -> {m}"))
 
 
-def load(work: Path, run: str, modality: str) -> dict[str, dict] | None:
-    path = work / run / f"eval-{modality}.json"
+def load(work: Path, run: str, modality: str, suffix: str = "") -> dict[str, dict] | None:
+    path = work / run / f"eval-{modality}{suffix}.json"
     if not path.exists():
         return None
     return {_family(r["name"]): r for r in json.loads(path.read_text())["rows"]}
@@ -47,14 +47,14 @@ def cell(row: dict | None, key: str, base: dict | None, recovery: bool) -> str:
     return f"{r1:.3f}" + (f" ({r1 / direct:.2f}x)" if direct else "")
 
 
-def render(works: dict[str, Path]) -> str:
+def render(works: dict[str, Path], suffix: str = "") -> str:
     parts = []
     for modality in ("text", "video"):
         for key, label in DIRECTIONS:
             columns, tables = [], []
             for seed, work in works.items():
                 for run, recovery in (("protocol", True), ("in-domain", False)):
-                    table = load(work, run, modality)
+                    table = load(work, run, modality, suffix)
                     if table is not None:
                         columns.append(f"seed {seed} {run} R@1 ({'recovery' if recovery else 'x direct'})")
                         tables.append((table, recovery))
@@ -72,19 +72,19 @@ def render(works: dict[str, Path]) -> str:
     return "\n\n".join(parts)
 
 
-def draw(works: dict[str, Path], modality: str, png: Path) -> None:
+def draw(works: dict[str, Path], modality: str, png: Path, suffix: str = "") -> None:
     """One panel per seed and direction: each method's R@1 with the protocol's encoders as a bar, direct
     search (dashed) and the in-domain upper bound (solid) as lines, so recovery is the bar's reach
     from the dashed line to the solid one."""
     panels = [
         (seed, key, label, table)
         for seed, work in works.items()
-        if (table := load(work, "protocol", modality)) is not None
+        if (table := load(work, "protocol", modality, suffix)) is not None
         for key, label in DIRECTIONS
     ]
     if not panels:
         raise SystemExit(
-            f"recovery_table: no protocol/eval-{modality}.json under {', '.join(map(str, works.values()))}"
+            f"recovery_table: no protocol/eval-{modality}{suffix}.json under {', '.join(map(str, works.values()))}"
         )
     try:
         import matplotlib
@@ -116,6 +116,7 @@ SHORT = (  # (words of a row name, its label in a chart), first match wins
     ("bridge from the mapper", "bridge from mapper"),
     ("blend chosen", "BST refiner, blend picked"),
     ("regression mapper", "MLP mapper"),
+    ("mapper with a ranking loss", "MLP mapper + ranking loss"),
     ("without BST", "refiner, one way"),
     ("adapter alone", "text adapter"),
     ("refiner with BST (m=", "BST refiner"),
@@ -134,15 +135,21 @@ def main() -> None:
     ap.add_argument("--marker", default="recovery", help="the markers' name: <!-- NAME:begin --> (one per table kept)")
     ap.add_argument("--png", type=Path, help="also draw the protocol's rows of --modality as this PNG")
     ap.add_argument("--modality", default="video", choices=["text", "video"])
+    ap.add_argument(
+        "--suffix",
+        default="",
+        help="read eval-MODALITY{SUFFIX}.json: --suffix=-rank reads a second eval beside the first",
+    )
     args = ap.parse_args()
     if bad := [w for w in args.work if "=" not in w]:
         ap.error(f"--work takes SEED=WORK_DIR, got {bad[0]!r}")
     works = {k: Path(v) for k, v in (w.split("=", 1) for w in args.work)}
-    block = render(works)
+    block = render(works, args.suffix)
     if not block:  # an empty table would wipe the one between the markers
-        ap.error(f"no eval-text.json or eval-video.json under {', '.join(map(str, works.values()))}")
+        names = f"eval-text{args.suffix}.json or eval-video{args.suffix}.json"
+        ap.error(f"no {names} under {', '.join(map(str, works.values()))}")
     if args.png:
-        draw(works, args.modality, args.png)
+        draw(works, args.modality, args.png, args.suffix)
     if not args.out:
         print(block)
         return

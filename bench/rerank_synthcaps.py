@@ -31,7 +31,7 @@ from diffgap.diffusion.scoring import ScoreSpec, rerank  # noqa: E402
 from diffgap.encoders import load_encoders  # noqa: E402
 from diffgap.resources import set_compute_threads  # noqa: E402
 from diffgap.training.embeddings import PairEmbeddings, embed_pairs  # noqa: E402
-from diffgap.training.mapper import train_mapper  # noqa: E402
+from diffgap.training.mapper import MapperConfig, train_mapper  # noqa: E402
 from diffgap.training.metrics import metrics, ranks_after_rerank, ranks_query_to_audio  # noqa: E402
 from diffgap.training.pairs import read_pairs  # noqa: E402
 from diffgap.training.refiner import RefinerTrainConfig, train_refiner  # noqa: E402
@@ -79,7 +79,7 @@ def main() -> None:
     t = time.perf_counter()
     refiner, _ = train_refiner(train, cfg=RefinerTrainConfig(iterations=args.iterations))
     log.info("refiner trained in %.0f s", time.perf_counter() - t)
-    mapper = train_mapper(train, 0)
+    mapper = train_mapper(train, 0, MapperConfig(ranking_weight=0.0))  # the plain regression baseline
     spec = ScoreSpec(depth=args.depth, levels=args.levels)
 
     def reorder_with(weight: float):  # noqa: ANN202

@@ -31,6 +31,7 @@ from diffgap.training.adapter import AdapterTrainConfig, sentence_model_for, wan
 from diffgap.training.embeddings import PairEmbeddings, embed_index_pairs, embed_pairs
 from diffgap.training.encoders import EncoderTrainConfig, train_compact_encoders
 from diffgap.training.evaluate import AblationConfig, format_table, rows_to_json, run_ablation
+from diffgap.training.mapper import MapperConfig
 from diffgap.training.metrics import metrics, ranks_query_to_audio
 from diffgap.training.pairs import Pair, read_pairs
 from diffgap.training.refiner import RefinerTrainConfig, fit_refiner
@@ -329,6 +330,8 @@ class RefinerJob:
     checkpoint_every: int = 500
     # with text pairs and the ensemble: also fit a text adapter and weigh its score (fit_refiner); None: none
     adapter: AdapterTrainConfig | None = None
+    # the ensemble's mapper (its loss and size; iterations and seed follow `train`); None: MapperConfig()
+    mapper: MapperConfig | None = None
 
     def output(self) -> Path:
         if self.out:
@@ -372,6 +375,7 @@ def train_refiner_job(job: RefinerJob, progress: ProgressFactory = no_progress) 
             record={"encoder_spec": spec, "video_encoder_spec": job.video_encoder},
             progress=lambda it, loss: step(1),
             adapter=job.adapter if job.modality == "text" else None,
+            mapper=job.mapper,
         )
     return refiner, report, out
 

@@ -80,3 +80,14 @@ def test_bad_work_dirs_are_a_clear_error_and_leave_the_file_alone(tmp_path):
     write_eval(text_only / "protocol" / "eval-text.json", direct=0.1, upper=0.5, mapper=0.2)
     res = run("--work", f"0={text_only}", "--png", str(tmp_path / "v.png"), "--modality", "video")
     assert res.returncode != 0 and "no protocol/eval-video.json" in res.stderr, res.stderr
+
+
+def test_suffix_reads_a_second_eval_beside_the_first(tmp_path):
+    work = tmp_path / "w0"
+    write_eval(work / "protocol" / "eval-video.json", direct=0.4, upper=0.6, mapper=0.5)
+    write_eval(work / "protocol" / "eval-video-rank.json", direct=0.4, upper=0.6, mapper=0.55)
+    res = run("--work", f"0={work}", "--suffix=-rank")  # = : the value starts with a dash
+    assert res.returncode == 0, res.stderr
+    assert "| regression mapper | 0.550 (75%) |" in res.stdout, res.stdout
+    res = run("--work", f"0={work}", "--suffix=-other")
+    assert res.returncode == 2 and "no eval-text-other.json or eval-video-other.json" in res.stderr, res.stderr

@@ -17,6 +17,7 @@ from diffgap.models.mapper_net import Mapper
 from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
 from diffgap.training.embeddings import PairEmbeddings
 from diffgap.training.evaluate import DIRECT, UPPER, Row, add_recovery, format_table
+from diffgap.training.losses import ranking_loss
 from diffgap.training.metrics import (
     BLEND_GRID,
     choose_blend,
@@ -32,7 +33,6 @@ from diffgap.training.refiner import (
     WeightAverage,
     diffusion_loss,
     direction_at,
-    ranking_loss,
     train_refiner,
 )
 from indexer.cli import main
@@ -413,9 +413,12 @@ def test_train_refiner_refuses_a_blend_outside_the_unit_interval(captioned, tmp_
 @pytest.mark.parametrize(
     ("option", "message"),
     [(["--adapter-steps", "0"], "--adapter-steps must be at least 1"),
-     (["--adapter-check-every", "-5"], "--adapter-check-every must be 0 (no checks) or more")],
+     (["--adapter-check-every", "-5"], "--adapter-check-every must be 0 (no checks) or more"),
+     (["--mapper-ranking-weight", "-1"], "--mapper-ranking-weight must be 0 (a plain regression) or more")],
 )  # fmt: skip
-def test_train_refiner_refuses_bad_step_counts_for_its_adapter(captioned, tiny_clap, tmp_path, caplog, option, message):
+def test_train_refiner_refuses_bad_settings_for_its_adapter_and_mapper(
+    captioned, tiny_clap, tmp_path, caplog, option, message
+):
     args = ["refiner", "train", "-q", "--pairs", str(captioned / "pairs.csv"), "--encoder", f"clap:{tiny_clap}",
             "--out", str(tmp_path / "ref"), "--adapter", *option]  # fmt: skip
     assert main(args) == 2
@@ -445,13 +448,15 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
                 "--adapter",  # a CLAP tower reads no sentence model: the adapter is opt-in there
                 "--adapter-steps",
                 "30",
+                "--mapper-ranking-weight",
+                "0.1",
             ]
         )
         == 0
     )
     report = json.loads(capsys.readouterr().out)
     assert report["pairs_train"] + report["pairs_val"] == 16 and report["val_refined"]["n"] == report["pairs_val"]
-    assert "val_direct" in report
+    assert "val_direct" in report and report["mapper_ranking_weight"] == 0.1
     cfg = json.loads((tmp_path / "ref" / "refiner.json").read_text())
     assert cfg["audio_fingerprint"]["family"] == "clap" and cfg["training"]["iterations"] == 40
     # the served blend weight is the held-out winner among the weights it tried
@@ -489,6 +494,8 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
                 "--adapter",
                 "--adapter-steps",
                 "20",
+                "--mapper-ranking-weight",  # off by default: its row and the mix over the plain mapper
+                "0.2",
                 "--json",
                 str(out),
                 "--cache",
@@ -501,7 +508,8 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
     names = [r["name"] for r in json.loads(out.read_text())["rows"]]
     for expected in (
         "direct",
-        "regression mapper",
+        "regression mapper (MLP)",
+        "mapper with a ranking loss (0.2), as the refiner ships it",
         "without BST",
         "5 steps",
         "20 steps",
@@ -524,7 +532,8 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
     assert "| direct (no refiner) |" in table
     rows = json.loads(out.read_text())["rows"]
     assert all(r["to_audio"]["n"] == 4 for r in rows)  # two test clips, two captions each
-    ensemble, adapted = [r for r in rows if r["name"].startswith("ensemble")]
+    ensemble, over_plain, adapted = [r for r in rows if r["name"].startswith("ensemble")]
+    assert "with the plain regression mapper" in over_plain["name"]  # what the ranking term adds to the mix
     assert len(ensemble["notes"]["weights"]) == 2 and all(len(w) == 3 for w in ensemble["notes"]["weights"])
     assert [len(w) for w in adapted["notes"]["weights"]] == [4, 3]  # the adapter reads queries, not audio
     # an upper bound from an index with the same encoders is direct search itself: no recovery to show
@@ -539,6 +548,7 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
     assert by_name[UPPER]["to_audio"] == by_name[DIRECT]["to_audio"]
     assert not any("z_0" in n or "reranked" in n for n in by_name)  # --no-ablations
     assert not any("EMA" in n or "adapter" in n or "adapted" in n for n in by_name)  # --no-variants, --no-adapter
+    assert not any("ranking loss" in n or "plain regression" in n for n in by_name)  # the plain mapper by default
     assert any(n.startswith("ensemble") for n in by_name)
     assert main([*args, "--upper-index", str(tmp_path / "nowhere")]) != 0
     # the trained refiner refuses an index built with another encoder

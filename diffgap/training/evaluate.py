@@ -86,7 +86,9 @@ def run_ablation(
         rows.append(Row(UPPER, *score_mapping(upper, lambda x: x, lambda x: x)))
 
     t0 = time.perf_counter()
-    fwd, bwd = train_mapper(train, 0, cfg.mapper), train_mapper(train, 1, cfg.mapper)
+    plain = replace(cfg.mapper, ranking_weight=0.0)  # the baseline is the plain regression, whatever ships
+    fwd, bwd = train_mapper(train, 0, plain), train_mapper(train, 1, plain)
+    plain_maps = (fwd, bwd)
     rows.append(
         Row(
             "regression mapper (MLP)",
@@ -94,6 +96,17 @@ def run_ablation(
             {"train_s": round(time.perf_counter() - t0, 1)},
         )
     )
+    if cfg.mapper.ranking_weight > 0:
+        # the mapper a refiner ships (its mix, the bridge from its estimate): the same MLP and pairs
+        t0 = time.perf_counter()
+        fwd, bwd = train_mapper(train, 0, cfg.mapper), train_mapper(train, 1, cfg.mapper)
+        rows.append(
+            Row(
+                f"mapper with a ranking loss ({cfg.mapper.ranking_weight:g}), as the refiner ships it",
+                *score_mapping(test, fwd.map, bwd.map),
+                {"train_s": round(time.perf_counter() - t0, 1), "ranking_weight": cfg.mapper.ranking_weight},
+            )
+        )
 
     def refiner_rows(model: Refiner, label: str, steps: tuple[int, ...], bidirectional: bool) -> None:
         for s in steps:
@@ -231,6 +244,8 @@ def run_ablation(
     )
     if fit_refiner is not None:
         rows.append(ensemble_row(fit, held_out, test, cfg, (full, fwd, bwd), fit_refiner))
+        if cfg.mapper.ranking_weight > 0:  # what the ranking term adds to the mix: the same mix over the baseline
+            rows.append(ensemble_row(fit, held_out, test, cfg, (full, *plain_maps), fit_refiner, mapper=plain))
     if fit_refiner is not None and cfg.adapter is not None and fit.texts is not None and test.texts is not None:
         assert cfg.adapter.sentence_model, "resolve the adapter's sentence model first (sentence_model_for)"
         t = time.perf_counter()
@@ -259,16 +274,19 @@ def ensemble_row(
     models: tuple[Refiner, Mapper, Mapper],
     fit_refiner: Refiner,
     adapter: TextAdapter | None = None,
+    mapper: MapperConfig | None = None,
 ) -> Row:
     """Refined, mapped and (in one space) direct scores summed with weights picked per direction on
     pairs held out of training, by a refiner and mappers trained without them (`fit`), as the blend
     is; the weights then apply to `models` (refiner, forward and backward mapper on all pairs). With
     an `adapter` (fitted on `fit`, as train-refiner ships it), its score of the query texts is a
-    fourth part of the query -> audio direction."""
+    fourth part of the query -> audio direction. `mapper`: how the mappers in `models` were trained
+    (default `cfg.mapper`); the held-out choice trains its own the same way."""
     s0 = cfg.steps[0]
     same_space = fit.audio.shape[1] == fit.query.shape[1]
     t = time.perf_counter()
-    fit_maps = (train_mapper(fit, 0, cfg.mapper), train_mapper(fit, 1, cfg.mapper))
+    mapper = mapper or cfg.mapper
+    fit_maps = (train_mapper(fit, 0, mapper), train_mapper(fit, 1, mapper))
     full, fwd, bwd = models
     held_adapted = test_adapted = None  # (Q, d) the adapter's reading of each query text
     if adapter is not None:
@@ -291,8 +309,9 @@ def ensemble_row(
     parts = ", ".join(names[:-1]) + " and " + names[-1]
     log.info("ensemble weights (%s): %s, held-out MRR@10 %s", parts, weights, scores)
     named = ", ".join("/".join(f"{v:g}" for v in w) for w in weights)
+    tag = " with the plain regression mapper" if mapper.ranking_weight == 0 < cfg.mapper.ranking_weight else ""
     return Row(
-        f"ensemble of {parts} scores, weights chosen on held-out pairs ({named})",
+        f"ensemble of {parts} scores{tag}, weights chosen on held-out pairs ({named})",
         *score_mapping(
             test,
             lambda x: mix(maps(full, (fwd, bwd), x, 0, test_adapted), weights[0]),

@@ -16,7 +16,7 @@ import logging
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from diffgap.encoders import EncoderSet
 from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
 from diffgap.training.adapter import AdapterTrainConfig, fit_adapter, sentence_model_for, wanted
 from diffgap.training.embeddings import PairEmbeddings
+from diffgap.training.losses import group_mask, ranking_loss
 from diffgap.training.mapper import MapperConfig, train_mapper
 from diffgap.training.metrics import choose_blend, choose_mix, score_mapping
 
@@ -153,18 +154,6 @@ def diffusion_loss(
     return loss
 
 
-def ranking_loss(
-    estimate: torch.Tensor, target: torch.Tensor, temperature: float, same_group: torch.Tensor | None
-) -> torch.Tensor:
-    """InfoNCE of estimates (B, d) against their targets (B, d) among the batch's targets; other
-    captions of the same clip (`same_group`, (B, B)) are not negatives."""
-    b = estimate.shape[0]
-    logits = F.normalize(estimate, dim=-1) @ F.normalize(target, dim=-1).T / temperature  # (B, B)
-    if same_group is not None:
-        logits = logits.masked_fill(same_group & ~torch.eye(b, dtype=torch.bool), float("-inf"))
-    return F.cross_entropy(logits, torch.arange(b))
-
-
 @torch.no_grad()
 def validation_loss(
     net: RefinerNet, schedule: NoiseSchedule, data: PairEmbeddings, cfg: RefinerTrainConfig, max_pairs: int = 2048
@@ -233,7 +222,7 @@ def train_refiner(
         idx = torch.randint(0, len(train.query), (min(cfg.batch_size, len(train.query)),), generator=generator)
         audio, query = _scaled(train, idx)
         target, cond = (audio, query) if direction == 0 else (query, audio)
-        same = groups[idx][:, None] == groups[idx][None, :]  # (B, B)
+        same = group_mask(groups[idx])  # (B, B)
         loss = diffusion_loss(net, schedule, target, cond, direction, cfg, generator, same)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * cfg.lr_factor(it)
@@ -353,13 +342,15 @@ def fit_refiner(
     record: dict[str, Any] | None = None,
     progress: Callable[[int, float], None] | None = None,
     adapter: AdapterTrainConfig | None = None,
+    mapper: MapperConfig | None = None,
 ) -> tuple[Refiner, dict[str, Any]]:
     """Everything `train-refiner` does: hold out a share of the audio targets, train (resumably) on the
     rest, score refined against direct search on the held-out pairs, pick the blend weight there
     (unless `blend` fixes it), stamp the encoders' fingerprints, save to `out`; returns the refiner
     and the report. `record` (e.g. the encoder specs) is kept in the refiner's training notes.
-    With `ensemble` (and no fixed `blend`), an MLP mapper is trained on the same pairs and the weights
-    of the refined, mapped and direct scores are picked on the held-out pairs too (`config.mix`):
+    With `ensemble` (and no fixed `blend`), an MLP mapper (`mapper`: its loss and size) is trained on
+    the same pairs and the weights of the refined, mapped and direct scores are picked on the
+    held-out pairs too (`config.mix`):
     on SynthCaps it matched or beat both the mapper and the refiner alone in every table of run 7.
     With `adapter` as well (text pairs), a text adapter (diffgap/diffusion/adapter.py) is fitted on the
     same training pairs and its score is a fourth part of that choice."""
@@ -398,8 +389,9 @@ def fit_refiner(
             log.info("blend %.2f picked on the held-out pairs (MRR@10 by weight: %s)", chosen, by_weight)
         refiner.config.blend = chosen
         if ensemble and blend is None:
-            # half the refiner's iterations: the 3,000 of every eval table at the default 6,000
-            mapper_cfg = MapperConfig(iterations=max(1, cfg.iterations // 2), seed=cfg.seed)
+            # `mapper` (default MapperConfig()) with half the refiner's iterations, the 3,000 of every
+            # eval table at the default 6,000, and the refiner's seed
+            mapper_cfg = replace(mapper or MapperConfig(), iterations=max(1, cfg.iterations // 2), seed=cfg.seed)
             text_adapter, want = None, wanted(encoders, adapter)
             if want and (train.texts is None or val.texts is None):
                 log.warning("no text adapter: the pairs are not text pairs with their texts kept")
@@ -452,6 +444,7 @@ def _fit_mix(
     weights, score = choose_mix(val, [make() for make in parts.values()])
     refiner.config.mix = {name: float(w) for name, w in zip(parts, weights, strict=True)}
     refiner.config.mapper_hidden = mapper_cfg.hidden
+    report["mapper_ranking_weight"] = mapper_cfg.ranking_weight
     refiner.mapper = mapper if refiner.config.mix["mapped"] > 0 else None
     refiner.adapter = adapter if refiner.config.mix.get("adapted", 0) > 0 else None
     if adapter is not None:

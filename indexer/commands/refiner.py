@@ -27,6 +27,10 @@ def _pairs(args: argparse.Namespace, path: str | None = None, split: str | None 
 
 
 def _train_cfg(args: argparse.Namespace) -> RefinerTrainConfig:
+    if args.mapper_ranking_weight < 0:
+        raise CliError(
+            f"--mapper-ranking-weight must be 0 (a plain regression) or more, got {args.mapper_ranking_weight}"
+        )
     if not 0.0 <= args.ema < 1.0:
         raise CliError(f"--ema must be in [0, 1) (0 turns the average off), got {args.ema}")
     return RefinerTrainConfig(
@@ -85,6 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ensemble=not args.no_ensemble,
         checkpoint_every=args.checkpoint_every,
         adapter=_adapter_cfg(args),
+        mapper=MapperConfig(ranking_weight=args.mapper_ranking_weight),
     )
     _, report, _ = train_refiner_job(job, progress_bars(args.quiet))
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
@@ -96,7 +101,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         steps=args.steps,
         intervals=tuple(int(m) for m in args.intervals.split(",")) if args.intervals else (),
         train=_train_cfg(args),
-        mapper=MapperConfig(iterations=args.mapper_iterations, seed=args.seed),
+        mapper=MapperConfig(
+            iterations=args.mapper_iterations, ranking_weight=args.mapper_ranking_weight, seed=args.seed
+        ),
         bridge_start=args.bridge_start,
         mapper_bridge_start=args.mapper_bridge_start,
         ablations=not args.no_ablations,
@@ -144,6 +151,13 @@ def _common(p: argparse.ArgumentParser, pairs_required: bool = True) -> None:
         help="BST interval m (0: iterations/5, so that training ends on query->audio as the paper's does)",
     )
     p.add_argument("--no-bst", action="store_true", help="train direction query->audio only")
+    p.add_argument(
+        "--mapper-ranking-weight",
+        type=float,
+        default=MapperConfig.ranking_weight,
+        help="weight of a ranking (InfoNCE) term beside the cosine loss of the mapper the refiner ships "
+        "(default 0: a plain regression; eval's baseline row is always the plain one)",
+    )
     p.add_argument("--cond-dropout", type=float, default=defaults.cond_dropout, help="condition dropout (guidance)")
     p.add_argument(
         "--contrastive-weight",
