@@ -112,6 +112,7 @@ def draw(works: dict[str, Path], modality: str, png: Path, suffix: str = "") -> 
 
 
 SHORT = (  # (words of a row name, its label in a chart), first match wins
+    ("with the plain regression mapper", "ensemble over the plain mapper"),  # beside a ranking mapper's
     ("ensemble", "ensemble (shipped)"),
     ("bridge from the mapper", "bridge from mapper"),
     ("blend chosen", "BST refiner, blend picked"),

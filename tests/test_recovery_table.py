@@ -91,3 +91,20 @@ def test_suffix_reads_a_second_eval_beside_the_first(tmp_path):
     assert "| regression mapper | 0.550 (75%) |" in res.stdout, res.stdout
     res = run("--work", f"0={work}", "--suffix=-other")
     assert res.returncode == 2 and "no eval-text-other.json or eval-video-other.json" in res.stderr, res.stderr
+
+
+def test_chart_labels_tell_the_two_mixes_apart():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recovery_table_labels", SCRIPT)
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports write_benchmarks beside it
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    mix = "ensemble of refined, mapped and direct scores"
+    assert module._short(f"{mix}, weights chosen on held-out pairs") == "ensemble (shipped)"
+    plain = f"{mix} with the plain regression mapper, weights chosen on held-out pairs"
+    assert module._short(plain) == "ensemble over the plain mapper"
+    assert module._short("mapper with a ranking loss (0.2), as the refiner ships it") == "MLP mapper + ranking loss"
