@@ -216,6 +216,23 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
             ),
         }
 
+    # as train-refiner ships it when the held-out pairs give the library side a weight: each candidate's
+    # audio mapped back into the text space, once per window while the searcher lives
+    back = Mapper(refiner.config.net.audio_dim, refiner.config.net.query_dim, refiner.config.mapper_hidden)
+    two = Refiner(replace(refiner.config, library_weight=0.5), refiner.net, refiner.mapper, mapper_back=back)
+    warm = Searcher(store, encoders, {"text": two}, meaning)
+    two_sided = {
+        "whole query, refine 1 step, two-sided, its candidates not yet mapped (a new searcher)": median_ms(
+            lambda: Searcher(store, encoders, {"text": two}, meaning).run(
+                [Query("text", 10, text=QUERIES[2], refine=RefineSpec(steps=1))]
+            )
+        ),
+        "whole query, refine 1 step, two-sided, its candidates mapped before": median_ms(
+            lambda: warm.run([Query("text", 10, text=QUERIES[2], refine=RefineSpec(steps=1))])
+        ),
+        "backward mapper, 100 candidates": median_ms(lambda: back.map(np.zeros((100, two.dims(0)[0]), np.float32))),
+    }
+
     stages = {
         "encode text": median_ms(lambda: encoders.text.encode([QUERIES[1]])),
         "refine, 1 step": median_ms(lambda: refiner.refine(xq, steps=1, blend=0.0)),
@@ -240,6 +257,7 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
         "whole query, refine 1 step, sound only": median_ms(
             lambda: searcher.run([Query("text", 10, text=QUERIES[2], refine=RefineSpec(steps=1))])
         ),
+        **two_sided,
         **by_meaning,
         **with_adapter,
     }

@@ -30,7 +30,7 @@ def load(work: Path, run: str, modality: str, suffix: str = "") -> dict[str, dic
 
 def _family(name: str) -> str:
     """A row name without the numbers a run fills in (chosen weights, steps), so runs line up."""
-    return re.sub(r" \([^)]*\)$", "", name)
+    return re.sub(r" \([\d./, ]*\)", "", re.sub(r" \([^)]*\)$", "", name))
 
 
 DIRECT_ROW, UPPER_ROW = _family(DIRECT), _family(UPPER)
@@ -113,7 +113,7 @@ def draw(works: dict[str, Path], modality: str, png: Path, suffix: str = "") -> 
 
 SHORT = (  # (words of a row name, its label in a chart), first match wins
     ("with the plain regression mapper", "ensemble over the plain mapper"),  # beside a ranking mapper's
-    ("ensemble", "ensemble (shipped)"),
+    ("ensemble", "ensemble"),
     ("bridge from the mapper", "bridge from mapper"),
     ("blend chosen", "BST refiner, blend picked"),
     ("regression mapper", "MLP mapper"),
@@ -126,7 +126,10 @@ SHORT = (  # (words of a row name, its label in a chart), first match wins
 
 def _short(name: str) -> str:
     """A row name cut to what tells the rows apart in a chart's axis."""
-    return next((label for words, label in SHORT if words in name), name.split(",")[0].replace("refiner with", ""))
+    label = next((label for words, label in SHORT if words in name), name.split(",")[0].replace("refiner with", ""))
+    if label == "ensemble":  # what train-refiner ships: two-sided where the library side got a weight
+        return "ensemble, two-sided (shipped)" if "two-sided" in name else "ensemble, query side only"
+    return label + (", two-sided" if "two-sided" in name else "")
 
 
 def main() -> None:

@@ -332,6 +332,7 @@ class RefinerJob:
     adapter: AdapterTrainConfig | None = None
     # the ensemble's mapper (its loss and size; iterations and seed follow `train`); None: MapperConfig()
     mapper: MapperConfig | None = None
+    two_sided: bool = True  # with the ensemble: also weigh the library side (a backward mapper; fit_refiner)
 
     def output(self) -> Path:
         if self.out:
@@ -376,6 +377,7 @@ def train_refiner_job(job: RefinerJob, progress: ProgressFactory = no_progress) 
             progress=lambda it, loss: step(1),
             adapter=job.adapter if job.modality == "text" else None,
             mapper=job.mapper,
+            two_sided=job.two_sided,
         )
     return refiner, report, out
 

@@ -178,7 +178,10 @@ class ItemOut(BaseModel):
 
 
 class HitOut(ItemOut):
-    score: float = Field(description="cosine of the (refined) query with this window")
+    score: float = Field(
+        description="cosine of the (refined) query with this window; with a refiner that weighs the library "
+        "side, that score mixed with the query's cosine to the window mapped into the query's space"
+    )
     rank: int
     dense_rank: int | None = Field(None, description="place in the sound ranking of the candidates")
     lexical_rank: int | None = Field(None, description="place of the file in the word ranking, when its words matched")

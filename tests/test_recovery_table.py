@@ -104,7 +104,20 @@ def test_chart_labels_tell_the_two_mixes_apart():
     finally:
         sys.path.remove(str(SCRIPT.parent))
     mix = "ensemble of refined, mapped and direct scores"
-    assert module._short(f"{mix}, weights chosen on held-out pairs") == "ensemble (shipped)"
+    one = f"{mix}, weights chosen on held-out pairs (0.25/0.75/0, 0.25/0.75/0)"
+    assert module._short(one) == "ensemble, query side only"
+    two = f"{one}, two-sided: the library mapped back, weight chosen on held-out pairs (0.5, 0.25)"
+    assert module._short(two) == "ensemble, two-sided (shipped)"
     plain = f"{mix} with the plain regression mapper, weights chosen on held-out pairs"
     assert module._short(plain) == "ensemble over the plain mapper"
+    assert module._short(f"{plain}, two-sided: the library mapped back") == "ensemble over the plain mapper, two-sided"
+    # rows line up across runs whatever weights each run chose
+    other = two.replace("0.25/0.75/0, 0.25/0.75/0", "0/0.5/0.5, 0.25/0.25/0.5").replace("(0.5, 0.25)", "(0, 1)")
+    assert (
+        module._family(two)
+        == module._family(other)
+        == f"{mix}, weights chosen on held-out pairs, two-sided: the library mapped back, weight chosen on held-out"
+        " pairs"
+    )
+    assert module._family("refiner with BST (m=auto)") == "refiner with BST"
     assert module._short("mapper with a ranking loss (0.2), as the refiner ships it") == "MLP mapper + ranking loss"

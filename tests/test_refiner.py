@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tone
 
-from diffgap.diffusion.refiner import ADAPTER_FILE, MAPPER_FILE, Refiner, RefinerError
+from diffgap.diffusion.refiner import ADAPTER_FILE, MAPPER_BACK_FILE, MAPPER_FILE, Refiner, RefinerError
 from diffgap.diffusion.schedule import DDIMSampler, NoiseSchedule, ScheduleConfig
 from diffgap.encoders.base import EncoderFingerprint
 from diffgap.media.audio import write_audio
@@ -20,6 +20,7 @@ from diffgap.training.evaluate import DIRECT, UPPER, Row, add_recovery, format_t
 from diffgap.training.losses import ranking_loss
 from diffgap.training.metrics import (
     BLEND_GRID,
+    LIBRARY_GRID,
     choose_blend,
     choose_mix,
     metrics,
@@ -469,6 +470,16 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
     assert sum(cfg["mix"].values()) == pytest.approx(1.0) and report["val_MRR@10_mix"] >= max(by_weight.values()) - 1e-9
     assert (tmp_path / "ref" / MAPPER_FILE).exists() == (cfg["mix"]["mapped"] > 0)
     assert (tmp_path / "ref" / ADAPTER_FILE).exists() == (cfg["mix"]["adapted"] > 0) and report["adapter_bytes"] > 0
+    # then the library side against that mix, on the same pairs: never worse there than the mix alone
+    assert cfg["library_weight"] == report["library_weight"] and report["library_weight"] in LIBRARY_GRID
+    assert report["val_MRR@10_two_sided"] >= report["val_MRR@10_mix"] - 1e-9
+    assert (tmp_path / "ref" / MAPPER_BACK_FILE).exists() == (cfg["library_weight"] > 0)
+    one = ["refiner", "train", "-q", "--pairs", str(captioned / "pairs.csv"), "--encoder", enc, "--iterations", "4",
+           "--out", str(tmp_path / "one"), "--cache", str(tmp_path / "cache"), "--one-sided"]  # fmt: skip
+    assert main(one) == 0
+    report_one = json.loads(capsys.readouterr().out)
+    assert report_one["library_weight"] == 0 and "val_MRR@10_two_sided" not in report_one and report_one["mix"]
+    assert not (tmp_path / "one" / MAPPER_BACK_FILE).exists()
     # the adapter was scored on the held-out pairs (the last of its 30 steps at least) and its best step kept
     fit = report["adapter_fit"]
     assert fit["steps"] <= 30 and fit["best_step"] is not None and 0 <= fit["best_score"] <= 1
@@ -532,10 +543,19 @@ def test_train_refiner_and_eval_commands(captioned, tiny_clap, tmp_path, capsys)
     assert "| direct (no refiner) |" in table
     rows = json.loads(out.read_text())["rows"]
     assert all(r["to_audio"]["n"] == 4 for r in rows)  # two test clips, two captions each
-    ensemble, over_plain, adapted = [r for r in rows if r["name"].startswith("ensemble")]
+    mixes = [r for r in rows if r["name"].startswith("ensemble")]
+    ensemble, over_plain, adapted = [r for r in mixes if "two-sided" not in r["name"]]
     assert "with the plain regression mapper" in over_plain["name"]  # what the ranking term adds to the mix
     assert len(ensemble["notes"]["weights"]) == 2 and all(len(w) == 3 for w in ensemble["notes"]["weights"])
     assert [len(w) for w in adapted["notes"]["weights"]] == [4, 3]  # the adapter reads queries, not audio
+    # each mix has its two-sided twin: the same weights, and a library-side weight per direction from the grid
+    twins = [r for r in mixes if "two-sided" in r["name"]]
+    assert [t["name"].split(", two-sided")[0] for t in twins] == [ensemble["name"], over_plain["name"], adapted["name"]]
+    for twin, single in zip(twins, (ensemble, over_plain, adapted), strict=True):
+        assert twin["notes"]["weights"] == single["notes"]["weights"]
+        assert all(w in LIBRARY_GRID for w in twin["notes"]["library_weight"])
+        if twin["notes"]["library_weight"] == [0, 0]:  # no library side: the same ranking as the mix
+            assert twin["to_audio"] == single["to_audio"] and twin["from_audio"] == single["from_audio"]
     # an upper bound from an index with the same encoders is direct search itself: no recovery to show
     upper = tmp_path / "upper"
     assert main(["build", str(captioned), "-o", str(upper), "--encoder", enc, "-q"]) == 0

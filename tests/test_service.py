@@ -71,7 +71,7 @@ def test_text_search_refined_and_direct(client):
     served = client.get("/readyz").json()["refiners"]["text"]
     assert 0.0 <= served["blend"] <= 1.0 and set(served["mix"]) == {"refined", "mapped", "direct"}
     assert served["adapter"] is None  # by default no adapter for a text tower that reads no sentence model
-    assert sum(served["mix"].values()) == pytest.approx(1.0)
+    assert sum(served["mix"].values()) == pytest.approx(1.0) and 0.0 <= served["library_weight"] <= 1.0
     named = client.post("/v1/search", json={"text": "a high beep twice at the start", "k": 5, "blend": 1.0}).json()
     assert [h["id"] for h in named["results"]] == [h["id"] for h in direct["results"]]  # all weight on direct
     bridge = client.post(

@@ -11,7 +11,10 @@ from audio to the query space the same way):
 The result may be blended with the query (`blend` in [0, 1]) before search; for unit vectors
 that equals blending the two cosine scores, so one FAISS search serves both. A refiner trained with
 its mapper (`mix`) sums the refined, mapped and direct scores the same way, in one vector, and with
-its text adapter (adapter.py) the adapter's reading of the query's words as a fourth part.
+its text adapter (adapter.py) the adapter's reading of the query's words as a fourth part. With a
+backward mapper (`library_weight`), each candidate's audio mapped into the query space and scored
+against the raw query is a library-side part, added to the candidates the one search returns
+(`two_sided_scores`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ CONFIG_FILE = "refiner.json"
 WEIGHTS_FILE = "model.safetensors"
 MAPPER_FILE = "mapper.safetensors"  # the MLP mapper whose scores `mix` adds, when it has a weight
 ADAPTER_FILE = "adapter.safetensors"  # the text adapter whose scores `mix` adds, when it has a weight
+MAPPER_BACK_FILE = "mapper_back.safetensors"  # the audio -> query mapper of the library-side part
 MIX_PARTS = ("refined", "mapped", "direct", "adapted")
 # DDIM steps when a caller names none. Sampling starts from the prior's mean (z_N = 0), and from there
 # every DDIM step keeps z along the first step's noise estimate, so 1 and 5 steps give vectors with
@@ -70,6 +74,31 @@ def mix(vectors: list[np.ndarray], weights: tuple[float, ...] | list[float]) -> 
     return l2_normalize(sum(w * v for w, v in zip(weights, vectors, strict=True)))
 
 
+def two_sided_scores(query_side: np.ndarray, raw: np.ndarray, mapped: np.ndarray, weight: float) -> np.ndarray:
+    """(1 - weight) * query_side + weight * raw . mapped: query-side cosines (R, C) of R rows against C
+    candidates, mixed with the rows as encoded (R, c) against the candidates mapped into their space
+    (C, c). One formula for both directions: rows are queries and candidates audio, or the reverse."""
+    if weight == 0:
+        return query_side
+    return (1 - weight) * query_side + weight * (raw @ mapped.T)  # (R, C)
+
+
+def _save_module(path: Path, module: torch.nn.Module) -> None:
+    """A module's weights as safetensors, replaced atomically."""
+    tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    atomic_write_bytes(path, safetensors_bytes(tensors))
+
+
+def _load_mapper(path: Path, in_dim: int, out_dim: int, hidden: int, why: str) -> Mapper:
+    """A saved mapper, or a RefinerError saying `why` the refiner needs it."""
+    mapper = Mapper(in_dim, out_dim, hidden)
+    try:
+        mapper.load_state_dict(load_file(str(path)))
+    except (OSError, RuntimeError) as exc:
+        raise RefinerError(f"{path.parent}: {why} but {path.name}: {exc}") from exc
+    return mapper.eval()
+
+
 @dataclass
 class RefinerConfig:
     net: RefinerNetConfig
@@ -88,6 +117,11 @@ class RefinerConfig:
     # fixed --blend). A query given as a vector has no words for the adapter: the other parts serve it.
     mix: dict[str, float] | None = None
     mapper_hidden: int = 512  # the saved mapper's width
+    # Weight of the library-side part of a search that names no blend: each candidate's audio mapped
+    # into the query space by a backward mapper (saved beside the network) and scored against the
+    # query as encoded, mixed with the query-side score as (1 - w) * query-side + w * library-side.
+    # Picked on held-out pairs by train-refiner after `mix`; 0: query-side only (and older refiners).
+    library_weight: float = 0.0
     adapter: dict[str, Any] | None = None  # the text adapter's config (TextAdapter.config), when it has a weight
     training: dict[str, Any] = field(default_factory=dict)  # how it was trained, for the record
 
@@ -109,6 +143,9 @@ class RefinerConfig:
             or abs(sum(mixed.values()) - 1) > 1e-6
         ):
             raise RefinerError(f"mix in refiner.json must map {MIX_PARTS} to weights >= 0 that sum to 1, got {mixed}")
+        library = data.get("library_weight", 0.0)
+        if not isinstance(library, int | float) or not 0.0 <= library <= 1.0:
+            raise RefinerError(f"library_weight in refiner.json must be in [0, 1], got {library!r}")
         return cls(
             # checkpoints from before the trunk/skip condition paths existed were trained without them
             net=RefinerNetConfig(**{"cond_in_trunk": False, "query_skip": False, **data["net"]}),
@@ -120,6 +157,7 @@ class RefinerConfig:
             blend=blend,
             mix=mixed,
             mapper_hidden=int(data.get("mapper_hidden", 512)),
+            library_weight=float(library),
             adapter=data.get("adapter"),
             training=data.get("training", {}),
         )
@@ -132,10 +170,13 @@ class Refiner:
         net: RefinerNet | None = None,
         mapper: Mapper | None = None,
         adapter: TextAdapter | None = None,
+        mapper_back: Mapper | None = None,
     ) -> None:
         self.config = config
         self.net = (net or RefinerNet(config.net)).eval()
         self.mapper = mapper.eval() if mapper is not None else None  # query -> audio, for `config.mix`
+        # audio -> query, for `config.library_weight`
+        self.mapper_back = mapper_back.eval() if mapper_back is not None else None
         self.adapter = adapter  # texts -> audio space, for `config.mix`
         self.schedule = NoiseSchedule(config.schedule)
         self._traced: dict[int, torch.nn.Module] = {}
@@ -146,12 +187,13 @@ class Refiner:
         """`model.safetensors` + `refiner.json`, each replaced atomically (the config last: it names a
         complete pair)."""
         out = Path(out)
-        tensors = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
-        atomic_write_bytes(out / WEIGHTS_FILE, safetensors_bytes(tensors))
+        _save_module(out / WEIGHTS_FILE, self.net)
         if self._needs_mapper():
             assert self.mapper is not None, "config.mix weighs mapped scores but the refiner has no mapper"
-            mapper = {k: v.detach().contiguous() for k, v in self.mapper.state_dict().items()}
-            atomic_write_bytes(out / MAPPER_FILE, safetensors_bytes(mapper))
+            _save_module(out / MAPPER_FILE, self.mapper)
+        if self.two_sided:
+            assert self.mapper_back is not None, "config.library_weight > 0 but the refiner has no backward mapper"
+            _save_module(out / MAPPER_BACK_FILE, self.mapper_back)
         self.config.adapter = None
         if self.reads_text:
             assert self.adapter is not None, "config.mix weighs adapted scores but the refiner has no adapter"
@@ -161,6 +203,11 @@ class Refiner:
 
     def _needs_mapper(self) -> bool:
         return bool(self.config.mix and self.config.mix.get("mapped", 0) > 0)
+
+    @property
+    def two_sided(self) -> bool:
+        """Whether searches that name no blend add the library-side part (`map_library`, `two_sided_scores`)."""
+        return self.config.library_weight > 0
 
     @property
     def reads_text(self) -> bool:
@@ -182,13 +229,13 @@ class Refiner:
         except RuntimeError as exc:
             raise RefinerError(f"{path}: weights do not match refiner.json: {exc}") from exc
         refiner = cls(config, net)
+        c, hidden = config.net, config.mapper_hidden
         if refiner._needs_mapper():
-            mapper = Mapper(config.net.query_dim, config.net.audio_dim, config.mapper_hidden)
-            try:
-                mapper.load_state_dict(load_file(str(path / MAPPER_FILE)))
-            except (OSError, RuntimeError) as exc:
-                raise RefinerError(f"{path}: refiner.json mixes in mapped scores but {MAPPER_FILE}: {exc}") from exc
-            refiner.mapper = mapper.eval()
+            why = "refiner.json mixes in mapped scores"
+            refiner.mapper = _load_mapper(path / MAPPER_FILE, c.query_dim, c.audio_dim, hidden, why)
+        if refiner.two_sided:
+            why = "refiner.json has a library_weight"
+            refiner.mapper_back = _load_mapper(path / MAPPER_BACK_FILE, c.audio_dim, c.query_dim, hidden, why)
         if refiner.reads_text:
             if not config.adapter:
                 raise RefinerError(f"{path}: refiner.json mixes in adapted scores but describes no adapter")
@@ -229,6 +276,20 @@ class Refiner:
             return None
         assert self.adapter is not None, "config.mix weighs adapted scores but the refiner has no adapter"
         return self.adapter.encode(texts)
+
+    def map_library(self, xb: np.ndarray) -> np.ndarray:
+        """Audio rows (K, d) mapped into the query space (K, c) by the backward mapper: the library side
+        of a two-sided search, computed once per item by the caller (`two_sided_scores` mixes them)."""
+        assert self.mapper_back is not None, "config.library_weight > 0 but the refiner has no backward mapper"
+        return self.mapper_back.map(xb)
+
+    def scores(self, xq: np.ndarray, xb: np.ndarray, adapted: np.ndarray | None = None) -> np.ndarray:
+        """Scores (B, N) of queries (B, c) against audio rows (N, d), ranked as a search that names no
+        blend ranks them: the query side (`refine`), and the library side when it has a weight."""
+        query_side = self.refine(xq, adapted=adapted) @ xb.T  # (B, N)
+        if not self.two_sided:
+            return query_side
+        return two_sided_scores(query_side, xq, self.map_library(xb), self.config.library_weight)
 
     # ---- refinement --------------------------------------------------------------------------------
     def dims(self, direction: int) -> tuple[int, int]:

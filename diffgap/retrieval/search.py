@@ -18,6 +18,7 @@ import logging
 import math
 import re
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, is_refiner_dir, load_shared
+from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, is_refiner_dir, load_shared, two_sided_scores
 from diffgap.diffusion.scoring import ScoreSpec, rerank
 from diffgap.encoders import EncoderSet, load_encoders
 from diffgap.encoders.base import l2_normalize
@@ -150,7 +151,7 @@ class Query:
 @dataclass
 class Hit:
     item: Item
-    score: float  # cosine of the (refined) query vector with this window
+    score: float  # cosine of the (refined) query vector with this window; two-sided refiners: the mixed score
     rank_score: float | None = None  # the fused score hits were ordered by, when words took part
     dense_rank: int | None = None  # place in the dense ranking of the candidates (1 = best)
     lexical_rank: int | None = None  # place of its file in the full-text ranking, if its words matched
@@ -180,6 +181,9 @@ class Searcher:
         self.encoders = encoders
         self.refiners: dict[str, Refiner] = refiners or {}
         self.meaning = meaning  # the files' words by meaning; None: words match exactly only
+        # per two-sided refiner: item id -> its window's audio mapped into the query space, filled as
+        # candidates come up (a fixed index's vectors do not change under a searcher)
+        self._library: weakref.WeakKeyDictionary[Refiner, dict[int, np.ndarray]] = weakref.WeakKeyDictionary()
 
     def query_dim(self, modality: str) -> int:
         return self.encoders.for_modality(modality).dim
@@ -215,13 +219,18 @@ class Searcher:
         if any(w is not None for w in words):
             timings["words"] = (time.perf_counter() - t_words) * 1e3
         t2 = time.perf_counter()
-        reorder = None
+        reorder = rescore = None
         if spec is not None and spec.rerank:
 
             def reorder(i: int, hits: list[Hit]) -> list[Hit]:
                 return self._rerank(self.refiners[modality], raw[i], hits)
 
-        hits = self.search_vectors(xq, queries, reorder, words)
+        if spec is not None and spec.blend is None and self.refiners[modality].two_sided:
+
+            def rescore(i: int, hits: list[Hit]) -> list[Hit]:
+                return self._two_sided(self.refiners[modality], raw[i], hits)
+
+        hits = self.search_vectors(xq, queries, reorder, words, rescore)
         timings["search"] = (time.perf_counter() - t2) * 1e3
         return [QueryResult(h, timings, spec is not None) for h in hits]
 
@@ -263,14 +272,19 @@ class Searcher:
         queries: Sequence[Query],
         reorder: Callable[[int, list[Hit]], list[Hit]] | None = None,
         words: Sequence[WordRankings | None] | None = None,
+        rescore: Callable[[int, list[Hit]], list[Hit]] | None = None,
     ) -> list[list[Hit]]:
-        """Top hits of each row of xq (already in audio space): each query's filter, collapse, word
-        fusion, `reorder(query index, ranking)` and k applied. Searches deeper while a query that
-        narrows its candidates is short."""
+        """Top hits of each row of xq (already in audio space): each query's filter, `rescore(query
+        index, candidates)` (new scores, best first), collapse, word fusion, `reorder(query index,
+        ranking)` and k applied. Searches deeper while a query that narrows its candidates is short."""
         ntotal = self.store.ntotal
         if ntotal == 0:
             return [[] for _ in queries]
-        narrowing = reorder is not None or any(q.filter is not None or q.collapse or q.lexical for q in queries)
+        narrowing = (
+            reorder is not None
+            or rescore is not None
+            or any(q.filter is not None or q.collapse or q.lexical for q in queries)
+        )
         want = max(q.k for q in queries)
         depth = min(ntotal, max(want * 10, CANDIDATES) if narrowing else want)
         efforts = [q.effort for q in queries if q.effort is not None]
@@ -281,7 +295,8 @@ class Searcher:
             out = []
             for i, (q, x, srow, irow) in enumerate(zip(queries, xq, scores, ids, strict=True)):
                 dense = [Hit(items[int(j)], float(s)) for s, j in zip(srow, irow, strict=True) if int(j) in items]
-                out.append(self.rank(q, x, dense, words[i] if words else None))
+                again = (lambda hits, i=i: rescore(i, hits)) if rescore else None
+                out.append(self.rank(q, x, dense, words[i] if words else None, again))
             short = any(len(r) < q.k for r, q in zip(out, queries, strict=True) if q.filter is not None or q.collapse)
             if not short or depth >= ntotal:  # reordered once, on the ranking that is kept
                 return [
@@ -296,20 +311,55 @@ class Searcher:
         head, tail = hits[: RERANK.depth], hits[RERANK.depth :]
         if len(head) < 2:
             return hits
-        ids = np.asarray([h.item.id for h in head], dtype=np.int64)
-        found, xb = self.store.vectors(ids)  # (K,), (K, d) in id order
-        xb = xb[np.searchsorted(found, ids)]  # (K, d) in hit order
+        xb = self._vectors_of(head)  # (K, d)
         scores = np.asarray([[h.score for h in head]], dtype=np.float32)  # (1, K)
         order = rerank(refiner, raw[None], np.arange(len(head))[None], xb[None], RERANK, scores)[0]
         return [head[i] for i in order] + tail
 
-    def rank(self, query: Query, x: np.ndarray, dense: list[Hit], words: WordRankings | None = None) -> list[Hit]:
+    def _vectors_of(self, hits: list[Hit]) -> np.ndarray:
+        """The stored audio vectors (K, d) of the hits' windows, in hit order."""
+        ids = np.asarray([h.item.id for h in hits], dtype=np.int64)
+        found, xb = self.store.vectors(ids)  # (K,), (K, d) in id order
+        return xb[np.searchsorted(found, ids)]  # (K, d) in hit order
+
+    def _two_sided(self, refiner: Refiner, raw: np.ndarray, hits: list[Hit]) -> list[Hit]:
+        """Candidates rescored with the refiner's library side: each window's audio mapped into the
+        query space (once per window while the searcher lives) against the query as encoded, `raw`
+        (c,), mixed with the query-side score (`two_sided_scores`); best first."""
+        if not hits:
+            return hits
+        kept = self._library.setdefault(refiner, {})  # item id -> (c,) its audio in the query space
+        rows = {h.item.id: kept.get(h.item.id) for h in hits}  # this query's own view: other threads may clear
+        missing = sorted(i for i, row in rows.items() if row is None)
+        if missing:
+            found, xb = self.store.vectors(np.asarray(missing, dtype=np.int64))  # (M,), (M, d)
+            new = dict(zip(found.tolist(), refiner.map_library(xb), strict=True))
+            rows.update(new)
+            if len(kept) + len(new) > LIBRARY_KEPT:  # bounded memory: start over rather than grow
+                kept.clear()
+            kept.update(new)
+        xb_mapped = np.stack([rows[h.item.id] for h in hits])  # (K, c)
+        query_side = np.asarray([[h.score for h in hits]], dtype=np.float32)  # (1, K)
+        scores = two_sided_scores(query_side, raw[None], xb_mapped, refiner.config.library_weight)[0]  # (K,)
+        for h, s in zip(hits, scores, strict=True):
+            h.score = float(s)
+        return sorted(hits, key=lambda h: -h.score)
+
+    def rank(
+        self,
+        query: Query,
+        x: np.ndarray,
+        dense: list[Hit],
+        words: WordRankings | None = None,
+        rescore: Callable[[list[Hit]], list[Hit]] | None = None,
+    ) -> list[Hit]:
         """Dense candidates (best first) -> the query's ranking.
 
         With `lexical`, the files the words rank (`WordRankings`: exact full-text matches, and the files
         whose words mean most like the text) join the candidates, scored against x window by window,
         and hits are ordered by `fuse`. Files no word ranking holds keep their dense order, so a
-        library whose names say nothing ranks as dense search does."""
+        library whose names say nothing ranks as dense search does. `rescore` gives the candidates
+        their final dense scores (a two-sided refiner), best first."""
         hits = [h for h in dense if query.filter is None or query.filter.matches(h.item)]
         if words is None and query.lexical and query.text:
             words = self._words([query])[0]
@@ -317,6 +367,8 @@ class Searcher:
             have = {h.item.path for h in hits}
             hits += self._windows_of([p for p in words.paths() if p not in have], x, query)
             hits.sort(key=lambda h: -h.score)
+        if rescore is not None:
+            hits = rescore(hits)
         if query.collapse:
             hits = collapse_files(hits)
         for r, h in enumerate(hits, 1):
@@ -337,6 +389,9 @@ class Searcher:
 
 
 CANDIDATES = 100  # dense candidates a narrowing query starts from
+# windows whose library-side vectors a searcher keeps per two-sided refiner (~1.1 KB each at 256-d):
+# mapping 100 candidates costs ~2 ms, a kept one nothing (BENCHMARKS.md run 11)
+LIBRARY_KEPT = 200_000
 MEANING_DEPTH = 100  # files the meaning ranking contributes to a query's candidates
 # The fusion's weights, chosen on a library of Debian sound packages and queries other than the ones
 # the benchmark reports (bench/reallib_design_queries.json; BENCHMARKS.md, "A real library"):

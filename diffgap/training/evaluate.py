@@ -11,13 +11,23 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from diffgap.diffusion.adapter import TextAdapter
-from diffgap.diffusion.refiner import Refiner
+from diffgap.diffusion.refiner import Refiner, two_sided_scores
 from diffgap.diffusion.scoring import ScoreSpec, rerank
 from diffgap.models.mapper_net import Mapper
 from diffgap.training.adapter import AdapterTrainConfig, fit_adapter
 from diffgap.training.embeddings import PairEmbeddings
 from diffgap.training.mapper import MapperConfig, train_mapper
-from diffgap.training.metrics import choose_blend, choose_mix, metrics, mix, ranks_after_rerank, score_mapping
+from diffgap.training.metrics import (
+    audio_ranks,
+    choose_blend,
+    choose_library_weight,
+    choose_mix,
+    metrics,
+    mix,
+    query_ranks,
+    ranks_after_rerank,
+    score_mapping,
+)
 from diffgap.training.refiner import RefinerTrainConfig, train_refiner
 
 log = logging.getLogger(__name__)
@@ -243,9 +253,9 @@ def run_ablation(
         )
     )
     if fit_refiner is not None:
-        rows.append(ensemble_row(fit, held_out, test, cfg, (full, fwd, bwd), fit_refiner))
+        rows.extend(ensemble_row(fit, held_out, test, cfg, (full, fwd, bwd), fit_refiner))
         if cfg.mapper.ranking_weight > 0:  # what the ranking term adds to the mix: the same mix over the baseline
-            rows.append(ensemble_row(fit, held_out, test, cfg, (full, *plain_maps), fit_refiner, mapper=plain))
+            rows.extend(ensemble_row(fit, held_out, test, cfg, (full, *plain_maps), fit_refiner, mapper=plain))
     if fit_refiner is not None and cfg.adapter is not None and fit.texts is not None and test.texts is not None:
         assert cfg.adapter.sentence_model, "resolve the adapter's sentence model first (sentence_model_for)"
         t = time.perf_counter()
@@ -259,7 +269,7 @@ def run_ablation(
                 {"bytes": adapter.num_bytes, "train_s": round(time.perf_counter() - t, 1)},
             )
         )
-        rows.append(ensemble_row(fit, held_out, test, cfg, (full, fwd, bwd), fit_refiner, adapter))
+        rows.extend(ensemble_row(fit, held_out, test, cfg, (full, fwd, bwd), fit_refiner, adapter))
     for m in cfg.intervals:
         model = train_one(bidirectional=True, switch_every=m)
         refiner_rows(model, f"refiner with BST (m={m})", (s0,), bidirectional=True)
@@ -275,13 +285,14 @@ def ensemble_row(
     fit_refiner: Refiner,
     adapter: TextAdapter | None = None,
     mapper: MapperConfig | None = None,
-) -> Row:
+) -> list[Row]:
     """Refined, mapped and (in one space) direct scores summed with weights picked per direction on
     pairs held out of training, by a refiner and mappers trained without them (`fit`), as the blend
     is; the weights then apply to `models` (refiner, forward and backward mapper on all pairs). With
     an `adapter` (fitted on `fit`, as train-refiner ships it), its score of the query texts is a
     fourth part of the query -> audio direction. `mapper`: how the mappers in `models` were trained
-    (default `cfg.mapper`); the held-out choice trains its own the same way."""
+    (default `cfg.mapper`); the held-out choice trains its own the same way. Two rows: that mix, and
+    the mix two-sided (the weight of the library side chosen on the held-out pairs after it)."""
     s0 = cfg.steps[0]
     same_space = fit.audio.shape[1] == fit.query.shape[1]
     t = time.perf_counter()
@@ -300,25 +311,43 @@ def ensemble_row(
         out = out + [x] if same_space else out
         return out + [adapted] if adapted is not None else out
 
-    weights, scores = [], []
+    weights, scores, held_mixed = [], [], []  # per direction
     for d, rows_of, adapted in ((0, held_out.query, held_adapted), (1, held_out.audio, None)):
-        w, score = choose_mix(held_out, maps(fit_refiner, fit_maps, rows_of, d, adapted), direction=d)
+        parts_of = maps(fit_refiner, fit_maps, rows_of, d, adapted)
+        w, score = choose_mix(held_out, parts_of, direction=d)
         weights.append(w)
         scores.append(round(score, 4))
+        held_mixed.append(mix(parts_of, w))
     names = ["refined", "mapped"] + (["direct"] if same_space else []) + (["adapted"] if adapter else [])
     parts = ", ".join(names[:-1]) + " and " + names[-1]
     log.info("ensemble weights (%s): %s, held-out MRR@10 %s", parts, weights, scores)
     named = ", ".join("/".join(f"{v:g}" for v in w) for w in weights)
     tag = " with the plain regression mapper" if mapper.ranking_weight == 0 < cfg.mapper.ranking_weight else ""
-    return Row(
-        f"ensemble of {parts} scores{tag}, weights chosen on held-out pairs ({named})",
-        *score_mapping(
-            test,
-            lambda x: mix(maps(full, (fwd, bwd), x, 0, test_adapted), weights[0]),
-            lambda x: mix(maps(full, (fwd, bwd), x, 1), weights[1]),
-        ),
-        {"weights": weights, "held_out_MRR@10": scores, "train_s": round(time.perf_counter() - t, 1)},
+    name = f"ensemble of {parts} scores{tag}, weights chosen on held-out pairs ({named})"
+    mixed = (
+        mix(maps(full, (fwd, bwd), test.query, 0, test_adapted), weights[0]),  # (P, d)
+        mix(maps(full, (fwd, bwd), test.audio, 1), weights[1]),  # (G, c)
     )
+    notes = {"weights": weights, "held_out_MRR@10": scores, "train_s": round(time.perf_counter() - t, 1)}
+    # the same mix, then the other side mapped across (each direction's other mapper) against the rows as
+    # encoded, weighed on the held-out pairs as train-refiner does (`two_sided_scores`)
+    library = [
+        choose_library_weight(held_out, held_mixed[0], fit_maps[1].map(held_out.audio), direction=0),
+        choose_library_weight(held_out, held_mixed[1], fit_maps[0].map(held_out.query), direction=1),
+    ]
+    lam = [w for w, _ in library]
+    log.info("library-side weights %s, held-out MRR@10 %s", lam, [round(v, 4) for _, v in library])
+    to_audio = two_sided_scores(mixed[0] @ test.audio.T, test.query, bwd.map(test.audio), lam[0])  # (P, G)
+    from_audio = two_sided_scores(mixed[1] @ test.query.T, test.audio, fwd.map(test.query), lam[1])  # (G, P)
+    two_sided = (metrics(query_ranks(to_audio, test.query_group)), metrics(audio_ranks(from_audio, test.query_group)))
+    return [
+        Row(name, *score_mapping(test, lambda x: mixed[0], lambda x: mixed[1]), notes),
+        Row(
+            f"{name}, two-sided: the library mapped back, weight chosen on held-out pairs ({lam[0]:g}, {lam[1]:g})",
+            *two_sided,
+            {**notes, "library_weight": lam, "held_out_MRR@10_two_sided": [round(v, 4) for _, v in library]},
+        ),
+    ]
 
 
 def add_recovery(rows: list[Row]) -> list[Row]:

@@ -10,14 +10,18 @@ from collections.abc import Callable
 
 import numpy as np
 
-from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, blend_with_query, mix
+from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, blend_with_query, mix, two_sided_scores
 from diffgap.training.embeddings import PairEmbeddings
 
 
 def ranks_query_to_audio(xq: np.ndarray, xb: np.ndarray, target: np.ndarray) -> np.ndarray:
     """1-based rank of each query's target among all rows of xb (ties count against the query)."""
-    scores = xq @ xb.T  # (Q, G)
-    own = scores[np.arange(len(xq)), target]  # (Q,)
+    return query_ranks(xq @ xb.T, target)
+
+
+def query_ranks(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """`ranks_query_to_audio` of a score matrix (Q, G)."""
+    own = scores[np.arange(len(scores)), target]  # (Q,)
     return (scores > own[:, None]).sum(1) + 1
 
 
@@ -45,8 +49,12 @@ def ranks_after_rerank(
 
 def ranks_audio_to_query(xa: np.ndarray, xq_all: np.ndarray, query_group: np.ndarray) -> np.ndarray:
     """1-based rank of the best-ranked query belonging to each audio row."""
-    scores = xa @ xq_all.T  # (G, P)
-    best_own = np.full(len(xa), -np.inf)
+    return audio_ranks(xa @ xq_all.T, query_group)
+
+
+def audio_ranks(scores: np.ndarray, query_group: np.ndarray) -> np.ndarray:
+    """`ranks_audio_to_query` of a score matrix (G, P)."""
+    best_own = np.full(len(scores), -np.inf)
     np.maximum.at(best_own, query_group, scores[query_group, np.arange(len(query_group))])
     return (scores > best_own[:, None]).sum(1) + 1
 
@@ -124,4 +132,33 @@ def choose_mix(
 
     scored = [(score(w), w) for w in simplex_grid(len(vectors), step)]
     best = max(scored, key=lambda item: item[0])  # max keeps the first of equal scores
+    return best[1], best[0]
+
+
+LIBRARY_GRID = tuple(k / 8 for k in range(9))  # the library-side weight; 1: that part alone
+
+
+def choose_library_weight(
+    val: PairEmbeddings,
+    mixed: np.ndarray,
+    mapped: np.ndarray,
+    direction: int = 0,
+    grid: tuple[float, ...] = LIBRARY_GRID,
+) -> tuple[float, float]:
+    """The weight of the library-side part (`two_sided_scores`) with the best held-out MRR@10 (ties:
+    the smaller weight), and that score. Direction 0: `mixed` (P, d) are the query-side vectors of
+    the held-out queries and `mapped` (G, c) their audio mapped into the query space; direction 1:
+    `mixed` (G, c) the audio rows' vectors, `mapped` (P, d) the queries mapped into audio space."""
+    if direction == 0:
+        query_side, raw = mixed @ val.audio.T, val.query  # (P, G)
+    else:
+        query_side, raw = mixed @ val.query.T, val.audio  # (G, P)
+
+    def score(weight: float) -> float:
+        scores = two_sided_scores(query_side, raw, mapped, weight)
+        ranks = query_ranks(scores, val.query_group) if direction == 0 else audio_ranks(scores, val.query_group)
+        return metrics(ranks)["MRR@10"]
+
+    scored = [(score(w), w) for w in grid]
+    best = max(scored, key=lambda item: item[0])  # max keeps the first (smallest) of equal scores
     return best[1], best[0]

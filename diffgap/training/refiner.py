@@ -28,7 +28,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from diffgap.atomic import atomic_write_bytes, atomic_write_json
 from diffgap.diffusion.adapter import TextAdapter
-from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, RefinerConfig
+from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, RefinerConfig, mix
 from diffgap.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from diffgap.encoders import EncoderSet
 from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
@@ -36,7 +36,7 @@ from diffgap.training.adapter import AdapterTrainConfig, fit_adapter, sentence_m
 from diffgap.training.embeddings import PairEmbeddings
 from diffgap.training.losses import group_mask, ranking_loss
 from diffgap.training.mapper import MapperConfig, train_mapper
-from diffgap.training.metrics import choose_blend, choose_mix, score_mapping
+from diffgap.training.metrics import choose_blend, choose_library_weight, choose_mix, score_mapping
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +343,7 @@ def fit_refiner(
     progress: Callable[[int, float], None] | None = None,
     adapter: AdapterTrainConfig | None = None,
     mapper: MapperConfig | None = None,
+    two_sided: bool = True,
 ) -> tuple[Refiner, dict[str, Any]]:
     """Everything `train-refiner` does: hold out a share of the audio targets, train (resumably) on the
     rest, score refined against direct search on the held-out pairs, pick the blend weight there
@@ -353,7 +354,9 @@ def fit_refiner(
     held-out pairs too (`config.mix`):
     on SynthCaps it matched or beat both the mapper and the refiner alone in every table of run 7.
     With `adapter` as well (text pairs), a text adapter (diffgap/diffusion/adapter.py) is fitted on the
-    same training pairs and its score is a fourth part of that choice."""
+    same training pairs and its score is a fourth part of that choice. Then (with `two_sided`) a
+    backward mapper and the weight of the library side (`config.library_weight`) against that mix, on
+    the same held-out pairs."""
     cfg = cfg or RefinerTrainConfig()
     query_encoder = encoders.for_modality(data.modality)
     train, val = data.split(val_fraction, seed=cfg.seed)
@@ -399,7 +402,7 @@ def fit_refiner(
                 assert adapter is not None  # wanted() says so
                 text_adapter, fitted = fit_adapter(train, sentence_model_for(encoders, adapter), adapter, val)
                 report["adapter_fit"] = asdict(fitted)
-            _fit_mix(refiner, train, val, eval_steps, mapper_cfg, report, text_adapter)
+            _fit_mix(refiner, train, val, eval_steps, mapper_cfg, report, text_adapter, two_sided)
         refiner.config.training["validation"] = report
         log.info(
             "held-out %s->audio R@1: refined %.3f%s (R@10 %.3f), %d queries",
@@ -413,6 +416,7 @@ def fit_refiner(
         refiner.config.blend = blend
     report["blend"] = refiner.config.blend
     report["mix"] = refiner.config.mix
+    report["library_weight"] = refiner.config.library_weight
     refiner.save(out)
     shutil.rmtree(checkpoint, ignore_errors=True)  # the finished model supersedes it
     log.info("saved refiner (%d bytes of weights) to %s", refiner.num_bytes, out)
@@ -427,10 +431,12 @@ def _fit_mix(
     mapper_cfg: MapperConfig,
     report: dict[str, Any],
     adapter: TextAdapter | None = None,
+    two_sided: bool = True,
 ) -> None:
     """Train the query -> audio mapper on `train` and pick the weights of the refined, mapped, (in one
     space) direct and (with an `adapter` fitted on `train`) adapted scores by held-out MRR@10 on `val`;
-    the refiner keeps the mapper and the adapter only when they have a weight."""
+    then (`two_sided`) a backward (audio -> query) mapper and the weight of the library side against
+    that mix. The refiner keeps each mapper and the adapter only when it has a weight."""
     mapper = train_mapper(train, 0, mapper_cfg)
     parts = {
         "refined": lambda: refiner.refine(val.query, steps=steps, blend=0.0),
@@ -441,7 +447,8 @@ def _fit_mix(
     if adapter is not None:
         assert val.texts is not None, "scoring the adapter on held-out pairs needs their texts"
         parts["adapted"] = lambda: adapter.encode(val.texts)
-    weights, score = choose_mix(val, [make() for make in parts.values()])
+    vectors = [make() for make in parts.values()]
+    weights, score = choose_mix(val, vectors)
     refiner.config.mix = {name: float(w) for name, w in zip(parts, weights, strict=True)}
     refiner.config.mapper_hidden = mapper_cfg.hidden
     report["mapper_ranking_weight"] = mapper_cfg.ranking_weight
@@ -451,3 +458,12 @@ def _fit_mix(
         report["adapter_bytes"] = adapter.num_bytes
     report["val_MRR@10_mix"] = round(score, 4)
     log.info("score weights %s picked on the held-out pairs (MRR@10 %.4f)", refiner.config.mix, score)
+    if not two_sided:
+        return
+    # then the library side: the held-out audio mapped back into the query space, weighed against the mix
+    back = train_mapper(train, 1, mapper_cfg)
+    library, two_sided = choose_library_weight(val, mix(vectors, weights), back.map(val.audio))
+    refiner.config.library_weight = float(library)
+    refiner.mapper_back = back if library > 0 else None
+    report["val_MRR@10_two_sided"] = round(two_sided, 4)
+    log.info("library-side weight %.3f picked on the held-out pairs (MRR@10 %.4f)", library, two_sided)

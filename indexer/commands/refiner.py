@@ -90,6 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         adapter=_adapter_cfg(args),
         mapper=MapperConfig(ranking_weight=args.mapper_ranking_weight),
+        two_sided=not args.one_sided,
     )
     _, report, _ = train_refiner_job(job, progress_bars(args.quiet))
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
@@ -262,6 +263,12 @@ def register_train(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="serve the refined score blended with direct only; by default a mapper is trained too and the "
         "weights of the refined, mapped and direct scores are picked on the held-out pairs",
+    )
+    p.add_argument(
+        "--one-sided",
+        action="store_true",
+        help="score the query side only; by default a backward mapper is trained too and the weight of each "
+        "candidate's audio mapped into the query space, scored against the query, is picked on the held-out pairs",
     )
     p.add_argument(
         "--checkpoint-every",

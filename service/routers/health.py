@@ -43,6 +43,7 @@ def readyz(holder: HolderDep, settings: SettingsDep, response: Response) -> Read
             "prediction": r.config.prediction_type,
             "blend": r.config.blend,  # the weight a search gets when it names none
             "mix": r.config.mix,  # or, when trained with its mapper (and adapter), the weights of its scores
+            "library_weight": r.config.library_weight,  # of the library side (the candidates mapped back)
             # the text adapter's sentence model, when the mix weighs it (it reads each text query's words)
             "adapter": r.adapter.sentence.ref.name if r.reads_text and r.adapter is not None else None,
             "trained_pairs": r.config.training.get("pairs"),
