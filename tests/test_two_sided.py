@@ -136,10 +136,19 @@ def test_a_two_sided_search_rescored_its_candidates_alone_and_in_a_batch(tiny_cl
     for one, many in zip(alone, batched, strict=True):
         assert [h.item.id for h in one] == [h.item.id for h in many.hits]
         np.testing.assert_allclose([h.score for h in one], [h.score for h in many.hits], atol=1e-6)  # BLAS order
+    # a server maps every window when it starts (an index within the bound): queries then map nothing
+    fresh = open_searcher(tmp_path / "idx")
+    fresh.refiners["text"] = refiner
+    assert fresh.warm_library() == len(ids) and len(fresh._library[refiner]) == len(ids)
+    for t, hits in zip(texts, alone, strict=True):
+        warm = fresh.search(Query("text", k=5, text=t, refine=RefineSpec())).hits
+        assert [h.item.id for h in warm] == [h.item.id for h in hits]
+    fresh.store.close()
     # a bounded store of mapped windows: past it, the searcher starts over, with the same results
     import diffgap.retrieval.search as search_module
 
     monkeypatch.setattr(search_module, "LIBRARY_KEPT", 3)
+    assert searcher.warm_library() == 0  # too many windows to keep them all: queries bring them up
     searcher._library.clear()
     bounded = [searcher.search(Query("text", k=5, text=t, refine=RefineSpec())).hits for t in texts]
     assert len(searcher._library[refiner]) == len(ids)  # one query's candidates are all mapped, then kept
@@ -149,3 +158,21 @@ def test_a_two_sided_search_rescored_its_candidates_alone_and_in_a_batch(tiny_cl
     named = searcher.search(Query("text", k=5, text=texts[0], refine=RefineSpec(blend=1.0))).hits
     np.testing.assert_allclose([h.score for h in named], sorted(xb @ encoded[0], reverse=True)[:5], atol=1e-4)
     searcher.store.close()
+
+
+def test_mapped_windows_keep_rows_by_id_across_blocks_and_start_over_past_their_bound(monkeypatch):
+    import diffgap.retrieval.search as search_module
+    from diffgap.retrieval.search import MappedWindows
+
+    monkeypatch.setattr(MappedWindows, "BLOCK", 4)
+    kept = MappedWindows()
+    rows = np.arange(30, dtype=np.float32).reshape(10, 3)  # (10, c)
+    kept.add(list(range(100, 110)), rows)  # three blocks
+    got, missing = kept.get([109, 5, 100, 104], 3)
+    np.testing.assert_array_equal(got[[0, 2, 3]], rows[[9, 0, 4]])
+    assert missing == [1] and not got[1].any() and len(kept) == 10
+    kept.add([100], rows[:1] + 50)  # a window already kept keeps its row
+    np.testing.assert_array_equal(kept.get([100], 3)[0][0], rows[0])
+    monkeypatch.setattr(search_module, "LIBRARY_KEPT", 12)
+    kept.add([1, 2, 3], rows[:3])  # 13 > 12: start over with these
+    assert len(kept) == 3 and kept.get([100, 1], 3)[1] == [0]

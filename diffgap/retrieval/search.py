@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -181,9 +182,9 @@ class Searcher:
         self.encoders = encoders
         self.refiners: dict[str, Refiner] = refiners or {}
         self.meaning = meaning  # the files' words by meaning; None: words match exactly only
-        # per two-sided refiner: item id -> its window's audio mapped into the query space, filled as
+        # per two-sided refiner: the windows' audio mapped into the query space, filled at start or as
         # candidates come up (a fixed index's vectors do not change under a searcher)
-        self._library: weakref.WeakKeyDictionary[Refiner, dict[int, np.ndarray]] = weakref.WeakKeyDictionary()
+        self._library: weakref.WeakKeyDictionary[Refiner, MappedWindows] = weakref.WeakKeyDictionary()
 
     def query_dim(self, modality: str) -> int:
         return self.encoders.for_modality(modality).dim
@@ -322,23 +323,34 @@ class Searcher:
         found, xb = self.store.vectors(ids)  # (K,), (K, d) in id order
         return xb[np.searchsorted(found, ids)]  # (K, d) in hit order
 
+    def warm_library(self) -> int:
+        """Map every window into the query space for each two-sided refiner now, when the index holds
+        no more than LIBRARY_KEPT of them, so that no query pays for its candidates' first mapping;
+        returns the windows mapped. Larger indexes map their candidates as queries bring them up."""
+        done = 0
+        for refiner in self.refiners.values():
+            if not refiner.two_sided or self.store.ntotal > LIBRARY_KEPT:
+                continue
+            kept = self._library.setdefault(refiner, MappedWindows())
+            for ids, xb in self.store.iter_vectors(batch=1024):  # (B,), (B, d)
+                kept.add(ids.tolist(), refiner.map_library(xb))
+                done += len(ids)
+        return done
+
     def _two_sided(self, refiner: Refiner, raw: np.ndarray, hits: list[Hit]) -> list[Hit]:
         """Candidates rescored with the refiner's library side: each window's audio mapped into the
         query space (once per window while the searcher lives) against the query as encoded, `raw`
         (c,), mixed with the query-side score (`two_sided_scores`); best first."""
         if not hits:
             return hits
-        kept = self._library.setdefault(refiner, {})  # item id -> (c,) its audio in the query space
-        rows = {h.item.id: kept.get(h.item.id) for h in hits}  # this query's own view: other threads may clear
-        missing = sorted(i for i, row in rows.items() if row is None)
+        kept = self._library.setdefault(refiner, MappedWindows())
+        ids = [h.item.id for h in hits]
+        xb_mapped, missing = kept.get(ids, len(raw))  # (K, c), rows of windows not yet mapped left at zero
         if missing:
-            found, xb = self.store.vectors(np.asarray(missing, dtype=np.int64))  # (M,), (M, d)
-            new = dict(zip(found.tolist(), refiner.map_library(xb), strict=True))
-            rows.update(new)
-            if len(kept) + len(new) > LIBRARY_KEPT:  # bounded memory: start over rather than grow
-                kept.clear()
-            kept.update(new)
-        xb_mapped = np.stack([rows[h.item.id] for h in hits])  # (K, c)
+            found, xb = self.store.vectors(np.asarray(sorted({ids[i] for i in missing}), dtype=np.int64))
+            new = refiner.map_library(xb)  # (M, c)
+            kept.add(found.tolist(), new)
+            xb_mapped[missing] = new[np.searchsorted(found, [ids[i] for i in missing])]
         query_side = np.asarray([[h.score for h in hits]], dtype=np.float32)  # (1, K)
         scores = two_sided_scores(query_side, raw[None], xb_mapped, refiner.config.library_weight)[0]  # (K,)
         for h, s in zip(hits, scores, strict=True):
@@ -389,8 +401,50 @@ class Searcher:
 
 
 CANDIDATES = 100  # dense candidates a narrowing query starts from
-# windows whose library-side vectors a searcher keeps per two-sided refiner (~1.1 KB each at 256-d):
-# mapping 100 candidates costs ~2 ms, a kept one nothing (BENCHMARKS.md run 11)
+
+
+class MappedWindows:
+    """Windows' audio vectors mapped into a two-sided refiner's query space, kept by item id in
+    float32 blocks (no per-row objects) and at most LIBRARY_KEPT of them: past that it starts over
+    rather than grow. Safe to share between the threads of a server."""
+
+    BLOCK = 8192  # rows per block
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._blocks: list[np.ndarray] = []  # (BLOCK, c) each
+        self._row_of: dict[int, int] = {}  # item id -> row over the blocks
+
+    def __len__(self) -> int:
+        return len(self._row_of)
+
+    def get(self, ids: list[int], dim: int) -> tuple[np.ndarray, list[int]]:
+        """The kept rows of `ids` (K, dim) (zeros where none) and the positions in `ids` that have none."""
+        with self._lock:
+            rows = [self._row_of.get(i) for i in ids]
+            out = np.zeros((len(ids), dim), np.float32)
+            for k, r in enumerate(rows):
+                if r is not None:
+                    out[k] = self._blocks[r // self.BLOCK][r % self.BLOCK]
+        return out, [k for k, r in enumerate(rows) if r is None]
+
+    def add(self, ids: list[int], vectors: np.ndarray) -> None:
+        """Keep `vectors` (M, c) as the rows of `ids`."""
+        with self._lock:
+            if len(self._row_of) + len(ids) > LIBRARY_KEPT:
+                self._blocks, self._row_of = [], {}
+            for i, v in zip(ids, vectors, strict=True):
+                if i in self._row_of:
+                    continue
+                n = len(self._row_of)
+                if n == len(self._blocks) * self.BLOCK:
+                    self._blocks.append(np.empty((self.BLOCK, len(v)), np.float32))
+                self._blocks[n // self.BLOCK][n % self.BLOCK] = v
+                self._row_of[i] = n
+
+
+# windows whose library-side vectors a searcher keeps per two-sided refiner (~1.5 KB of memory each at 256-d):
+# a query whose 100 candidates are new pays ~5 ms to map them, 100 kept ones ~0.3 ms (BENCHMARKS.md run 11)
 LIBRARY_KEPT = 200_000
 MEANING_DEPTH = 100  # files the meaning ranking contributes to a query's candidates
 # The fusion's weights, chosen on a library of Debian sound packages and queries other than the ones
