@@ -253,9 +253,9 @@ def run_ablation(
         )
     )
     if fit_refiner is not None:
-        rows.extend(ensemble_row(fit, held_out, test, cfg, (full, fwd, bwd), fit_refiner))
+        rows.extend(ensemble_rows(fit, held_out, test, cfg, (full, fwd, bwd), fit_refiner))
         if cfg.mapper.ranking_weight > 0:  # what the ranking term adds to the mix: the same mix over the baseline
-            rows.extend(ensemble_row(fit, held_out, test, cfg, (full, *plain_maps), fit_refiner, mapper=plain))
+            rows.extend(ensemble_rows(fit, held_out, test, cfg, (full, *plain_maps), fit_refiner, mapper=plain))
     if fit_refiner is not None and cfg.adapter is not None and fit.texts is not None and test.texts is not None:
         assert cfg.adapter.sentence_model, "resolve the adapter's sentence model first (sentence_model_for)"
         t = time.perf_counter()
@@ -269,14 +269,14 @@ def run_ablation(
                 {"bytes": adapter.num_bytes, "train_s": round(time.perf_counter() - t, 1)},
             )
         )
-        rows.extend(ensemble_row(fit, held_out, test, cfg, (full, fwd, bwd), fit_refiner, adapter))
+        rows.extend(ensemble_rows(fit, held_out, test, cfg, (full, fwd, bwd), fit_refiner, adapter))
     for m in cfg.intervals:
         model = train_one(bidirectional=True, switch_every=m)
         refiner_rows(model, f"refiner with BST (m={m})", (s0,), bidirectional=True)
     return add_recovery(rows)
 
 
-def ensemble_row(
+def ensemble_rows(
     fit: PairEmbeddings,
     held_out: PairEmbeddings,
     test: PairEmbeddings,
