@@ -48,7 +48,7 @@ SERIES = (  # key, legend label, matplotlib style
     ("direct", "direct search", "k--"),
     ("mapper", "MLP mapper", "s-"),
     ("refiner", f"refiner alone, unblended ({DEFAULT_STEPS} step)", "o:"),
-    ("shipped", "refiner as shipped (ensemble weighed on held-out pairs)", "o-"),
+    ("shipped", "refiner as `refiner train` ships it (weights picked on held-out pairs)", "o-"),
     ("adapter", "text adapter alone (--adapter)", "^:"),
     ("adapter_fixed", "text adapter alone, all its steps (no held-out stopping)", "v:"),
 )
@@ -206,6 +206,8 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         direct = "n/a" if r["direct"] is None else f"{r['direct']:.3f}"
         mix = "/".join(f"{w:g}" for w in (r["mix"] or {}).values()) or "none"
+        if r.get("library_weight"):  # two-sided: the library side's weight against that mix
+            mix += f", w {r['library_weight']:g}"
         lines.append(
             f"| {r['pairs']:,} | {direct} | {cell(r, 'mapper')} | {cell(r, 'refiner')} | {r['blended']:.3f} "
             f"({r['blend']}) | {cell(r, 'shipped')} ({mix}) | {r['train_s']} |"

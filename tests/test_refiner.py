@@ -11,6 +11,7 @@ from conftest import tone
 
 from diffgap.diffusion.refiner import ADAPTER_FILE, MAPPER_BACK_FILE, MAPPER_FILE, Refiner, RefinerError
 from diffgap.diffusion.schedule import DDIMSampler, NoiseSchedule, ScheduleConfig
+from diffgap.encoders import load_encoders
 from diffgap.encoders.base import EncoderFingerprint
 from diffgap.media.audio import write_audio
 from diffgap.models.mapper_net import Mapper
@@ -30,10 +31,12 @@ from diffgap.training.metrics import (
     simplex_grid,
 )
 from diffgap.training.refiner import (
+    FEW_PAIRS,
     RefinerTrainConfig,
     WeightAverage,
     diffusion_loss,
     direction_at,
+    fit_refiner,
     train_refiner,
 )
 from indexer.cli import main
@@ -89,6 +92,18 @@ def _toy_pairs(n_groups=120, d=16, seed=0) -> PairEmbeddings:
     rot = np.linalg.qr(rng.standard_normal((d, d)))[0]
     query = unit(audio[groups] @ rot + 0.05 * rng.standard_normal((len(groups), d)))
     return PairEmbeddings(audio, query, groups, [str(i) for i in range(n_groups)], "text")
+
+
+def test_training_on_few_pairs_says_the_refiner_may_rank_below_direct_search(tiny_clap, tmp_path, caplog):
+    encoders = load_encoders(f"clap:{tiny_clap}")  # only their fingerprints are stamped on the refiner
+    cfg, net = RefinerTrainConfig(iterations=4), RefinerNetConfig(audio_dim=16, query_dim=16, hidden=32, n_blocks=1)
+    for n_groups in (60, FEW_PAIRS // 2):  # two pairs a clip: 120 pairs, then just enough
+        caplog.clear()
+        data = _toy_pairs(n_groups=n_groups, seed=5)
+        refiner, _ = fit_refiner(data, encoders, tmp_path / str(n_groups), cfg=cfg, net_cfg=net, checkpoint_every=0)
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert (len(data.query) < FEW_PAIRS) == any("may rank below direct search" in m for m in warned), warned
+        assert refiner.config.mix  # it trains and picks its weights either way
 
 
 def test_one_training_step_reduces_the_loss():

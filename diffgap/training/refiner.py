@@ -40,6 +40,12 @@ from diffgap.training.metrics import choose_blend, choose_library_weight, choose
 
 log = logging.getLogger(__name__)
 
+# Below this many pairs the held-out share that picks the weights is a few dozen queries, and what it
+# picks may rank below direct search on a new library: on SynthCaps video with frozen encoders that
+# did not know the domain, 100 pairs shipped 0.430 / 0.367 R@1 against direct search's 0.423 / 0.398
+# (seeds 0 / 1), 300 pairs 0.440 / 0.439 (BENCHMARKS.md run 12). `fit_refiner` says so; it still trains.
+FEW_PAIRS = 300
+
 
 @dataclass
 class RefinerTrainConfig:
@@ -359,6 +365,14 @@ def fit_refiner(
     the same held-out pairs."""
     cfg = cfg or RefinerTrainConfig()
     query_encoder = encoders.for_modality(data.modality)
+    if len(data.query) < FEW_PAIRS:
+        log.warning(
+            "only %d training pairs: with fewer than %d a refiner may rank below direct search "
+            "(BENCHMARKS.md run 12); compare the two on pairs it did not train on before serving it "
+            "(`refiner eval --refiner DIR --test-pairs CSV`)",
+            len(data.query),
+            FEW_PAIRS,
+        )
     train, val = data.split(val_fraction, seed=cfg.seed)
     out = Path(out)
     checkpoint = checkpoint_dir(out)
