@@ -347,10 +347,9 @@ class Searcher:
         ids = [h.item.id for h in hits]
         xb_mapped, missing = kept.get(ids, len(raw))  # (K, c), rows of windows not yet mapped left at zero
         if missing:
-            found, xb = self.store.vectors(np.asarray(sorted({ids[i] for i in missing}), dtype=np.int64))
-            new = refiner.map_library(xb)  # (M, c)
-            kept.add(found.tolist(), new)
-            xb_mapped[missing] = new[np.searchsorted(found, [ids[i] for i in missing])]
+            new = refiner.map_library(self._vectors_of([hits[i] for i in missing]))  # (M, c)
+            kept.add([ids[i] for i in missing], new)
+            xb_mapped[missing] = new
         query_side = np.asarray([[h.score for h in hits]], dtype=np.float32)  # (1, K)
         scores = two_sided_scores(query_side, raw[None], xb_mapped, refiner.config.library_weight)[0]  # (K,)
         for h, s in zip(hits, scores, strict=True):

@@ -476,8 +476,8 @@ def _fit_mix(
         return
     # then the library side: the held-out audio mapped back into the query space, weighed against the mix
     back = train_mapper(train, 1, mapper_cfg)
-    library, two_sided = choose_library_weight(val, mix(vectors, weights), back.map(val.audio))
+    library, library_score = choose_library_weight(val, mix(vectors, weights), back.map(val.audio))
     refiner.config.library_weight = float(library)
     refiner.mapper_back = back if library > 0 else None
-    report["val_MRR@10_two_sided"] = round(two_sided, 4)
-    log.info("library-side weight %.3f picked on the held-out pairs (MRR@10 %.4f)", library, two_sided)
+    report["val_MRR@10_two_sided"] = round(library_score, 4)
+    log.info("library-side weight %.3f picked on the held-out pairs (MRR@10 %.4f)", library, library_score)
