@@ -46,12 +46,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 from diffgap.diffusion.adapter import TextAdapter  # noqa: E402
 from diffgap.diffusion.refiner import Refiner, RefinerConfig  # noqa: E402
 from diffgap.encoders import load_encoders  # noqa: E402
+from diffgap.encoders.base import l2_normalize  # noqa: E402
 from diffgap.encoders.sentence import load_sentence_encoder, sentence_model_available  # noqa: E402
 from diffgap.index.faiss_sync import sync_faiss  # noqa: E402
 from diffgap.index.meaning import AUTO, MeaningIndex, resolve_meaning_model, sync_meaning  # noqa: E402
 from diffgap.index.store import FileRecord, IndexStore  # noqa: E402
 from diffgap.models.mapper_net import Mapper  # noqa: E402
 from diffgap.models.refiner_net import RefinerNetConfig  # noqa: E402
+from diffgap.models.segments import SEGMENTS  # noqa: E402
 
 QUERIES = [
     "a dog barks twice then a car passes",
@@ -127,16 +129,19 @@ def build_index(root: Path, spec: str, n: int, meaning: bool = True) -> None:
     refiner."""
     encoders = load_encoders(spec)
     dim = encoders.audio.dim
-    store = IndexStore.create(root, encoder_spec=spec, fingerprint=encoders.audio.fingerprint, dim=dim)
+    store = IndexStore.create(
+        root, encoder_spec=spec, fingerprint=encoders.audio.fingerprint, dim=dim, segments=SEGMENTS
+    )  # as a compact index keeps them: the time spans of each window
     chunk = 20_000
     rng = np.random.default_rng(0)
     for start in range(0, n, chunk):
         xb = clustered(min(chunk, n - start), dim, seed=start)
+        spans = l2_normalize(xb[:, None] + 0.5 * rng.standard_normal((len(xb), SEGMENTS, dim)).astype(np.float32))
         words = rng.choice(WORDS, size=(len(xb), 3))
         store.commit_files(
             FileRecord(f"synthetic/{' '.join(words[i])}/{start + i:07d}.wav", f"h{start + i}", 1, 0.0, "indexed",
                        duration=10.0, sample_rate=16000, channels=1, description=" ".join(words[i]),
-                       windows=[(0.0, 10.0)], vectors=xb[i : i + 1])
+                       windows=[(0.0, 10.0)], vectors=xb[i : i + 1], segments=spans[i : i + 1])
             for i in range(len(xb))
         )  # fmt: skip
     sync_faiss(store)
@@ -241,6 +246,22 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
         ),
         "backward mapper, 100 candidates": median_ms(lambda: back.map(np.zeros((100, two.dims(0)[0]), np.float32))),
     }
+    # as train-refiner ships a video refiner on an index that keeps spans: the query's spans refined as the
+    # query is, in the same call, then each candidate's spans read from SQLite and scored
+    # (the text refiner stands in for a video one of the same size: the spans' cost is its dims')
+    spans = l2_normalize(np.repeat(xq[:, None], SEGMENTS, 1))  # (1, S, c)
+    timed = replace(two.config, segment_weight=0.5, segments=SEGMENTS)
+    with_spans = Refiner(timed, two.net, two.mapper, mapper_back=back)
+    refined_spans = with_spans.refine_with_spans(xq, spans, steps=1)[1][0]  # (S, d)
+    segments = {
+        "refine 1 step, mixed, the query alone (as above)": median_ms(lambda: with_spans.refine(xq, steps=1)),
+        "refine 1 step, mixed, the query and its 4 spans in one call (as served)": median_ms(
+            lambda: with_spans.refine_with_spans(xq, spans, steps=1)
+        ),
+        "segment rescoring of 100 candidates alone (their spans read from SQLite)": median_ms(
+            lambda: warm._with_segments(refined_spans, [dataclasses.replace(h) for h in candidates], 0.5)
+        ),
+    }
 
     stages = {
         "encode text": median_ms(lambda: encoders.text.encode([QUERIES[1]])),
@@ -267,6 +288,7 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
             lambda: searcher.run([Query("text", 10, text=QUERIES[2], refine=RefineSpec(steps=1))])
         ),
         **two_sided,
+        **segments,
         **by_meaning,
         **with_adapter,
     }

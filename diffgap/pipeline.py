@@ -26,6 +26,7 @@ from diffgap.index.meaning import AUTO, OFF, resolve_meaning_model, sync_meaning
 from diffgap.index.store import IndexStore
 from diffgap.media.synthetic import generate_demo_corpus
 from diffgap.models.refiner_net import RefinerNetConfig
+from diffgap.models.segments import SEGMENTS
 from diffgap.retrieval.search import Query, RefineSpec, open_searcher
 from diffgap.training.adapter import AdapterTrainConfig, sentence_model_for, wanted
 from diffgap.training.embeddings import PairEmbeddings, embed_index_pairs, embed_pairs
@@ -75,13 +76,15 @@ def build(
     prune: bool = False,
     exclude: Sequence[str] = (),
     meaning: str = AUTO,
+    segments: int | None = None,
     options: BuildOptions | None = None,
     progress: ProgressFactory = no_progress,
 ) -> BuildReport:
     """Index a folder (or the files a CSV names) into `index`, creating it or resuming it. `exclude`
     globs are kept in the manifest, so later updates leave the same files out. `meaning` names the
     sentence model that embeds each file's description for search by meaning (`auto`: the default one
-    when installed; `off`: none; diffgap/index/meaning.py)."""
+    when installed; `off`: none; diffgap/index/meaning.py). `segments`: time spans a new index keeps per
+    window for video queries' segment scores (None: SEGMENTS where the encoder keeps time, else 0)."""
     if manifest_csv:
         root, files = scan_list(manifest_csv, column=column, split=split)
         files = [f for f in files if not is_excluded(f.rel, exclude)]
@@ -90,6 +93,10 @@ def build(
     else:
         raise ValueError("give a corpus folder or a manifest CSV")
     encoders = load_encoders(encoder_spec, need_text=False)
+    if segments is None:  # Ray's shards carry vectors only: a Ray build keeps no spans
+        segments = SEGMENTS if encoders.audio.keeps_time and not (options and options.ray) else 0
+    elif segments and not encoders.audio.keeps_time:
+        raise ValueError(f"{encoder_spec} audio vectors keep no time spans: build without --segments")
     sentence = resolve_meaning_model(meaning)
     store = IndexStore.create(
         index,
@@ -100,6 +107,7 @@ def build(
         window_s=window_s,
         hop_s=hop_s,
         corpus_root=str(root),
+        segments=segments,
     )
     if exclude:
         store.manifest.exclude = list(exclude)
@@ -208,6 +216,17 @@ def encoders_for(
     return load_encoders(encoder_spec, video_encoder), encoder_spec
 
 
+def pair_segments(index: str | Path | None, encoders: EncoderSet, modality: str) -> int:
+    """Time spans to embed pairs with, so that a refiner can weigh the segment score: the index's own
+    count for video pairs when both towers keep time; 0 otherwise."""
+    if not index or modality != "video" or not encoders.audio.keeps_time:
+        return 0
+    if not encoders.for_modality("video").keeps_time:
+        return 0
+    with IndexStore.open(index, readonly=True) as store:
+        return store.manifest.segments
+
+
 @dataclass
 class PairsSource:
     """Where paired data comes from: a CSV (generic, AudioCaps or Clotho layout)."""
@@ -225,10 +244,11 @@ def embed_pairs_file(
     *,
     cache_dir: str | Path | None = None,
     progress: ProgressFactory = no_progress,
+    segments: int = 0,
 ) -> PairEmbeddings:
     pairs = read_pairs(source.path, layout=source.layout, split=source.split, audio_dir=source.audio_dir)
     with progress(None, "item", f"embedding {Path(source.path).name}") as step:
-        data = embed_pairs(pairs, encoders, modality, cache_dir=cache_dir, progress=step)
+        data = embed_pairs(pairs, encoders, modality, cache_dir=cache_dir, progress=step, segments=segments)
     log.info("%s: %d %s queries for %d audio targets", source.path, len(data.query), modality, len(data.audio))
     return data
 
@@ -356,7 +376,10 @@ def train_refiner_job(job: RefinerJob, progress: ProgressFactory = no_progress) 
             data = embed_index_pairs(store, encoders, exclude=job.exclude)
         log.info("%d (description, audio) pairs from %s, e.g. %r", len(data.query), job.index, data.audio_keys[0])
     elif job.pairs is not None:
-        data = embed_pairs_file(job.pairs, encoders, job.modality, cache_dir=job.cache(), progress=progress)
+        segments = pair_segments(job.index, encoders, job.modality)
+        data = embed_pairs_file(
+            job.pairs, encoders, job.modality, cache_dir=job.cache(), progress=progress, segments=segments
+        )
     else:
         raise ValueError("give paired data (a CSV) or learn from the index's descriptions")
     net_cfg = RefinerNetConfig(audio_dim=data.audio.shape[1], query_dim=data.query.shape[1], **job.net)

@@ -11,11 +11,14 @@ import torch
 from conftest import build_and_refine
 
 from diffgap.encoders import load_encoders
+from diffgap.media.audio import decode_audio
 from diffgap.media.synthetic import generate_demo_corpus
+from diffgap.media.video import decode_video
 from diffgap.models.audio_net import AudioNetConfig
+from diffgap.models.segments import segment_pool
 from diffgap.models.text_net import TextNetConfig
 from diffgap.models.video_net import VideoNetConfig
-from diffgap.training.encoders import EncoderTrainConfig, info_nce, segment_pool, train_compact_encoders
+from diffgap.training.encoders import EncoderTrainConfig, info_nce, train_compact_encoders
 from diffgap.training.pairs import read_pairs
 from indexer.cli import main
 
@@ -45,6 +48,27 @@ def test_segment_pool_and_info_nce():
     assert pooled.shape == (1, 2, 2) and torch.allclose(pooled.norm(dim=-1), torch.ones(1, 2))
     a = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
     assert float(info_nce(a, a, torch.tensor(3.0))) < float(info_nce(a, a.roll(1, 0), torch.tensor(3.0)))
+
+
+def test_segments_come_from_the_same_pass_as_the_clip_vector(demo_corpus, tmp_path):
+    pairs = read_pairs(demo_corpus / "captions.csv")
+    cfg = EncoderTrainConfig(epochs=1, batch_size=8, warmup_steps=1, max_steps=2, **TINY)
+    train_compact_encoders(pairs, tmp_path / "enc", cfg)
+    enc = load_encoders(f"compact:{tmp_path / 'enc'}")
+    waves = [decode_audio(p.audio, enc.audio.sample_rate).wave for p in pairs[:3]]
+    waves[1] = waves[1][: len(waves[1]) // 3]  # a shorter clip padded in the batch
+    videos = [decode_video(p.video, enc.video.fps, size=enc.video.size) for p in pairs[:3]]
+    for encoder, batch in ((enc.audio, waves), (enc.video, videos)):
+        clip, segs = encoder.encode_with_segments(batch, 4)  # (3, dim), (3, 4, dim)
+        assert segs.shape == (3, 4, 32) and np.allclose(np.linalg.norm(segs, axis=-1), 1, atol=1e-5)
+        assert np.allclose(clip, encoder.encode(batch), atol=1e-6)  # the clip vectors are the usual ones
+        # one span is the whole clip: its vector is the clip vector (the tower's own masked mean)
+        assert np.allclose(encoder.encode_with_segments(batch, 1)[1][:, 0], clip, atol=1e-5)
+        alone = encoder.encode_with_segments(batch[1:2], 4)[1]  # padding beside longer clips changes nothing
+        assert np.allclose(alone[0], segs[1], atol=1e-4)
+        assert encoder.encode_with_segments(batch, 0)[1].shape == (3, 0, 32)
+    with pytest.raises(NotImplementedError, match="keep no time segments"):
+        enc.text.encode_with_segments(["a beep"], 4)
 
 
 def test_train_index_refine_search(demo_corpus, tmp_path, capsys):
@@ -100,3 +124,42 @@ def test_demo_command_end_to_end(tmp_path, caplog):
     before = (index / "refiner-text" / "model.safetensors").stat().st_mtime_ns
     assert main(args) == 0
     assert (index / "refiner-text" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_video_queries_mix_in_the_time_spans_of_their_candidates(demo_corpus, tmp_path):
+    from diffgap.pipeline import build
+    from diffgap.retrieval.search import Query, RefineSpec, open_searcher
+
+    pairs = read_pairs(demo_corpus / "captions.csv")
+    cfg = EncoderTrainConfig(epochs=1, batch_size=8, warmup_steps=1, max_steps=2, **TINY)
+    train_compact_encoders(pairs, tmp_path / "enc", cfg)
+    spec = f"compact:{tmp_path / 'enc'}"
+    build(tmp_path / "plain", spec, corpus=demo_corpus / "audio", segments=0)
+    build_and_refine(demo_corpus, tmp_path / "idx", spec)  # compact audio keeps time: 4 spans a window
+    searcher = open_searcher(tmp_path / "idx")
+    assert searcher.store.manifest.segments == 4 and open_searcher(tmp_path / "plain").store.manifest.segments == 0
+    refiner = searcher.refiners["video"]
+    validation = refiner.config.training["validation"]
+    assert "val_MRR@10_segments" in validation  # the pairs came with spans and a weight was picked (0 allowed)
+    refiner.config.segment_weight, refiner.config.segments = 0.5, 4  # a weight this barely trained tower may not earn
+    assert searcher.segment_weight("video") == 0.5
+    video = searcher.encoders.for_modality("video")
+    clips = [decode_video(p.video, video.fps, size=video.size) for p in pairs[:3:2]]
+    xq, q_spans = video.encode_with_segments(clips, 4)  # (2, c), (2, 4, c)
+    ids, xb = searcher.store.vectors()  # every window: fewer than a search's candidates
+    by_hand = refiner.scores(xq, xb, segments=(q_spans, searcher.store.segment_vectors(ids)))  # (2, N)
+    alone = [searcher.search(Query("video", k=5, media=c, refine=RefineSpec())).hits for c in clips]
+    for row, hits in zip(by_hand, alone, strict=True):
+        score_of = dict(zip(ids.tolist(), row, strict=True))
+        np.testing.assert_allclose([h.score for h in hits], [score_of[h.item.id] for h in hits], atol=1e-3)
+        np.testing.assert_allclose([h.score for h in hits], sorted(row, reverse=True)[:5], atol=1e-3)
+    batched = searcher.run([Query("video", k=5, media=c, refine=RefineSpec()) for c in clips])
+    for one, many in zip(alone, batched, strict=True):
+        assert [h.item.id for h in one] == [h.item.id for h in many.hits]
+    # a query given as a vector has no spans: the refiner's other scores alone
+    plain = searcher.search(Query("video", k=5, vector=xq[0], refine=RefineSpec())).hits
+    np.testing.assert_allclose([h.score for h in plain], sorted(refiner.scores(xq, xb)[0], reverse=True)[:5], atol=1e-3)
+    # a named blend ranks by the refined vector alone, with neither the library side nor spans
+    blended = searcher.search(Query("video", k=5, media=clips[0], refine=RefineSpec(blend=0.0))).hits
+    np.testing.assert_allclose([h.score for h in blended], sorted((refiner.refine(xq, blend=0.0) @ xb.T)[0],
+                                                                  reverse=True)[:5], atol=1e-3)  # fmt: skip

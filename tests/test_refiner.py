@@ -26,6 +26,7 @@ from diffgap.training.metrics import (
     choose_mix,
     metrics,
     mix,
+    query_ranks,
     ranks_audio_to_query,
     ranks_query_to_audio,
     simplex_grid,
@@ -672,3 +673,41 @@ def test_traced_network_matches_eager_at_any_batch_size():
                 eager = refiner.net(z, steps, cond, direction)
                 traced = refiner._conditional(direction)(z, steps, cond)
             torch.testing.assert_close(traced, eager)
+
+
+def test_the_segment_weight_is_picked_where_spans_tell_clips_apart_and_saved(tiny_clap, tiny_clip, tmp_path):
+    encoders = load_encoders(f"clap:{tiny_clap}", f"clip:{tiny_clip}")  # only their fingerprints are stamped
+    cfg, net = RefinerTrainConfig(iterations=4), RefinerNetConfig(audio_dim=16, query_dim=16, hidden=32, n_blocks=1)
+    rng = np.random.default_rng(8)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    # near-duplicate clips: families of two whose clip vectors differ less than a query's noise, while
+    # their 4 time spans differ; two queries a clip, each its clip's vectors with noise
+    clip = unit(np.repeat(rng.standard_normal((75, 16)), 2, 0) + 0.02 * rng.standard_normal((150, 16)))
+    spans = unit(rng.standard_normal((150, 4, 16)))  # (150, 4, 16)
+    groups = np.repeat(np.arange(150), 2)
+    blurred = PairEmbeddings(
+        clip, unit(clip[groups] + 0.1 * rng.standard_normal((300, 16))), groups, [str(i) for i in range(150)],
+        "video", None, unit(spans[groups] + 0.05 * rng.standard_normal((300, 4, 16))), spans,
+    )  # fmt: skip
+    data = PairEmbeddings(clip, blurred.query, groups, blurred.audio_keys, "video")  # the same without spans
+    train, val = blurred.split(0.1)
+    assert val.query_segments.shape == (len(val.query), 4, 16) and val.audio_segments.shape == (len(val.audio), 4, 16)
+    assert np.array_equal(val.audio_segments, spans[np.isin(blurred.audio_keys, val.audio_keys)])
+    refiner, report = fit_refiner(blurred, encoders, tmp_path / "r", cfg=cfg, net_cfg=net, checkpoint_every=0)
+    assert refiner.config.segment_weight > 0 and refiner.config.segments == 4
+    assert report["segment_weight"] == refiner.config.segment_weight and report["val_MRR@10_segments"] > 0.9
+    loaded = Refiner.load(tmp_path / "r")
+    assert (loaded.config.segment_weight, loaded.config.segments) == (refiner.config.segment_weight, 4)
+    with_spans = loaded.scores(val.query, val.audio, segments=(val.query_segments, val.audio_segments))
+    assert metrics(query_ranks(with_spans, val.query_group))["R@1"] > 0.9
+    # pairs embedded without spans: no weight, as before
+    plain, _ = fit_refiner(data, encoders, tmp_path / "p", cfg=cfg, net_cfg=net, checkpoint_every=0)
+    assert (plain.config.segment_weight, plain.config.segments) == (0.0, 0)
+    bad = json.loads((tmp_path / "r" / "refiner.json").read_text())
+    for field, value in (("segment_weight", 1.5), ("segments", 0), ("segments", "4")):
+        (tmp_path / "r" / "refiner.json").write_text(json.dumps({**bad, field: value}))
+        with pytest.raises(RefinerError, match=field):
+            Refiner.load(tmp_path / "r")

@@ -5,6 +5,7 @@ import pytest
 
 from diffgap.encoders.base import EncoderFingerprint
 from diffgap.index.faiss_sync import sync_faiss
+from diffgap.index.layout import SEGMENTS_TABLE, SQLITE
 from diffgap.index.store import FileRecord, IndexStore, IndexStoreError
 
 FP = EncoderFingerprint("compact", "x", "ab" * 32, "audio", {"sample_rate": 16000})
@@ -114,3 +115,35 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
         with pytest.raises(IndexStoreError, match="already exists with other settings"):
             IndexStore.create(root, encoder_spec="compact:x", fingerprint=FP, dim=8, **changed)
     assert IndexStore.open(root).manifest.index_type == "HNSW16"  # nothing was changed by the refusals
+
+
+def test_windows_keep_their_time_spans_and_an_index_from_before_them_opens(tmp_path):
+    import sqlite3
+
+    rng = np.random.default_rng(3)
+    store = IndexStore.create(tmp_path / "idx", encoder_spec="compact:x", fingerprint=FP, dim=8, segments=4)
+    spans = np.stack([_unit(rng, 4, 8) for _ in range(2)])  # (2 windows, 4 spans, 8)
+    store.commit_files([
+        FileRecord("a.wav", "h", 1, 0.0, "indexed", windows=[(0.0, 1.0), (1.0, 2.0)], vectors=_unit(rng, 2, 8),
+                   segments=spans),
+        FileRecord("b.wav", "i", 1, 0.0, "indexed", windows=[(0.0, 1.0)], vectors=_unit(rng, 1, 8)),
+    ])  # fmt: skip
+    ids = store.item_ids()  # a.wav's two windows, then b.wav's
+    got = store.segment_vectors(ids[[1, 0]])  # (2, 4, 8) in the order asked, float16 on disk
+    assert got is not None and np.allclose(got, spans[[1, 0]], atol=1e-3)
+    assert store.segment_vectors(ids) is None  # b.wav has no spans: no segment score for that set
+    store.remove_files(["a.wav"])  # an item's spans go with it
+    assert store.db.execute(f"SELECT COUNT(*) FROM {SEGMENTS_TABLE}").fetchone()[0] == 0
+    store.close()
+    assert IndexStore.open(tmp_path / "idx", readonly=True).manifest.segments == 4
+    # an index written before spans existed: no spans table, and a manifest without the field
+    db = sqlite3.connect(tmp_path / "idx" / SQLITE)
+    db.execute(f"DROP TABLE {SEGMENTS_TABLE}")
+    db.commit()
+    db.close()
+    legacy = IndexStore.open(tmp_path / "idx", readonly=True)
+    assert not legacy.has_segments and legacy.segment_vectors(ids) is None and len(legacy.vectors(ids)[0]) == 1
+    legacy.close()
+    writer = IndexStore.open(tmp_path / "idx")  # a writer adds the table back, empty
+    assert writer.has_segments and writer.segment_vectors(ids) is None  # b.wav's window never had spans
+    writer.close()

@@ -14,7 +14,7 @@ from diffgap.diffusion.refiner import MAPPER_BACK_FILE, Refiner, RefinerConfig, 
 from diffgap.models.mapper_net import Mapper
 from diffgap.models.refiner_net import RefinerNetConfig
 from diffgap.training.embeddings import PairEmbeddings
-from diffgap.training.metrics import LIBRARY_GRID, choose_library_weight, metrics, query_ranks
+from diffgap.training.metrics import LIBRARY_GRID, choose_library_weight, choose_score_weight, metrics, query_ranks
 
 DIM = 16
 
@@ -56,6 +56,18 @@ def test_the_library_weight_is_picked_where_the_library_side_helps_and_zero_wher
     # mapped into audio space exactly (each its own clip's audio)
     rows = _unit(mapped + 0.9 * np.random.default_rng(4).standard_normal(mapped.shape))  # (G, c)
     weight, score = choose_library_weight(data, rows, data.audio[data.query_group], direction=1)
+    assert weight > 0 and score == 1.0
+
+
+def test_a_score_weight_is_picked_on_score_matrices_alone():
+    rng = np.random.default_rng(5)
+    groups = np.arange(40)
+    base = rng.standard_normal((40, 40))  # scores that know nothing
+    other = base + 8 * np.eye(40)  # scores that know each query's clip
+    weight, score = choose_score_weight(base, other, groups)
+    assert weight > 0 and score == 1.0
+    assert choose_score_weight(other, base, groups) == (0.0, 1.0)  # noise adds nothing: the smaller weight
+    weight, score = choose_score_weight(base.T, other.T, groups, direction=1)  # clips against their queries
     assert weight > 0 and score == 1.0
 
 

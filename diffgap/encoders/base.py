@@ -62,9 +62,16 @@ class Encoder(ABC):
     modality: Modality
     dim: int
     fingerprint: EncoderFingerprint
+    keeps_time: bool = False  # True: `encode_with_segments` gives time spans (towers trained to align them)
 
     @abstractmethod
     def encode(self, batch: Sequence[Any]) -> np.ndarray: ...
+
+    def encode_with_segments(self, batch: Sequence[Any], segments: int) -> tuple[np.ndarray, np.ndarray]:
+        """The clip vectors (N, dim) and, from the same pass, each clip cut into `segments` equal spans of
+        its own length, one unit vector per span (N, segments, dim), for encoders whose vectors keep
+        time (`diffgap/models/segments.py`). Others raise NotImplementedError."""
+        raise NotImplementedError(f"{self.fingerprint.family} {self.modality} vectors keep no time segments")
 
 
 class AudioEncoder(Encoder):

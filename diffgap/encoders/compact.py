@@ -32,6 +32,7 @@ from diffgap.encoders.base import (
 from diffgap.encoders.sentence import SentenceEncoder, load_sentence_encoder
 from diffgap.encoders.vocabulary import CorpusWordRewriter, read_words, unknown_share
 from diffgap.models.audio_net import AudioNet, AudioNetConfig
+from diffgap.models.segments import segment_pool
 from diffgap.models.text_net import TextNet, TextNetConfig
 from diffgap.models.video_net import VideoNet, VideoNetConfig
 
@@ -209,6 +210,16 @@ def _pad_frames(clips: Sequence[np.ndarray], max_frames: int) -> tuple[torch.Ten
     return out, lengths
 
 
+def _with_segments(
+    clip: torch.Tensor, seq: torch.Tensor, mask: torch.Tensor, segments: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A tower's output (clip (B, dim), steps (B, T, dim), mask (B, T)) as clip vectors and `segments`
+    span vectors per clip (B, segments, dim); (B, 0, dim) when no segments are asked for."""
+    if not segments:
+        return clip.numpy(), np.zeros((len(clip), 0, clip.shape[1]), np.float32)
+    return clip.numpy(), segment_pool(seq, mask, segments).numpy()
+
+
 class CompactBundle:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -217,6 +228,8 @@ class CompactBundle:
 
 
 class CompactAudioEncoder(AudioEncoder):
+    keeps_time = True
+
     def __init__(self, bundle: CompactBundle) -> None:
         self.net = bundle.model.audio
         cfg = self.net.cfg
@@ -229,14 +242,17 @@ class CompactAudioEncoder(AudioEncoder):
             {"sample_rate": cfg.sample_rate, "n_mels": cfg.n_mels},
         )
 
-    @torch.inference_mode()
     def encode(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+        return self.encode_with_segments(batch, 0)[0]  # (N, dim)
+
+    @torch.inference_mode()
+    def encode_with_segments(self, batch: Sequence[np.ndarray], segments: int) -> tuple[np.ndarray, np.ndarray]:
         assert len(batch) > 0, "empty batch"
         max_len = int(self.max_seconds * self.sample_rate)
         # at least a few time steps after the tower's pooling, however short a clip is (a 5 ms one included)
         min_len = max(self.net.cfg.n_fft, 4 * self.net.time_stride)
         wave, lengths = _pad_waves([np.asarray(w)[:max_len] for w in batch], min_len)
-        return self.net(wave, lengths)[0].numpy()  # (N, dim)
+        return _with_segments(*self.net(wave, lengths), segments)
 
 
 class CompactTextEncoder(TextEncoder):
@@ -261,6 +277,8 @@ class CompactTextEncoder(TextEncoder):
 
 
 class CompactVideoEncoder(VideoEncoder):
+    keeps_time = True
+
     def __init__(self, bundle: CompactBundle) -> None:
         if bundle.model.video is None:
             raise EncoderLoadError(f"{bundle.path} has no video encoder (it was trained without videos)")
@@ -271,8 +289,11 @@ class CompactVideoEncoder(VideoEncoder):
             "compact", bundle.path, bundle.weights_sha256, "video", {"fps": cfg.fps, "size": cfg.size}
         )
 
-    @torch.inference_mode()
     def encode(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+        return self.encode_with_segments(batch, 0)[0]  # (N, dim)
+
+    @torch.inference_mode()
+    def encode_with_segments(self, batch: Sequence[np.ndarray], segments: int) -> tuple[np.ndarray, np.ndarray]:
         assert len(batch) > 0, "empty batch"
         frames, lengths = _pad_frames(batch, self.net.cfg.max_frames)
-        return self.net(frames, lengths)[0].numpy()  # (N, dim)
+        return _with_segments(*self.net(frames, lengths), segments)

@@ -237,7 +237,7 @@ def build_index(
                 if prepared.record.status == "skipped":
                     report.skipped.append((prepared.record.path, prepared.record.reason or "unknown"))
                     log.warning("skipped %s: %s", prepared.record.path, prepared.record.reason)
-            encode_records(encoder, records, batch_size)
+            encode_records(encoder, records, batch_size, store.manifest.segments)
             report.items_added += store.commit_files(p.record for p in records)
             report.files_indexed += sum(p.record.status == "indexed" for p in records)
             if progress:
@@ -251,21 +251,28 @@ def build_index(
     return report
 
 
-def encode_records(encoder: AudioEncoder, records: list[Prepared], batch_size: int) -> None:
+def encode_records(encoder: AudioEncoder, records: list[Prepared], batch_size: int, segments: int = 0) -> None:
+    """Each record's window vectors and, with `segments` > 0, each window's time spans from the same pass."""
     waves = [(i, w) for i, p in enumerate(records) for w in p.waves]
     if not waves:
         return
     # Similar lengths side by side waste less padding.
     order = sorted(range(len(waves)), key=lambda j: len(waves[j][1]))
     vectors = np.zeros((len(waves), encoder.dim), np.float32)
+    spans = np.zeros((len(waves), segments, encoder.dim), np.float32)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        vectors[idx] = encoder.encode([waves[j][1] for j in idx])
+        batch = [waves[j][1] for j in idx]
+        if segments:
+            vectors[idx], spans[idx] = encoder.encode_with_segments(batch, segments)
+        else:
+            vectors[idx] = encoder.encode(batch)
     offset = 0
     for p in records:
         n = len(p.waves)
         if n:
             p.record.vectors = vectors[offset : offset + n]
+            p.record.segments = spans[offset : offset + n] if segments else None
         offset += n
         p.waves = []  # free the audio as soon as it is encoded
 

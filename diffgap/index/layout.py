@@ -84,6 +84,18 @@ CREATE TABLE IF NOT EXISTS {MEANING_TABLE} (
 """
 
 
+# Each window's time spans (manifest.segments of them) where the index keeps them: a table of its own,
+# so that the items' rows stay small for the lookups every query makes (spans are read only for the
+# candidates of a video query a refiner rescores). Rows go with their item.
+SEGMENTS_TABLE = "item_segments"
+SEGMENTS_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {SEGMENTS_TABLE} (
+    id INTEGER PRIMARY KEY REFERENCES items(id) ON DELETE CASCADE,
+    spans BLOB NOT NULL             -- float16 little-endian, manifest.segments x dim values
+);
+"""
+
+
 class IndexStoreError(RuntimeError):
     """The index directory is missing, corrupt or made for another encoder; the message says which."""
 
@@ -116,6 +128,9 @@ class Manifest:
     faiss_type: str = ""  # the factory string index.faiss was built with ("" before the first sync)
     tuning: dict[str, Any] = field(default_factory=dict)  # an approximate index's search effort + recall (ann.py)
     meaning: dict[str, Any] | None = None  # the sentence model (name, sha256, dim) behind file_meaning, if any
+    # time spans kept per window beside its vector (encoders that keep time; diffgap/models/segments.py),
+    # for video queries' segment scores; 0: none (other encoders, and indexes made before spans existed)
+    segments: int = 0
 
     @property
     def current_type(self) -> str:

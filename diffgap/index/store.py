@@ -36,6 +36,8 @@ from diffgap.index.layout import (
     MEANING_TABLE,
     OLD_FTS_TABLES,
     SCHEMA,
+    SEGMENTS_SCHEMA,
+    SEGMENTS_TABLE,
     SQLITE,
     IndexStoreError,
     Manifest,
@@ -76,6 +78,7 @@ class IndexStore:
                 self.db.execute("ALTER TABLE files ADD COLUMN description TEXT NOT NULL DEFAULT ''")
             self._migrate_fts()
             self.db.executescript(MEANING_SCHEMA)
+            self.db.executescript(SEGMENTS_SCHEMA)  # indexes made before time spans get the (empty) table
         self._vectors: VectorIndex | None = None
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(files)")}
         # Indexes from before descriptions existed still open read-only (a writer adds the column).
@@ -83,6 +86,7 @@ class IndexStore:
         tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.has_lexical = FTS_TABLE in tables  # indexes from before full-text search open without it
         self.has_meaning = MEANING_TABLE in tables and self.manifest.meaning is not None
+        self.has_segments = SEGMENTS_TABLE in tables and self.manifest.segments > 0
 
     def _migrate_fts(self) -> None:
         """Create the full-text table, and fill it for indexes made before it existed."""
@@ -121,10 +125,12 @@ class IndexStore:
         window_s: float | None = None,
         hop_s: float | None = None,
         corpus_root: str | None = None,
+        segments: int = 0,
     ) -> IndexStore:
         """Create a new index, or reopen an existing one (a build resumes) after checking it was made by
         the same encoder. Settings left None take the defaults for a new index and the index's own
-        for an existing one; one given that differs from the existing index's is refused."""
+        for an existing one; one given that differs from the existing index's is refused. `segments`:
+        time spans to keep per window (a new index only; an existing one keeps what it has)."""
         root = Path(root)
         if (root / MANIFEST).exists():
             store = cls.open(root)
@@ -146,6 +152,7 @@ class IndexStore:
             window_s=DEFAULT_WINDOW_S if window_s is None else window_s,
             hop_s=DEFAULT_HOP_S if hop_s is None else hop_s,
             corpus_root=corpus_root,
+            segments=segments,
         )
         store = cls(root, manifest)
         manifest.save(root / MANIFEST)
@@ -241,10 +248,24 @@ class IndexStore:
                         f"{self.manifest.dim}"
                     )
                     xb = np.ascontiguousarray(rec.vectors, dtype="<f4")
-                    self.db.executemany(
-                        "INSERT INTO items(path, start, end, vector) VALUES (?,?,?,?)",
-                        [(rec.path, s, e, xb[i].tobytes()) for i, (s, e) in enumerate(rec.windows)],
-                    )
+                    if rec.segments is not None and self.has_segments:
+                        want = (len(rec.windows), self.manifest.segments, self.manifest.dim)
+                        assert rec.segments.shape == want, f"{rec.path}: spans {rec.segments.shape}, not {want}"
+                        spans = np.ascontiguousarray(rec.segments, dtype="<f2")
+                        for i, (s, e) in enumerate(rec.windows):  # one at a time: each span row needs its item's id
+                            row = self.db.execute(
+                                "INSERT INTO items(path, start, end, vector) VALUES (?,?,?,?)",
+                                (rec.path, s, e, xb[i].tobytes()),
+                            )
+                            self.db.execute(
+                                f"INSERT INTO {SEGMENTS_TABLE}(id, spans) VALUES (?,?)",
+                                (row.lastrowid, spans[i].tobytes()),
+                            )
+                    else:
+                        self.db.executemany(
+                            "INSERT INTO items(path, start, end, vector) VALUES (?,?,?,?)",
+                            [(rec.path, s, e, xb[i].tobytes()) for i, (s, e) in enumerate(rec.windows)],
+                        )
                     added += len(rec.windows)
         return added
 
@@ -396,6 +417,20 @@ class IndexStore:
             return np.zeros(0, np.int64), np.zeros((0, self.manifest.dim), np.float32)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
+    def segment_vectors(self, ids: np.ndarray) -> np.ndarray | None:
+        """The time spans (K, manifest.segments, dim) of the windows `ids` (K,), in that order; None when
+        the index keeps none or any of them has none (a window written by a build that kept none)."""
+        if not self.has_segments or not len(ids):
+            return None
+        chunk = [int(i) for i in ids]
+        marks = ",".join("?" * len(chunk))
+        rows = dict(self.db.execute(f"SELECT id, spans FROM {SEGMENTS_TABLE} WHERE id IN ({marks})", chunk).fetchall())
+        blobs = [rows.get(i) for i in chunk]
+        if any(b is None for b in blobs):
+            return None
+        shape = (len(chunk), self.manifest.segments, self.manifest.dim)
+        return np.frombuffer(b"".join(blobs), dtype="<f2").reshape(shape).astype(np.float32)
+
     # ---- the searchable vectors (FAISS), opened once --------------------------------------------
     def vector_index(self, *, mmap: bool = False) -> VectorIndex:
         """The FAISS index and, for Flat, its aligned flat view; `mmap` applies to the first open."""
@@ -469,6 +504,7 @@ class FileRecord:
     description: str = ""
     windows: list[tuple[float, float]] = field(default_factory=list)
     vectors: np.ndarray | None = None
+    segments: np.ndarray | None = None  # (windows, spans, dim) where the index keeps time spans
 
 
 def _unpack(rows: list[tuple[int, bytes]], dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -36,6 +36,7 @@ from diffgap.index.meaning import MeaningIndex
 from diffgap.index.store import IndexStore, Item
 from diffgap.media.audio import decode_audio
 from diffgap.media.video import decode_video
+from diffgap.models.segments import with_segment_scores
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ class Query:
 @dataclass
 class Hit:
     item: Item
-    score: float  # cosine of the (refined) query vector with this window; two-sided refiners: the mixed score
+    score: float  # cosine of the (refined) query vector with this window; mixed with two-sided and segment scores
     rank_score: float | None = None  # the fused score hits were ordered by, when words took part
     dense_rank: int | None = None  # place in the dense ranking of the candidates (1 = best)
     lexical_rank: int | None = None  # place of its file in the full-text ranking, if its words matched
@@ -200,8 +201,9 @@ class Searcher:
         assert all(q.modality == modality and q.refine == queries[0].refine for q in queries), "mixed batch"
         spec = self.effective_refine(modality, queries[0].refine)
         timings: dict[str, float] = {}
+        segment_weight = self._segment_weight(modality, spec)
         t0 = time.perf_counter()
-        xq = self._encode(modality, queries)  # (B, c)
+        xq, spans = self._encode(modality, queries, self.store.manifest.segments if segment_weight else 0)  # (B, c)
         if any(q.needs_encoding for q in queries):
             timings["encode"] = (time.perf_counter() - t0) * 1e3
         raw = xq  # the queries as encoded: what a rerank conditions on
@@ -211,7 +213,10 @@ class Searcher:
             adapted = None
             if spec.blend is None and refiner.reads_text and all(q.text is not None for q in queries):
                 adapted = refiner.adapt([check_text(q.text) for q in queries])  # (B, d) its reading of the words
-            xq = refiner.refine(xq, direction=0, adapted=adapted, **spec.options())
+            if spans is None:
+                xq = refiner.refine(xq, direction=0, adapted=adapted, **spec.options())
+            else:  # each span taken toward audio space as the query is, in the same call
+                xq, spans = refiner.refine_with_spans(xq, spans, direction=0, **spec.options())  # (B, d), (B, S, d)
             timings["refine"] = (time.perf_counter() - t1) * 1e3
         else:
             self._check_direct(modality, xq)
@@ -226,10 +231,15 @@ class Searcher:
             def reorder(i: int, hits: list[Hit]) -> list[Hit]:
                 return self._rerank(self.refiners[modality], raw[i], hits)
 
-        if spec is not None and spec.blend is None and self.refiners[modality].two_sided:
+        two_sided = spec is not None and spec.blend is None and self.refiners[modality].two_sided
+        if two_sided or spans is not None:
 
             def rescore(i: int, hits: list[Hit]) -> list[Hit]:
-                return self._two_sided(self.refiners[modality], raw[i], hits)
+                if two_sided:
+                    hits = self._two_sided(self.refiners[modality], raw[i], hits)
+                if spans is not None:
+                    hits = self._with_segments(spans[i], hits, segment_weight)
+                return hits
 
         hits = self.search_vectors(xq, queries, reorder, words, rescore)
         timings["search"] = (time.perf_counter() - t2) * 1e3
@@ -252,11 +262,33 @@ class Searcher:
             out[i] = WordRankings(exact, self.meaning, row) if row is not None else WordRankings(exact)
         return out
 
-    def _encode(self, modality: str, queries: Sequence[Query]) -> np.ndarray:
+    def _encode(
+        self, modality: str, queries: Sequence[Query], segments: int = 0
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The queries' vectors (B, c) and, with `segments` > 0 and every query given as media, their
+        time spans (B, segments, c) from the same pass; None otherwise (a vector has no spans)."""
         raw = [check_text(q.text) if q.text is not None else q.media for q in queries if q.needs_encoding]
-        encoded = iter(self.encoders.for_modality(modality).encode(raw) if raw else ())
+        encoder = self.encoders.for_modality(modality)
+        spans = None
+        if segments and raw and len(raw) == len(queries):
+            encoded_rows, spans = encoder.encode_with_segments(raw, segments)  # (B, c), (B, S, c)
+        else:
+            encoded_rows = encoder.encode(raw) if raw else ()
+        encoded = iter(encoded_rows)
         xq = np.stack([next(encoded) if q.needs_encoding else q.vector for q in queries])  # (B, c)
-        return l2_normalize(np.asarray(xq, dtype=np.float32))
+        return l2_normalize(np.asarray(xq, dtype=np.float32)), spans
+
+    def segment_weight(self, modality: str) -> float:
+        """The weight of the time-segment score for refined queries of `modality`: its refiner's, when
+        the index keeps as many spans per window as the weight was picked with; else 0."""
+        refiner = self.refiners.get(modality)
+        if refiner is None or refiner.config.segments != self.store.manifest.segments:
+            return 0.0
+        return refiner.config.segment_weight
+
+    def _segment_weight(self, modality: str, spec: RefineSpec | None) -> float:
+        """`segment_weight` for a batch refined with no blend named (as the library side); else 0."""
+        return 0.0 if spec is None or spec.blend is not None else self.segment_weight(modality)
 
     def _check_direct(self, modality: str, xq: np.ndarray) -> None:
         query_space = self.encoders.for_modality(modality).fingerprint.space
@@ -354,6 +386,18 @@ class Searcher:
         scores = two_sided_scores(query_side, raw[None], xb_mapped, refiner.config.library_weight)[0]  # (K,)
         for h, s in zip(hits, scores, strict=True):
             h.score = float(s)
+        return sorted(hits, key=lambda h: -h.score)
+
+    def _with_segments(self, spans: np.ndarray, hits: list[Hit], weight: float) -> list[Hit]:
+        """Candidates rescored with the time-segment score of the query's refined spans (S, d) against
+        each window's (`with_segment_scores`); best first. Left as they are where a window has no spans."""
+        xb_spans = self.store.segment_vectors(np.asarray([h.item.id for h in hits], dtype=np.int64))  # (K, S, c)
+        if xb_spans is None:
+            return hits
+        scores = np.asarray([[h.score for h in hits]], dtype=np.float32)  # (1, K)
+        mixed = with_segment_scores(scores, spans[None], xb_spans, weight)[0]  # (K,)
+        for h, score in zip(hits, mixed, strict=True):
+            h.score = float(score)
         return sorted(hits, key=lambda h: -h.score)
 
     def rank(

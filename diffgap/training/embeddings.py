@@ -34,6 +34,10 @@ class PairEmbeddings:
     # each query row's text (text queries), for what reads the words themselves (a refiner's text
     # adapter); None where they were not kept (video, or an embedding cache written before this field)
     texts: list[str] | None = None
+    # each row cut into equal time spans, one unit vector per span (`encode_with_segments`): video
+    # queries (P, S, c) and their clips (G, S, d), where the pairs were embedded with segments
+    query_segments: np.ndarray | None = None
+    audio_segments: np.ndarray | None = None
 
     def subset_groups(self, groups: np.ndarray) -> PairEmbeddings:
         """The queries whose targets are in `groups`, with targets renumbered."""
@@ -48,6 +52,8 @@ class PairEmbeddings:
             [self.audio_keys[g] for g in groups],
             self.modality,
             None if self.texts is None else [t for t, k in zip(self.texts, keep, strict=True) if k],
+            None if self.query_segments is None else self.query_segments[keep],
+            None if self.audio_segments is None else self.audio_segments[groups],
         )
 
     def split(self, val_fraction: float, seed: int = 0) -> tuple[PairEmbeddings, PairEmbeddings]:
@@ -60,8 +66,8 @@ class PairEmbeddings:
         return self.subset_groups(order[n_val:]), self.subset_groups(order[:n_val])
 
 
-def _cache_key(pairs: Sequence[Pair], modality: str, encoders: Sequence[Encoder]) -> str:
-    digest = hashlib.sha256(modality.encode())
+def _cache_key(pairs: Sequence[Pair], modality: str, encoders: Sequence[Encoder], segments: int = 0) -> str:
+    digest = hashlib.sha256(modality.encode() + (f"\0segments {segments}".encode() if segments else b""))
     for enc in encoders:
         digest.update(enc.fingerprint.digest.encode())
     for p in pairs:
@@ -78,9 +84,13 @@ def embed_pairs(
     cache_dir: str | Path | None = None,
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
+    segments: int = 0,
 ) -> PairEmbeddings:
-    """Encode each distinct audio once and each query once. Pairs whose files fail to decode are dropped."""
+    """Encode each distinct audio once and each query once. Pairs whose files fail to decode are dropped.
+    `segments` > 0 (video pairs, encoders that keep time): also each clip and video cut into that many
+    time spans, from the same pass."""
     query_encoder = encoders.for_modality(modality)
+    assert not segments or modality == "video", "time segments are for video queries"
     usable = [p for p in pairs if (p.text if modality == "text" else p.video)]
     if modality == "video":  # caption rows repeat the same clip's video: one query per video
         usable = list({(p.key, p.video): p for p in usable}.values())
@@ -88,7 +98,7 @@ def embed_pairs(
         raise ValueError(f"no pairs have a {modality} side")
     cache: Path | None = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"pairs-{_cache_key(usable, modality, [encoders.audio, query_encoder])}.npz"
+        cache = Path(cache_dir) / f"pairs-{_cache_key(usable, modality, [encoders.audio, query_encoder], segments)}.npz"
         if cache.exists():
             data = np.load(cache, allow_pickle=False)
             log.info("loaded cached embeddings %s", cache)
@@ -96,8 +106,9 @@ def embed_pairs(
             if texts is None and modality == "text" and len(usable) == len(data["query"]):
                 texts = [str(p.text) for p in usable]  # an older cache; no pair was dropped, so rows are `usable`
             return PairEmbeddings(
-                data["audio"], data["query"], data["query_group"], list(data["audio_keys"]), modality, texts
-            )
+                data["audio"], data["query"], data["query_group"], list(data["audio_keys"]), modality, texts,
+                data["query_segments"] if segments else None, data["audio_segments"] if segments else None,
+            )  # fmt: skip
     keys: dict[str, int] = {}
     audio_paths: list[Path] = []
     for p in usable:
@@ -105,6 +116,7 @@ def embed_pairs(
             keys[p.key] = len(keys)
             audio_paths.append(p.audio)
     audio = np.zeros((len(audio_paths), encoders.audio.dim), np.float32)
+    audio_segments = np.zeros((len(audio_paths), segments, encoders.audio.dim), np.float32)
     ok = np.zeros(len(audio_paths), bool)
     for start in range(0, len(audio_paths), batch_size):
         waves, rows = [], []
@@ -117,12 +129,16 @@ def embed_pairs(
             except AudioDecodeError as exc:
                 log.warning("dropping pairs of %s: %s", path, exc)
         if waves:
-            audio[rows] = encoders.audio.encode(waves)
+            if segments:
+                audio[rows], audio_segments[rows] = encoders.audio.encode_with_segments(waves, segments)
+            else:
+                audio[rows] = encoders.audio.encode(waves)
             ok[rows] = True
         if progress:
             progress(len(audio_paths[start : start + batch_size]))
     kept = [p for p in usable if ok[keys[p.key]]]
     queries = np.zeros((len(kept), query_encoder.dim), np.float32)
+    query_segments = np.zeros((len(kept), segments, query_encoder.dim), np.float32)
     qok = np.ones(len(kept), bool)
     for start in range(0, len(kept), batch_size):
         chunk = kept[start : start + batch_size]
@@ -138,11 +154,14 @@ def embed_pairs(
                     log.warning("dropping pair with video %s: %s", p.video, exc)
                     qok[j] = False
             if clips:
-                queries[rows] = query_encoder.encode(clips)
+                if segments:
+                    queries[rows], query_segments[rows] = query_encoder.encode_with_segments(clips, segments)
+                else:
+                    queries[rows] = query_encoder.encode(clips)
         if progress:
             progress(len(chunk))
     kept = [p for p, good in zip(kept, qok, strict=True) if good]
-    queries = queries[qok]
+    queries, query_segments = queries[qok], query_segments[qok]
     # renumber targets to the ones that survived
     live = sorted({keys[p.key] for p in kept})
     remap = {old: new for new, old in enumerate(live)}
@@ -153,6 +172,8 @@ def embed_pairs(
         [list(keys)[i] for i in live],
         modality,
         [p.text for p in kept] if modality == "text" else None,
+        query_segments if segments else None,
+        audio_segments[live] if segments else None,
     )
     if cache is not None:
         arrays = {
@@ -161,6 +182,7 @@ def embed_pairs(
             "query_group": result.query_group,
             "audio_keys": np.array(result.audio_keys),
             **({"texts": np.array(result.texts)} if result.texts is not None else {}),
+            **({"query_segments": query_segments, "audio_segments": result.audio_segments} if segments else {}),
         }
         atomic_write(cache, lambda fh: np.savez(fh, **arrays))
     return result

@@ -29,6 +29,7 @@ from diffgap.encoders.sentence import SentenceEncoder, load_sentence_encoder
 from diffgap.media.audio import AudioDecodeError, decode_audio
 from diffgap.media.video import VideoDecodeError, decode_video
 from diffgap.models.audio_net import AudioNetConfig
+from diffgap.models.segments import segment_pool
 from diffgap.models.text_net import TextNetConfig, mix_sides
 from diffgap.models.video_net import VideoNetConfig
 from diffgap.training.metrics import metrics, ranks_query_to_audio
@@ -155,17 +156,6 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> tor
     logits = logit_scale.exp().clamp(max=100) * a @ b.T  # (N, N)
     labels = torch.arange(len(a))
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
-
-
-def segment_pool(seq: torch.Tensor, mask: torch.Tensor, segments: int) -> torch.Tensor:
-    """(B, T, d) masked sequence -> (B, segments, d) unit vectors, each the mean of its time span."""
-    b, t, d = seq.shape
-    lengths = mask.sum(1).clamp(min=segments)  # (B,)
-    pos = torch.arange(t)[None].float() / lengths[:, None]  # (B, T) in [0, 1) over valid steps
-    bins = (pos * segments).long().clamp(max=segments - 1)  # (B, T)
-    onehot = F.one_hot(bins, segments).float() * mask[..., None]  # (B, T, S)
-    pooled = torch.einsum("bts,btd->bsd", onehot, seq) / onehot.sum(1)[..., None].clamp(min=1)  # (B, S, d)
-    return F.normalize(pooled, dim=-1)
 
 
 def augment_wave(wave: np.ndarray, cfg: EncoderTrainConfig, rng: np.random.Generator) -> np.ndarray:

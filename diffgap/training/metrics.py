@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, blend_with_query, mix, two_sided_scores
+from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, blend_with_query, mix
 from diffgap.training.embeddings import PairEmbeddings
 
 
@@ -153,10 +153,23 @@ def choose_library_weight(
         query_side, raw = mixed @ val.audio.T, val.query  # (P, G)
     else:
         query_side, raw = mixed @ val.query.T, val.audio  # (G, P)
+    return choose_score_weight(query_side, raw @ mapped.T, val.query_group, direction, grid)
+
+
+def choose_score_weight(
+    base: np.ndarray,
+    other: np.ndarray,
+    query_group: np.ndarray,
+    direction: int = 0,
+    grid: tuple[float, ...] = LIBRARY_GRID,
+) -> tuple[float, float]:
+    """The weight w of `other` in (1 - w) * base + w * other, two score matrices of held-out rows
+    against their candidates ((P, G) queries against clips for direction 0, (G, P) for 1), with the
+    best held-out MRR@10 (ties: the smaller weight), and that score."""
 
     def score(weight: float) -> float:
-        scores = two_sided_scores(query_side, raw, mapped, weight)
-        ranks = query_ranks(scores, val.query_group) if direction == 0 else audio_ranks(scores, val.query_group)
+        scores = base if weight == 0 else (1 - weight) * base + weight * other
+        ranks = query_ranks(scores, query_group) if direction == 0 else audio_ranks(scores, query_group)
         return metrics(ranks)["MRR@10"]
 
     scored = [(score(w), w) for w in grid]

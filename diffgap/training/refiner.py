@@ -32,11 +32,18 @@ from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, RefinerConfig, mix
 from diffgap.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from diffgap.encoders import EncoderSet
 from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
+from diffgap.models.segments import segment_scores
 from diffgap.training.adapter import AdapterTrainConfig, fit_adapter, sentence_model_for, wanted
 from diffgap.training.embeddings import PairEmbeddings
 from diffgap.training.losses import group_mask, ranking_loss
 from diffgap.training.mapper import MapperConfig, train_mapper
-from diffgap.training.metrics import choose_blend, choose_library_weight, choose_mix, score_mapping
+from diffgap.training.metrics import (
+    choose_blend,
+    choose_library_weight,
+    choose_mix,
+    choose_score_weight,
+    score_mapping,
+)
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +424,8 @@ def fit_refiner(
                 text_adapter, fitted = fit_adapter(train, sentence_model_for(encoders, adapter), adapter, val)
                 report["adapter_fit"] = asdict(fitted)
             _fit_mix(refiner, train, val, eval_steps, mapper_cfg, report, text_adapter, two_sided)
+        if val.query_segments is not None and val.audio_segments is not None:
+            _fit_segment_weight(refiner, val, report)
         refiner.config.training["validation"] = report
         log.info(
             "held-out %s->audio R@1: refined %.3f%s (R@10 %.3f), %d queries",
@@ -431,6 +440,7 @@ def fit_refiner(
     report["blend"] = refiner.config.blend
     report["mix"] = refiner.config.mix
     report["library_weight"] = refiner.config.library_weight
+    report["segment_weight"] = refiner.config.segment_weight
     refiner.save(out)
     shutil.rmtree(checkpoint, ignore_errors=True)  # the finished model supersedes it
     log.info("saved refiner (%d bytes of weights) to %s", refiner.num_bytes, out)
@@ -481,3 +491,16 @@ def _fit_mix(
     refiner.mapper_back = back if library > 0 else None
     report["val_MRR@10_two_sided"] = round(library_score, 4)
     log.info("library-side weight %.3f picked on the held-out pairs (MRR@10 %.4f)", library, library_score)
+
+
+def _fit_segment_weight(refiner: Refiner, val: PairEmbeddings, report: dict[str, Any]) -> None:
+    """The weight of the time-segment score (`with_segment_scores`) against everything the refiner
+    scores already, picked on the held-out pairs' spans (BENCHMARKS.md run 13)."""
+    assert val.query_segments is not None and val.audio_segments is not None, "held-out pairs without spans"
+    refined_spans = refiner.refine_with_spans(val.query, val.query_segments)[1]  # (P, S, d), as served
+    spans = segment_scores(refined_spans, val.audio_segments)  # (P, G)
+    weight, score = choose_score_weight(refiner.scores(val.query, val.audio), spans, val.query_group)
+    refiner.config.segment_weight = float(weight)
+    refiner.config.segments = int(val.query_segments.shape[1]) if weight > 0 else 0
+    report["val_MRR@10_segments"] = round(score, 4)
+    log.info("time-segment weight %.3f picked on the held-out pairs (MRR@10 %.4f)", weight, score)

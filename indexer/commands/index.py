@@ -65,6 +65,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         prune=args.prune,
         exclude=args.exclude or (),
         meaning=args.meaning or AUTO,
+        segments=args.segments,
         options=_options(args),
         progress=progress_bars(args.quiet),
     )
@@ -84,7 +85,7 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 
 INFO_KEYS = ("index", "encoder", "dim", "metric", "index_type", "faiss_type", "search", "window_s", "hop_s",
-             "corpus_root", "exclude", "meaning", "items", "files_indexed", "files_skipped",
+             "segments", "corpus_root", "exclude", "meaning", "items", "files_indexed", "files_skipped",
              "duplicate_groups")  # fmt: skip
 
 
@@ -103,6 +104,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "tuning": m.tuning,
             "window_s": m.window_s,
             "hop_s": m.hop_s,
+            "segments": m.segments,
             "corpus_root": m.corpus_root,
             "exclude": m.exclude,
             "meaning": f"{m.meaning['name']} (sha256 {m.meaning['sha256'][:12]})" if m.meaning else "none",
@@ -260,6 +262,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--window", type=float, help="window length in seconds for long files (new index: 10)")
     p.add_argument("--hop", type=float, help="hop between windows in seconds (new index: 5)")
+    p.add_argument(
+        "--segments",
+        type=int,
+        help="time spans kept per window for video queries' segment scores (new index; default 4 with "
+        "compact encoders, whose vectors keep time; 0: none)",
+    )
     p.add_argument("--prune", action="store_true", help="also remove indexed files no longer in the corpus")
     p.add_argument(
         "--download",

@@ -44,6 +44,8 @@ def readyz(holder: HolderDep, settings: SettingsDep, response: Response) -> Read
             "blend": r.config.blend,  # the weight a search gets when it names none
             "mix": r.config.mix,  # or, when trained with its mapper (and adapter), the weights of its scores
             "library_weight": r.config.library_weight,  # of the library side (the candidates mapped back)
+            # of the time-segment score (video queries; 0 where the index keeps no spans like the weight's)
+            "segment_weight": state.searcher.segment_weight(m),
             # the text adapter's sentence model, when the mix weighs it (it reads each text query's words)
             "adapter": r.adapter.sentence.ref.name if r.reads_text and r.adapter is not None else None,
             "trained_pairs": r.config.training.get("pairs"),
