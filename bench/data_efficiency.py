@@ -2,7 +2,7 @@
 
     python bench/data_efficiency.py --data runs/synthcaps-data --encoders runs/prior/encoders-pretrain+adapt-none \
         --work runs/data_efficiency [--sizes 100,300,1000,0] [--modality text] [--threads 2] \
-        [--upper-encoders DIR] [--name NAME]
+        [--upper-encoders DIR] [--name NAME] [--segments 4]
 
 For each size (0: all pairs) a random subset of SynthCaps `adapt` pairs (seed 0) trains an MLP mapper
 (the plain regression baseline, on all of the subset) and a refiner exactly as `refiner train` ships
@@ -36,6 +36,7 @@ from rerank_synthcaps import split_embeddings, start_run  # noqa: E402
 
 from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner  # noqa: E402
 from diffgap.encoders import load_encoders  # noqa: E402
+from diffgap.models.segments import segment_scores  # noqa: E402
 from diffgap.training.adapter import AdapterTrainConfig, fit_adapter, sentence_model_for  # noqa: E402
 from diffgap.training.embeddings import PairEmbeddings  # noqa: E402
 from diffgap.training.mapper import MapperConfig, train_mapper  # noqa: E402
@@ -59,8 +60,13 @@ def first_pairs(data: PairEmbeddings, n: int, seed: int = 0) -> PairEmbeddings:
     if not n or n >= len(data.query):
         return data
     idx = np.sort(np.random.default_rng(seed).choice(len(data.query), n, replace=False))
-    texts = None if data.texts is None else [data.texts[i] for i in idx]
-    return PairEmbeddings(data.audio, data.query[idx], data.query_group[idx], data.audio_keys, data.modality, texts)
+    return dataclasses.replace(
+        data,
+        query=data.query[idx],
+        query_group=data.query_group[idx],
+        texts=None if data.texts is None else [data.texts[i] for i in idx],
+        query_segments=None if data.query_segments is None else data.query_segments[idx],
+    )
 
 
 def r_at_1(xq: np.ndarray, test: PairEmbeddings) -> float:
@@ -68,10 +74,16 @@ def r_at_1(xq: np.ndarray, test: PairEmbeddings) -> float:
     return float(metrics(ranks_query_to_audio(xq, test.audio, test.query_group))["R@1"])
 
 
-def shipped_r_at_1(refiner: Refiner, test: PairEmbeddings, adapted: np.ndarray | None) -> float:
-    """Query -> audio R@1 of the refiner as a search that names no blend ranks (two-sided where it is)."""
-    scores = refiner.scores(test.query, test.audio, adapted)  # (Q, G)
+def r_at_1_scores(scores: np.ndarray, test: PairEmbeddings) -> float:
+    """Query -> audio R@1 of a score matrix (Q, G) of the test queries against the test clips."""
     return float(metrics(query_ranks(scores, test.query_group))["R@1"])
+
+
+def shipped_r_at_1(refiner: Refiner, test: PairEmbeddings, adapted: np.ndarray | None) -> float:
+    """Query -> audio R@1 of the refiner as a search that names no blend ranks (two-sided where it is,
+    with time spans where the test queries have them)."""
+    spans = None if test.query_segments is None else (test.query_segments, test.audio_segments)
+    return r_at_1_scores(refiner.scores(test.query, test.audio, adapted, spans), test)
 
 
 def recovery(value: float, direct: float | None, upper: float | None) -> float | None:
@@ -91,6 +103,11 @@ def draw(result: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
     if result.get("upper") is not None:
         ax.axhline(result["upper"], color="tab:purple", ls="-.", label="upper bound: encoders trained in-domain")
+    if result.get("upper_segments_alone") is not None:
+        ax.axhline(result["upper_segments_alone"], color="tab:purple", ls=":",
+                   label="encoders trained in-domain, time spans alone")  # fmt: skip
+    if result.get("segments_alone") is not None:
+        ax.axhline(result["segments_alone"], color="tab:gray", ls=":", label="time spans alone (no pairs)")
     for key, label, style in SERIES:
         points = [(r["pairs"], r[key]) for r in rows if r.get(key) is not None]
         if points:
@@ -117,6 +134,7 @@ def main() -> None:
     parser.add_argument("--modality", default="text", choices=["text", "video"])
     parser.add_argument("--sizes", default="100,300,1000,0")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--segments", type=int, default=0, help="video: time spans per clip, as a compact index keeps")
     parser.add_argument(
         "--adapter", action="store_true", help="text: ship the refiner with its text adapter (refiner train's default)"
     )
@@ -126,6 +144,16 @@ def main() -> None:
     args = parser.parse_args()
     name = args.name or args.modality
     work, train_all, test = start_run(args)
+    lines: dict[str, float] = {}  # horizontal lines beside the upper bound: the segment score alone
+    if args.segments:  # as on an index that keeps time spans: pairs embedded with theirs
+        from segment_scores import split_segments
+
+        assert args.modality == "video", "time spans are for video queries"
+        spans = {split: split_segments(Path(args.data), args.encoders, split, pairs, args.segments, work / "cache")
+                 for split, pairs in (("adapt", train_all), ("test", test))}  # fmt: skip
+        train_all = dataclasses.replace(train_all, query_segments=spans["adapt"][0], audio_segments=spans["adapt"][1])
+        test = dataclasses.replace(test, query_segments=spans["test"][0], audio_segments=spans["test"][1])
+        lines["segments_alone"] = r_at_1_scores(segment_scores(*spans["test"]), test)
     one_space = test.query.shape[1] == test.audio.shape[1]
     direct = r_at_1(test.query, test) if one_space else None
     upper = None
@@ -133,6 +161,11 @@ def main() -> None:
         upper_test = split_embeddings(Path(args.data), args.upper_encoders, args.modality, work / "cache")[1]
         upper = r_at_1(upper_test.query, upper_test)
         log.info("upper bound (direct search, in-domain encoders): R@1 %.3f", upper)
+        if args.segments:
+            from segment_scores import split_segments
+
+            up = split_segments(Path(args.data), args.upper_encoders, "test", upper_test, args.segments, work / "cache")
+            lines["upper_segments_alone"] = r_at_1_scores(segment_scores(*up), upper_test)
     spec = f"compact:{Path(args.encoders).resolve()}"
     encoders = load_encoders(spec, spec if args.modality == "video" else None)
     adapter = None
@@ -169,6 +202,7 @@ def main() -> None:
             "blend": refiner.config.blend,
             "mix": refiner.config.mix,
             "library_weight": refiner.config.library_weight,
+            "segment_weight": refiner.config.segment_weight,
             "train_s": train_s,
         }
         for key in ("mapper", "refiner", "shipped", "adapter", "adapter_fixed"):
@@ -178,7 +212,7 @@ def main() -> None:
         # written after every size, so that a run stopped early keeps what it measured
         result = {"modality": args.modality, "encoders": args.encoders, "encoders_label": args.encoders_label,
                   "upper_encoders": args.upper_encoders, "upper": upper, "test_queries": len(test.query),
-                  "rows": rows}  # fmt: skip
+                  **lines, "rows": rows}  # fmt: skip
         (work / f"data_efficiency-{name}.json").write_text(json.dumps(result, indent=2))
         draw(result, ROOT / "docs" / f"data-efficiency-{name}.png")
     print(table(result))
@@ -208,6 +242,8 @@ def table(result: dict) -> str:
         mix = "/".join(f"{w:g}" for w in (r["mix"] or {}).values()) or "none"
         if r.get("library_weight"):  # two-sided: the library side's weight against that mix
             mix += f", w {r['library_weight']:g}"
+        if r.get("segment_weight"):  # time spans: their weight against all the rest
+            mix += f", spans {r['segment_weight']:g}"
         lines.append(
             f"| {r['pairs']:,} | {direct} | {cell(r, 'mapper')} | {cell(r, 'refiner')} | {r['blended']:.3f} "
             f"({r['blend']}) | {cell(r, 'shipped')} ({mix}) | {r['train_s']} |"
@@ -216,6 +252,10 @@ def table(result: dict) -> str:
         )
     if result.get("upper") is not None:
         lines.append(f"\nUpper bound (direct search with in-domain encoders): R@1 {result['upper']:.3f}.")
+    if result.get("segments_alone") is not None:
+        upper = result.get("upper_segments_alone")
+        lines.append(f"Segment score alone (no pairs): R@1 {result['segments_alone']:.3f}"
+                     + (f"; with in-domain encoders {upper:.3f}." if upper is not None else "."))  # fmt: skip
     return "\n".join(lines)
 
 

@@ -93,10 +93,14 @@ def build(
     else:
         raise ValueError("give a corpus folder or a manifest CSV")
     encoders = load_encoders(encoder_spec, need_text=False)
-    if segments is None:  # Ray's shards carry vectors only: a Ray build keeps no spans
-        segments = SEGMENTS if encoders.audio.keeps_time and not (options and options.ray) else 0
-    elif segments and not encoders.audio.keeps_time:
-        raise ValueError(f"{encoder_spec} audio vectors keep no time spans: build without --segments")
+    ray = bool(options and options.ray)  # Ray's shards carry vectors only: a Ray build keeps no spans
+    if segments is None:
+        segments = SEGMENTS if encoders.audio.keeps_time and not ray else 0
+    elif segments < 0:
+        raise ValueError(f"--segments must be a count >= 0, got {segments}")
+    elif segments and (ray or not encoders.audio.keeps_time):
+        what = "a Ray build keeps" if ray else f"{encoder_spec} audio vectors keep"
+        raise ValueError(f"{what} no time spans: build with --segments 0 or without it")
     sentence = resolve_meaning_model(meaning)
     store = IndexStore.create(
         index,

@@ -35,3 +35,10 @@ def test_the_table_names_each_size_s_weights_and_the_library_side_only_where_it_
     assert lines[2] == "| 100 | 0.400 | 0.500 (50%) | 0.450 (25%) | 0.460 (0.25) | 0.410 (5%) (0.25/0.75/0) | 12.5 |"
     assert "| 2,000 |" in lines[3] and "0.580 (90%) (0.25/0.75/0, w 0.875)" in lines[3]
     assert lines[-1] == "Upper bound (direct search with in-domain encoders): R@1 0.600."
+
+
+def test_the_table_names_the_spans_weight_and_the_spans_alone_where_they_were_measured():
+    row = {**_row(1000, 0.7, 0.5), "segment_weight": 0.375}
+    table = _bench_module().table({"upper": 0.6, "segments_alone": 0.59, "upper_segments_alone": 0.87, "rows": [row]})
+    assert "(0.25/0.75/0, w 0.5, spans 0.375)" in table.splitlines()[2]
+    assert table.splitlines()[-1] == "Segment score alone (no pairs): R@1 0.590; with in-domain encoders 0.870."

@@ -24,7 +24,7 @@ def _items(index: Path) -> list[tuple[str, float, float]]:
         return sorted((items[i].path, items[i].start, items[i].end) for i in ids)
 
 
-def test_build_info_search_over_mixed_formats(mixed_corpus, tiny_clap, tmp_path, capsys):
+def test_build_info_search_over_mixed_formats(mixed_corpus, tiny_clap, tmp_path, capsys, caplog):
     index = tmp_path / "idx"
     assert main(["build", str(mixed_corpus), "-o", str(index), "--encoder", f"clap:{tiny_clap}", "-j", "2", "-q"]) == 0
     capsys.readouterr()
@@ -35,6 +35,11 @@ def test_build_info_search_over_mixed_formats(mixed_corpus, tiny_clap, tmp_path,
     assert {p for p, _ in info["skipped"]} == {"corrupt.wav", "silent.wav"}
     assert info["dim"] == 16 and info["index_type"] == "auto" and info["faiss_type"] == "Flat"
     assert info["search"] == "exact" and info["tuning"] == {}
+    assert info["segments"] == 0  # CLAP's audio vectors keep no time spans
+    for bad, why in (("4", "keep no time spans"), ("-1", "a count >= 0")):  # a clear message, nothing built
+        assert main(["build", str(mixed_corpus), "-o", str(tmp_path / "spans"), "--encoder", f"clap:{tiny_clap}",
+                     "--segments", bad, "-q"]) == 1  # fmt: skip
+        assert why in caplog.text and not (tmp_path / "spans").exists()
     # long files become several windows of at most the encoder's 2 s
     items = _items(index)
     assert sum(p == "tone_1200.m4a" for p, _, _ in items) >= 3
