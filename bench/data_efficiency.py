@@ -41,7 +41,7 @@ from diffgap.training.adapter import AdapterTrainConfig, fit_adapter, sentence_m
 from diffgap.training.embeddings import PairEmbeddings  # noqa: E402
 from diffgap.training.mapper import MapperConfig, train_mapper  # noqa: E402
 from diffgap.training.metrics import metrics, query_ranks, ranks_query_to_audio  # noqa: E402
-from diffgap.training.refiner import fit_refiner  # noqa: E402
+from diffgap.training.refiner import SPAN_GALLERIES, fit_refiner  # noqa: E402
 
 log = logging.getLogger("data_efficiency")
 
@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,300,1000,0")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--segments", type=int, default=0, help="video: time spans per clip, as a compact index keeps")
+    parser.add_argument("--span-gallery", default="library", choices=SPAN_GALLERIES, help="as refiner train")
     parser.add_argument(
         "--adapter", action="store_true", help="text: ship the refiner with its text adapter (refiner train's default)"
     )
@@ -180,7 +181,7 @@ def main() -> None:
         mapper = train_mapper(train, 0, MapperConfig(ranking_weight=0.0))  # the plain regression baseline
         # what `refiner train` does, checkpoints off: the saved refiner is only read back here
         refiner, report = fit_refiner(train, encoders, work / f"refiner-{name}-{len(train.query)}", checkpoint_every=0,
-                                      adapter=adapter)  # fmt: skip
+                                      adapter=adapter, span_gallery=args.span_gallery)  # fmt: skip
         train_s = round(time.perf_counter() - t, 1)  # what `refiner train` took (the mapper as well)
         adapted = refiner.adapt(test.texts) if adapter is not None and refiner.adapter is not None else None
         if adapter is not None and adapted is None:  # the mix gave it no weight: fit it again to score it alone
@@ -212,6 +213,7 @@ def main() -> None:
         # written after every size, so that a run stopped early keeps what it measured
         result = {"modality": args.modality, "encoders": args.encoders, "encoders_label": args.encoders_label,
                   "upper_encoders": args.upper_encoders, "upper": upper, "test_queries": len(test.query),
+                  "span_gallery": args.span_gallery,
                   **lines, "rows": rows}  # fmt: skip
         (work / f"data_efficiency-{name}.json").write_text(json.dumps(result, indent=2))
         draw(result, ROOT / "docs" / f"data-efficiency-{name}.png")

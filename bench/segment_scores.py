@@ -51,7 +51,7 @@ from diffgap.models.segments import segment_scores  # noqa: E402
 from diffgap.training.embeddings import PairEmbeddings  # noqa: E402
 from diffgap.training.mapper import MapperConfig, train_mapper  # noqa: E402
 from diffgap.training.metrics import audio_ranks, choose_score_weight, metrics, query_ranks  # noqa: E402
-from diffgap.training.refiner import fit_refiner  # noqa: E402
+from diffgap.training.refiner import SPAN_GALLERIES, fit_refiner  # noqa: E402
 
 log = logging.getLogger("segment_scores")
 
@@ -100,25 +100,27 @@ def r_at_1(scores: np.ndarray, groups: np.ndarray, direction: int = 0) -> float:
     return float(metrics(ranks)["R@1"])
 
 
-def held_out(train: PairEmbeddings, seg_train: tuple) -> tuple[PairEmbeddings, np.ndarray, np.ndarray]:
-    """The 10% of clips `refiner train` holds out, with their queries' spans and their own."""
-    held = train.split(0.1, seed=0)[1]
-    keep = np.isin(train.audio_keys, held.audio_keys)  # the held-out clips' rows in `train`
-    return held, seg_train[0][np.flatnonzero(keep[train.query_group])], seg_train[1][keep]
+def held_out(train: PairEmbeddings, seg_train: tuple, span_gallery: str) -> tuple[PairEmbeddings, PairEmbeddings]:
+    """The 10% of clips `refiner train` holds out with their queries and spans, and the gallery it ranks
+    them among while it picks the span weight (`--span-gallery`: those clips, or every clip)."""
+    fit, held = dataclasses.replace(train, query_segments=seg_train[0], audio_segments=seg_train[1]).split(0.1, seed=0)
+    return held, held.with_distractors(fit) if span_gallery == "library" else held
 
 
-def mapper_rows(train: PairEmbeddings, test: PairEmbeddings, seg_train: tuple, seg_test: tuple) -> tuple[dict, float]:
+def mapper_rows(
+    train: PairEmbeddings, test: PairEmbeddings, seg_train: tuple, seg_test: tuple, span_gallery: str
+) -> tuple[dict, float]:
     """The plain MLP mapper (the baseline), alone and with each query span mapped as the query is,
-    mixed by a weight picked on the held-out clips with a mapper that did not train on them."""
-    held, held_q, held_a = held_out(train, seg_train)
+    mixed by a weight picked on the held-out queries with a mapper that did not train on them."""
+    gallery = held_out(train, seg_train, span_gallery)[1]
     fit = train.split(0.1, seed=0)[0]
 
     def spans_of(mapper, spans: np.ndarray) -> np.ndarray:
         return mapper.map(spans.reshape(-1, spans.shape[-1])).reshape(spans.shape)  # (B, S, d)
 
     part = train_mapper(fit, 0, MapperConfig())
-    w, _ = choose_score_weight(part.map(held.query) @ held.audio.T, segment_scores(spans_of(part, held_q), held_a),
-                               held.query_group)  # fmt: skip
+    spans_g = segment_scores(spans_of(part, gallery.query_segments), gallery.audio_segments)
+    w, _ = choose_score_weight(part.map(gallery.query) @ gallery.audio.T, spans_g, gallery.query_group)
     mapper = train_mapper(train, 0, MapperConfig())
     clip = mapper.map(test.query) @ test.audio.T  # (Q, G)
     spans = segment_scores(spans_of(mapper, seg_test[0]), seg_test[1])
@@ -131,15 +133,17 @@ def mapper_rows(train: PairEmbeddings, test: PairEmbeddings, seg_train: tuple, s
 
 
 def search_rows(
-    train: PairEmbeddings, test: PairEmbeddings, seg_train: tuple, seg_test: tuple, prefix: str
+    train: PairEmbeddings, test: PairEmbeddings, seg_train: tuple, seg_test: tuple, prefix: str, span_gallery: str
 ) -> tuple[dict, dict]:
-    """Direct, segments alone and the two mixed (weight on the held-out clips), both directions."""
-    held, held_q, held_a = held_out(train, seg_train)
-    base_h, seg_h = held.query @ held.audio.T, segment_scores(held_q, held_a)
+    """Direct, segments alone and the two mixed (weight on the held-out queries; video -> audio among
+    the span gallery, audio -> video among the held-out videos), both directions."""
     base, seg = test.query @ test.audio.T, segment_scores(*seg_test)  # (Q, G)
     rows, weights = {}, {}
-    for direction, name in ((0, "video -> audio"), (1, "audio -> video")):
+    for direction, name, held in zip(
+        (0, 1), ("video -> audio", "audio -> video"), held_out(train, seg_train, span_gallery)[::-1], strict=True
+    ):
         flip = (lambda m: m) if direction == 0 else (lambda m: m.T)
+        base_h, seg_h = held.query @ held.audio.T, segment_scores(held.query_segments, held.audio_segments)
         w, _ = choose_score_weight(flip(base_h), flip(seg_h), held.query_group, direction)
         weights[f"{prefix}{name}"] = w
         rows[(name, f"{prefix}direct")] = r_at_1(flip(base), test.query_group, direction)
@@ -158,19 +162,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-refiner", action="store_true", help="skip fitting the refiner (search and mapper rows)")
     parser.add_argument("--name", default="", help="suffix of the result file (segment_scores-NAME.json)")
+    parser.add_argument("--span-gallery", default="library", choices=SPAN_GALLERIES, help="as refiner train")
     args = parser.parse_args()
     args.modality = "video"
     work, train, test = start_run(args)
     data, cache = Path(args.data), work / "cache"
     seg = {split: split_segments(data, args.encoders, split, pairs, args.segments, cache)
            for split, pairs in (("adapt", train), ("test", test))}  # fmt: skip
-    rows, weights = search_rows(train, test, seg["adapt"], seg["test"], "")
-    mapped, weights["mapper"] = mapper_rows(train, test, seg["adapt"], seg["test"])
+    rows, weights = search_rows(train, test, seg["adapt"], seg["test"], "", args.span_gallery)
+    mapped, weights["mapper"] = mapper_rows(train, test, seg["adapt"], seg["test"], args.span_gallery)
     rows.update(mapped)
     if not args.no_refiner:  # what `refiner train` does on an index that keeps 4 spans a window
         with_spans = dataclasses.replace(train, query_segments=seg["adapt"][0], audio_segments=seg["adapt"][1])
         refiner, _ = fit_refiner(with_spans, load_encoders(f"compact:{Path(args.encoders).resolve()}"),
-                                 work / "refiner", checkpoint_every=0)  # fmt: skip
+                                 work / "refiner", checkpoint_every=0, span_gallery=args.span_gallery)  # fmt: skip
         weights["shipped"] = refiner.config.segment_weight
         rows[("video -> audio", "refiner as shipped, clip vectors only")] = r_at_1(
             refiner.scores(test.query, test.audio), test.query_group
@@ -182,11 +187,14 @@ def main() -> None:
         up_train, up_test = split_embeddings(data, args.upper_encoders, "video", cache)
         up_seg = {split: split_segments(data, args.upper_encoders, split, pairs, args.segments, cache)
                   for split, pairs in (("adapt", up_train), ("test", up_test))}  # fmt: skip
-        up_rows, up_weights = search_rows(up_train, up_test, up_seg["adapt"], up_seg["test"], "in-domain ")
+        up_rows, up_weights = search_rows(
+            up_train, up_test, up_seg["adapt"], up_seg["test"], "in-domain ", args.span_gallery
+        )
         rows.update(up_rows)
         weights.update(up_weights)
     result = {"data": args.data, "encoders": args.encoders, "upper_encoders": args.upper_encoders,
               "segments": args.segments, "test_queries": len(test.query), "weights": weights,
+              "span_gallery": args.span_gallery,
               "rows": [{"direction": d, "method": m, "R@1": v} for (d, m), v in rows.items()]}  # fmt: skip
     (work / f"segment_scores{'-' + args.name if args.name else ''}.json").write_text(json.dumps(result, indent=2))
     print(table(result))
@@ -208,7 +216,9 @@ def table(result: dict) -> str:
                 rec = None if method.startswith("in-domain") else recovery(value, low, top)
                 cells.append("" if rec is None else f"{rec:.0%}")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "Weights of the segment score, picked on held-out clips: "
+    among = "every clip" if result.get("span_gallery", "held-out") == "library" else "the held-out clips"
+    lines += ["", f"Weights of the segment score, picked on held-out queries ranked among {among} "
+              "(audio -> video: the held-out clips ranking their videos): "
               + ", ".join(f"{k} {v}" for k, v in result["weights"].items())]  # fmt: skip
     return "\n".join(lines)
 

@@ -357,6 +357,7 @@ class RefinerJob:
     # the ensemble's mapper (its loss and size; iterations and seed follow `train`); None: MapperConfig()
     mapper: MapperConfig | None = None
     two_sided: bool = True  # with the ensemble: also weigh the library side (a backward mapper; fit_refiner)
+    span_gallery: str = "library"  # where held-out queries rank while the span weight is picked (SPAN_GALLERIES)
 
     def output(self) -> Path:
         if self.out:
@@ -405,6 +406,7 @@ def train_refiner_job(job: RefinerJob, progress: ProgressFactory = no_progress) 
             adapter=job.adapter if job.modality == "text" else None,
             mapper=job.mapper,
             two_sided=job.two_sided,
+            span_gallery=job.span_gallery,
         )
     return refiner, report, out
 

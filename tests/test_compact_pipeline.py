@@ -141,6 +141,8 @@ def test_video_queries_mix_in_the_time_spans_of_their_candidates(demo_corpus, tm
     refiner = searcher.refiners["video"]
     validation = refiner.config.training["validation"]
     assert "val_MRR@10_segments" in validation  # the pairs came with spans and a weight was picked (0 allowed)
+    # by default among every clip, held-out and training ones (a held-out clip has one query or more)
+    assert validation["span_gallery_clips"] > validation["pairs_val"]
     refiner.config.segment_weight, refiner.config.segments = 0.5, 4  # a weight this barely trained tower may not earn
     assert searcher.segment_weight("video") == 0.5
     video = searcher.encoders.for_modality("video")

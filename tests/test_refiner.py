@@ -675,23 +675,34 @@ def test_traced_network_matches_eager_at_any_batch_size():
             torch.testing.assert_close(traced, eager)
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _near_duplicate_video_pairs(family: np.ndarray, query_noise: float, seed: int) -> PairEmbeddings:
+    """Video pairs whose clips come in families (`family[i]`: clip i's) of near-duplicates, clip vectors
+    0.02 apart, less than a query's noise, told apart only by their 4 time spans; two queries a clip,
+    each its clip's vectors with noise."""
+    rng = np.random.default_rng(seed)
+    n = len(family)
+    clip = _unit(rng.standard_normal((int(family.max()) + 1, 16))[family] + 0.02 * rng.standard_normal((n, 16)))
+    spans = _unit(rng.standard_normal((n, 4, 16)))  # (n, 4, 16)
+    groups = np.repeat(np.arange(n), 2)
+    return PairEmbeddings(
+        clip, _unit(clip[groups] + query_noise * rng.standard_normal((2 * n, 16))), groups, [str(i) for i in range(n)],
+        "video", None, _unit(spans[groups] + 0.05 * rng.standard_normal((2 * n, 4, 16))), spans,
+    )  # fmt: skip
+
+
+SPANS_TRAIN = RefinerTrainConfig(iterations=4)  # a few steps: the weights, not the network, are tested
+SPANS_NET = RefinerNetConfig(audio_dim=16, query_dim=16, hidden=32, n_blocks=1)
+
+
 def test_the_segment_weight_is_picked_where_spans_tell_clips_apart_and_saved(tiny_clap, tiny_clip, tmp_path):
     encoders = load_encoders(f"clap:{tiny_clap}", f"clip:{tiny_clip}")  # only their fingerprints are stamped
-    cfg, net = RefinerTrainConfig(iterations=4), RefinerNetConfig(audio_dim=16, query_dim=16, hidden=32, n_blocks=1)
-    rng = np.random.default_rng(8)
-
-    def unit(x):
-        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-    # near-duplicate clips: families of two whose clip vectors differ less than a query's noise, while
-    # their 4 time spans differ; two queries a clip, each its clip's vectors with noise
-    clip = unit(np.repeat(rng.standard_normal((75, 16)), 2, 0) + 0.02 * rng.standard_normal((150, 16)))
-    spans = unit(rng.standard_normal((150, 4, 16)))  # (150, 4, 16)
-    groups = np.repeat(np.arange(150), 2)
-    blurred = PairEmbeddings(
-        clip, unit(clip[groups] + 0.1 * rng.standard_normal((300, 16))), groups, [str(i) for i in range(150)],
-        "video", None, unit(spans[groups] + 0.05 * rng.standard_normal((300, 4, 16))), spans,
-    )  # fmt: skip
+    cfg, net = SPANS_TRAIN, SPANS_NET
+    blurred = _near_duplicate_video_pairs(np.repeat(np.arange(75), 2), query_noise=0.1, seed=8)
+    clip, groups, spans = blurred.audio, blurred.query_group, blurred.audio_segments
     data = PairEmbeddings(clip, blurred.query, groups, blurred.audio_keys, "video")  # the same without spans
     train, val = blurred.split(0.1)
     assert val.query_segments.shape == (len(val.query), 4, 16) and val.audio_segments.shape == (len(val.audio), 4, 16)
@@ -711,3 +722,38 @@ def test_the_segment_weight_is_picked_where_spans_tell_clips_apart_and_saved(tin
         (tmp_path / "r" / "refiner.json").write_text(json.dumps({**bad, field: value}))
         with pytest.raises(RefinerError, match=field):
             Refiner.load(tmp_path / "r")
+
+
+def test_a_library_sized_gallery_weighs_the_spans_a_few_held_out_clips_cannot(tiny_clap, tiny_clip, tmp_path):
+    encoders = load_encoders(f"clap:{tiny_clap}", f"clip:{tiny_clip}")  # only their fingerprints are stamped
+    cfg, net = SPANS_TRAIN, SPANS_NET
+    # each held-out clip's near-duplicate a training clip (the split depends only on the number of
+    # clips and the seed)
+    keys = [str(i) for i in range(150)]
+    shape_only = PairEmbeddings(np.zeros((150, 1)), np.zeros((0, 1)), np.zeros(0, int), keys, "video")
+    held = [int(k) for k in shape_only.split(0.1)[1].audio_keys]
+    rest = [i for i in range(150) if i not in held]
+    family = np.empty(150, dtype=np.int64)
+    family[held], family[rest[: len(held)]] = np.arange(len(held)), np.arange(len(held))
+    family[rest[len(held) :]] = len(held) + np.arange(len(rest) - len(held)) // 2
+    data = _near_duplicate_video_pairs(family, query_noise=0.05, seed=9)
+    train, val = data.split(0.1)
+    gallery = val.with_distractors(train)
+    assert len(gallery.audio) == 150 and gallery.audio_segments.shape == (150, 4, 16)
+    assert np.array_equal(gallery.query_group, val.query_group) and np.array_equal(
+        gallery.audio[: len(val.audio)], val.audio
+    )
+    assert gallery.audio_keys == [*val.audio_keys, *train.audio_keys]
+    alone, alone_report = fit_refiner(
+        data, encoders, tmp_path / "a", cfg=cfg, net_cfg=net, checkpoint_every=0, span_gallery="held-out"
+    )
+    library, report = fit_refiner(data, encoders, tmp_path / "l", cfg=cfg, net_cfg=net, checkpoint_every=0)
+    assert (alone_report["span_gallery_clips"], report["span_gallery_clips"]) == (15, 150)
+    # among 15 clips of different families the clip vectors rank them already: the spans get no weight
+    assert alone.config.segment_weight == 0.0 and alone_report["val_MRR@10_segments"] > 0.95
+    # among every clip (the default) the twins confuse the clip vectors, and the spans earn a weight
+    assert library.config.segment_weight > 0 and library.config.segments == 4
+    # the mix's own weights are picked on the held-out clips either way
+    assert library.config.mix == alone.config.mix and report["val_MRR@10_mix"] == alone_report["val_MRR@10_mix"]
+    with pytest.raises(AssertionError, match="gallery"):
+        fit_refiner(data, encoders, tmp_path / "x", cfg=cfg, net_cfg=net, checkpoint_every=0, span_gallery="test")

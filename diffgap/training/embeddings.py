@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,22 @@ class PairEmbeddings:
             None if self.texts is None else [t for t, k in zip(self.texts, keep, strict=True) if k],
             None if self.query_segments is None else self.query_segments[keep],
             None if self.audio_segments is None else self.audio_segments[groups],
+        )
+
+    def with_distractors(self, other: PairEmbeddings) -> PairEmbeddings:
+        """These queries against their own targets and `other`'s targets as well (appended, so each
+        query's group is unchanged): a gallery the size of a library, whose near neighbours of a target
+        are there to be confused with it."""
+        assert other.audio.shape[1:] == self.audio.shape[1:], "distractors from another audio space"
+        segments = None
+        if self.audio_segments is not None and other.audio_segments is not None:
+            segments = np.concatenate([self.audio_segments, other.audio_segments])  # (G + G', S, d)
+        return replace(
+            self,
+            audio=np.concatenate([self.audio, other.audio]),  # (G + G', d)
+            audio_keys=[*self.audio_keys, *other.audio_keys],
+            audio_segments=segments,
+            query_segments=self.query_segments if segments is not None else None,
         )
 
     def split(self, val_fraction: float, seed: int = 0) -> tuple[PairEmbeddings, PairEmbeddings]:

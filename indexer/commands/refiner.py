@@ -16,7 +16,7 @@ from diffgap.pipeline import PairsSource, RefinerJob, evaluate, train_refiner_jo
 from diffgap.training.adapter import AdapterTrainConfig
 from diffgap.training.evaluate import AblationConfig
 from diffgap.training.mapper import MapperConfig
-from diffgap.training.refiner import LR_SCHEDULES, RefinerTrainConfig
+from diffgap.training.refiner import LR_SCHEDULES, SPAN_GALLERIES, RefinerTrainConfig
 from indexer.common import EXIT_OK, CliError, progress_bars, step_count, step_counts, unit_interval
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         adapter=_adapter_cfg(args),
         mapper=MapperConfig(ranking_weight=args.mapper_ranking_weight),
         two_sided=not args.one_sided,
+        span_gallery=args.span_gallery,
     )
     _, report, _ = train_refiner_job(job, progress_bars(args.quiet))
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
@@ -269,6 +270,13 @@ def register_train(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="score the query side only; by default a backward mapper is trained too and the weight of each "
         "candidate's audio mapped into the query space, scored against the query, is picked on the held-out pairs",
+    )
+    p.add_argument(
+        "--span-gallery",
+        default="library",
+        choices=SPAN_GALLERIES,
+        help="video pairs with time spans: rank the held-out queries among every clip (library) or only the "
+        "held-out clips (held-out) while the weight of the span score is picked",
     )
     p.add_argument(
         "--checkpoint-every",
