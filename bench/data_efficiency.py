@@ -204,6 +204,7 @@ def main() -> None:
             "mix": refiner.config.mix,
             "library_weight": refiner.config.library_weight,
             "segment_weight": refiner.config.segment_weight,
+            "span_map": refiner.config.span_map,
             "train_s": train_s,
         }
         for key in ("mapper", "refiner", "shipped", "adapter", "adapter_fixed"):

@@ -253,10 +253,16 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
     timed = replace(two.config, segment_weight=0.5, segments=SEGMENTS)
     with_spans = Refiner(timed, two.net, two.mapper, mapper_back=back)
     refined_spans = with_spans.refine_with_spans(xq, spans, steps=1)[1][0]  # (S, d)
+    # the spans mapped by a mapper trained on span pairs instead (an MLP of the mapper's size stands in)
+    mapped = replace(timed, span_map="mapped")
+    by_span_mapper = Refiner(mapped, two.net, two.mapper, mapper_back=back, mapper_spans=two.mapper)
     segments = {
         "refine 1 step, mixed, the query alone (as above)": median_ms(lambda: with_spans.refine(xq, steps=1)),
         "refine 1 step, mixed, the query and its 4 spans in one call (as served)": median_ms(
             lambda: with_spans.refine_with_spans(xq, spans, steps=1)
+        ),
+        "refine 1 step, mixed, the query; its 4 spans by a span mapper (span_map mapped)": median_ms(
+            lambda: by_span_mapper.refine_with_spans(xq, spans, steps=1)
         ),
         "segment rescoring of 100 candidates alone (their spans read from SQLite)": median_ms(
             lambda: warm._with_segments(refined_spans, [dataclasses.replace(h) for h in candidates], 0.5)

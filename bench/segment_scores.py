@@ -177,6 +177,7 @@ def main() -> None:
         refiner, _ = fit_refiner(with_spans, load_encoders(f"compact:{Path(args.encoders).resolve()}"),
                                  work / "refiner", checkpoint_every=0, span_gallery=args.span_gallery)  # fmt: skip
         weights["shipped"] = refiner.config.segment_weight
+        weights["shipped span map"] = refiner.config.span_map
         rows[("video -> audio", "refiner as shipped, clip vectors only")] = r_at_1(
             refiner.scores(test.query, test.audio), test.query_group
         )

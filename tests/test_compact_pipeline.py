@@ -158,6 +158,17 @@ def test_video_queries_mix_in_the_time_spans_of_their_candidates(demo_corpus, tm
     batched = searcher.run([Query("video", k=5, media=c, refine=RefineSpec()) for c in clips])
     for one, many in zip(alone, batched, strict=True):
         assert [h.item.id for h in one] == [h.item.id for h in many.hits]
+    # spans mapped by a span mapper instead of refined: served as `Refiner.scores` computes them
+    from diffgap.models.mapper_net import Mapper
+
+    torch.manual_seed(0)
+    refiner.config.span_map, refiner.mapper_spans = "mapped", Mapper(xq.shape[1], xb.shape[1], 32).eval()
+    mapped = refiner.scores(xq, xb, segments=(q_spans, searcher.store.segment_vectors(ids)))  # (2, N)
+    assert not np.allclose(mapped, by_hand, atol=1e-3)
+    for row, clip in zip(mapped, clips, strict=True):
+        hits = searcher.search(Query("video", k=5, media=clip, refine=RefineSpec())).hits
+        np.testing.assert_allclose([h.score for h in hits], sorted(row, reverse=True)[:5], atol=1e-3)
+    refiner.config.span_map, refiner.mapper_spans = "refined", None
     # a query given as a vector has no spans: the refiner's other scores alone
     plain = searcher.search(Query("video", k=5, vector=xq[0], refine=RefineSpec())).hits
     np.testing.assert_allclose([h.score for h in plain], sorted(refiner.scores(xq, xb)[0], reverse=True)[:5], atol=1e-3)

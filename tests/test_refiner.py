@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -757,3 +758,35 @@ def test_a_library_sized_gallery_weighs_the_spans_a_few_held_out_clips_cannot(ti
     assert library.config.mix == alone.config.mix and report["val_MRR@10_mix"] == alone_report["val_MRR@10_mix"]
     with pytest.raises(AssertionError, match="gallery"):
         fit_refiner(data, encoders, tmp_path / "x", cfg=cfg, net_cfg=net, checkpoint_every=0, span_gallery="test")
+
+
+def test_a_span_mapper_is_picked_where_spans_need_a_map_of_their_own_and_saved(tiny_clap, tiny_clip, tmp_path):
+    encoders = load_encoders(f"clap:{tiny_clap}", f"clip:{tiny_clip}")  # only their fingerprints are stamped
+    data = _near_duplicate_video_pairs(np.repeat(np.arange(75), 2), query_noise=0.05, seed=10)
+    # the video tower's spans sit in a rotated space while its clip vectors do not: only a map trained
+    # on span pairs can bring them to the clips' spans
+    rotation = np.linalg.qr(np.random.default_rng(11).standard_normal((16, 16)))[0].astype(np.float32)
+    data = dataclasses.replace(data, query_segments=_unit(data.query_segments @ rotation))
+    pairs = data.span_pairs()
+    assert pairs.query.shape == (300 * 4, 16) and pairs.audio.shape == (150 * 4, 16)
+    assert np.array_equal(pairs.audio[pairs.query_group[4 * 7 + 2]], data.audio_segments[data.query_group[7], 2])
+    cfg = RefinerTrainConfig(iterations=40)  # the span mapper trains half as long: enough to learn a rotation
+    refiner, report = fit_refiner(data, encoders, tmp_path / "r", cfg=cfg, net_cfg=SPANS_NET, checkpoint_every=0)
+    by_map = report["val_MRR@10_segments_by_span_map"]
+    assert refiner.config.span_map == report["span_map"] == "mapped" and by_map["mapped"] > by_map["refined"]
+    assert refiner.config.segment_weight > 0 and refiner.mapper_spans is not None
+    assert (tmp_path / "r" / "mapper_spans.safetensors").exists()
+    train, val = data.split(0.1)
+    spans = (val.query_segments, val.audio_segments)
+    loaded = Refiner.load(tmp_path / "r")
+    np.testing.assert_allclose(loaded.scores(val.query, val.audio, segments=spans),
+                               refiner.scores(val.query, val.audio, segments=spans), atol=1e-5)  # fmt: skip
+    assert metrics(query_ranks(loaded.scores(val.query, val.audio, segments=spans), val.query_group))["R@1"] > 0.9
+    config = json.loads((tmp_path / "r" / "refiner.json").read_text())
+    (tmp_path / "r" / "refiner.json").write_text(json.dumps({**config, "span_map": "warped"}))
+    with pytest.raises(RefinerError, match="span_map"):
+        Refiner.load(tmp_path / "r")
+    (tmp_path / "r" / "refiner.json").write_text(json.dumps(config))
+    (tmp_path / "r" / "mapper_spans.safetensors").unlink()
+    with pytest.raises(RefinerError, match="span mapper"):
+        Refiner.load(tmp_path / "r")

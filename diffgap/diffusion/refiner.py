@@ -50,6 +50,10 @@ WEIGHTS_FILE = "model.safetensors"
 MAPPER_FILE = "mapper.safetensors"  # the MLP mapper whose scores `mix` adds, when it has a weight
 ADAPTER_FILE = "adapter.safetensors"  # the text adapter whose scores `mix` adds, when it has a weight
 MAPPER_BACK_FILE = "mapper_back.safetensors"  # the audio -> query mapper of the library-side part
+MAPPER_SPANS_FILE = "mapper_spans.safetensors"  # the span -> span mapper, where `span_map` is "mapped"
+# How a video query's time spans are taken toward audio space for the segment score: "refined", each
+# as the whole query is (the network and the mix), or "mapped", by a mapper trained on span pairs.
+SPAN_MAPS = ("refined", "mapped")
 MIX_PARTS = ("refined", "mapped", "direct", "adapted")
 # DDIM steps when a caller names none. Sampling starts from the prior's mean (z_N = 0), and from there
 # every DDIM step keeps z along the first step's noise estimate, so 1 and 5 steps give vectors with
@@ -128,6 +132,7 @@ class RefinerConfig:
     # the window's same spans. Picked on held-out pairs by train-refiner last; 0: no segments.
     segment_weight: float = 0.0
     segments: int = 0  # spans per clip the weight was picked with; a search needs the index to keep as many
+    span_map: str = "refined"  # SPAN_MAPS: how the query's spans reach audio space; picked with the weight
     adapter: dict[str, Any] | None = None  # the text adapter's config (TextAdapter.config), when it has a weight
     training: dict[str, Any] = field(default_factory=dict)  # how it was trained, for the record
 
@@ -160,6 +165,9 @@ class RefinerConfig:
             raise RefinerError(
                 f"segments in refiner.json must be a count >= 0 (> 0 with a segment weight), got {spans!r}"
             )
+        span_map = data.get("span_map", "refined")
+        if span_map not in SPAN_MAPS:
+            raise RefinerError(f"span_map in refiner.json must be one of {SPAN_MAPS}, got {span_map!r}")
         return cls(
             # checkpoints from before the trunk/skip condition paths existed were trained without them
             net=RefinerNetConfig(**{"cond_in_trunk": False, "query_skip": False, **data["net"]}),
@@ -174,6 +182,7 @@ class RefinerConfig:
             library_weight=float(library),
             segment_weight=float(segment),
             segments=spans,
+            span_map=span_map,
             adapter=data.get("adapter"),
             training=data.get("training", {}),
         )
@@ -187,12 +196,15 @@ class Refiner:
         mapper: Mapper | None = None,
         adapter: TextAdapter | None = None,
         mapper_back: Mapper | None = None,
+        mapper_spans: Mapper | None = None,
     ) -> None:
         self.config = config
         self.net = (net or RefinerNet(config.net)).eval()
         self.mapper = mapper.eval() if mapper is not None else None  # query -> audio, for `config.mix`
         # audio -> query, for `config.library_weight`
         self.mapper_back = mapper_back.eval() if mapper_back is not None else None
+        # a video query's spans -> audio spans, for `config.segment_weight` where `config.span_map` is "mapped"
+        self.mapper_spans = mapper_spans.eval() if mapper_spans is not None else None
         self.adapter = adapter  # texts -> audio space, for `config.mix`
         self.schedule = NoiseSchedule(config.schedule)
         self._traced: dict[int, torch.nn.Module] = {}
@@ -210,6 +222,9 @@ class Refiner:
         if self.two_sided:
             assert self.mapper_back is not None, "config.library_weight > 0 but the refiner has no backward mapper"
             _save_module(out / MAPPER_BACK_FILE, self.mapper_back)
+        if self._maps_spans():
+            assert self.mapper_spans is not None, "config.span_map is 'mapped' but the refiner has no span mapper"
+            _save_module(out / MAPPER_SPANS_FILE, self.mapper_spans)
         self.config.adapter = None
         if self.reads_text:
             assert self.adapter is not None, "config.mix weighs adapted scores but the refiner has no adapter"
@@ -219,6 +234,9 @@ class Refiner:
 
     def _needs_mapper(self) -> bool:
         return bool(self.config.mix and self.config.mix.get("mapped", 0) > 0)
+
+    def _maps_spans(self) -> bool:
+        return self.config.segment_weight > 0 and self.config.span_map == "mapped"
 
     @property
     def two_sided(self) -> bool:
@@ -252,6 +270,9 @@ class Refiner:
         if refiner.two_sided:
             why = "refiner.json has a library_weight"
             refiner.mapper_back = _load_mapper(path / MAPPER_BACK_FILE, c.audio_dim, c.query_dim, hidden, why)
+        if refiner._maps_spans():
+            why = "refiner.json maps time spans with a span mapper"
+            refiner.mapper_spans = _load_mapper(path / MAPPER_SPANS_FILE, c.query_dim, c.audio_dim, hidden, why)
         if refiner.reads_text:
             if not config.adapter:
                 raise RefinerError(f"{path}: refiner.json mixes in adapted scores but describes no adapter")
@@ -323,12 +344,16 @@ class Refiner:
         return scores
 
     def refine_with_spans(self, xq: np.ndarray, spans: np.ndarray, **options: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Queries (B, c) and each of their time spans (B, S, c) taken toward audio space in one call
-        (`refine` with `options`), each span as a whole query is: spans live in the clip vectors' space,
-        so the same maps apply, and one call costs less than two (BENCHMARKS.md run 13). On SynthCaps
-        video the spans refined scored +0.13 / +0.14 R@1 above the spans as encoded."""
+        """Queries (B, c) and each of their time spans (B, S, c) taken toward audio space: with
+        `config.span_map` "refined" in one call (`refine` with `options`), each span as a whole query is
+        (spans live in the clip vectors' space, so the same maps apply, and one call costs less than
+        two, BENCHMARKS.md run 13: +0.13 / +0.14 R@1 above the spans as encoded on SynthCaps video);
+        "mapped": the query refined, its spans by the mapper trained on span pairs (run 15)."""
         assert options.get("adapted") is None, "spans are a video query's: no text adapter reads them"
         b, s, c = spans.shape
+        if self.config.span_map == "mapped":
+            assert self.mapper_spans is not None, "config.span_map is 'mapped' but the refiner has no span mapper"
+            return self.refine(xq, **options), self.mapper_spans.map(spans.reshape(b * s, c)).reshape(b, s, -1)
         out = self.refine(np.concatenate([xq, spans.reshape(b * s, c)]), **options)  # (B + B*S, d)
         return out[:b], out[b:].reshape(b, s, -1)  # (B, d), (B, S, d)
 

@@ -72,6 +72,20 @@ class PairEmbeddings:
             query_segments=self.query_segments if segments is not None else None,
         )
 
+    def span_pairs(self) -> PairEmbeddings:
+        """One pair per time span: each query's span s paired with its clip's span s (P * S queries,
+        G * S targets), for a map trained on spans themselves."""
+        assert self.query_segments is not None and self.audio_segments is not None, "pairs without spans"
+        p, s, c = self.query_segments.shape
+        groups = (self.query_group[:, None] * s + np.arange(s)[None, :]).reshape(-1)  # (P * S,)
+        return PairEmbeddings(
+            self.audio_segments.reshape(len(self.audio) * s, -1),  # (G * S, d)
+            self.query_segments.reshape(p * s, c),  # (P * S, c)
+            groups,
+            [f"{key}#{span}" for key in self.audio_keys for span in range(s)],
+            self.modality,
+        )
+
     def split(self, val_fraction: float, seed: int = 0) -> tuple[PairEmbeddings, PairEmbeddings]:
         """Hold out a share of the audio targets (with all their queries) for validation."""
         rng = np.random.default_rng(seed)

@@ -28,7 +28,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from diffgap.atomic import atomic_write_bytes, atomic_write_json
 from diffgap.diffusion.adapter import TextAdapter
-from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, RefinerConfig, mix
+from diffgap.diffusion.refiner import DEFAULT_STEPS, SPAN_MAPS, Refiner, RefinerConfig, mix
 from diffgap.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from diffgap.encoders import EncoderSet
 from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
@@ -423,10 +423,10 @@ def fit_refiner(
             report["val_MRR@10_by_blend"] = {str(w): round(v, 4) for w, v in by_weight.items()}
             log.info("blend %.2f picked on the held-out pairs (MRR@10 by weight: %s)", chosen, by_weight)
         refiner.config.blend = chosen
+        # `mapper` (default MapperConfig()) with half the refiner's iterations, the 3,000 of every
+        # eval table at the default 6,000, and the refiner's seed; the span mapper is trained alike
+        mapper_cfg = replace(mapper or MapperConfig(), iterations=max(1, cfg.iterations // 2), seed=cfg.seed)
         if ensemble and blend is None:
-            # `mapper` (default MapperConfig()) with half the refiner's iterations, the 3,000 of every
-            # eval table at the default 6,000, and the refiner's seed
-            mapper_cfg = replace(mapper or MapperConfig(), iterations=max(1, cfg.iterations // 2), seed=cfg.seed)
             text_adapter, want = None, wanted(encoders, adapter)
             if want and (train.texts is None or val.texts is None):
                 log.warning("no text adapter: the pairs are not text pairs with their texts kept")
@@ -436,7 +436,8 @@ def fit_refiner(
                 report["adapter_fit"] = asdict(fitted)
             _fit_mix(refiner, train, val, eval_steps, mapper_cfg, report, text_adapter, two_sided)
         if val.query_segments is not None and val.audio_segments is not None:
-            _fit_segment_weight(refiner, val.with_distractors(train) if span_gallery == "library" else val, report)
+            gallery = val.with_distractors(train) if span_gallery == "library" else val
+            _fit_segment_weight(refiner, train, gallery, mapper_cfg, report)
         refiner.config.training["validation"] = report
         log.info(
             "held-out %s->audio R@1: refined %.3f%s (R@10 %.3f), %d queries",
@@ -504,15 +505,31 @@ def _fit_mix(
     log.info("library-side weight %.3f picked on the held-out pairs (MRR@10 %.4f)", library, library_score)
 
 
-def _fit_segment_weight(refiner: Refiner, val: PairEmbeddings, report: dict[str, Any]) -> None:
+def _fit_segment_weight(
+    refiner: Refiner, train: PairEmbeddings, val: PairEmbeddings, mapper_cfg: MapperConfig, report: dict[str, Any]
+) -> None:
     """The weight of the time-segment score (`with_segment_scores`) against everything the refiner
-    scores already, picked on the held-out pairs' spans (BENCHMARKS.md run 13) among `val`'s clips."""
+    scores already, and how the query's spans reach audio space (`span_map`: refined as the query is,
+    or by a mapper trained on `train`'s span pairs), picked together on the held-out queries' spans
+    among `val`'s clips (BENCHMARKS.md runs 13-15). Ties: the refined spans, then the smaller weight."""
     assert val.query_segments is not None and val.audio_segments is not None, "held-out pairs without spans"
     report["span_gallery_clips"] = int(len(val.audio))
-    refined_spans = refiner.refine_with_spans(val.query, val.query_segments)[1]  # (P, S, d), as served
-    spans = segment_scores(refined_spans, val.audio_segments)  # (P, G)
-    weight, score = choose_score_weight(refiner.scores(val.query, val.audio), spans, val.query_group)
+    base = refiner.scores(val.query, val.audio)  # (P, G) everything but the spans
+    refiner.mapper_spans = train_mapper(train.span_pairs(), 0, mapper_cfg)
+    refiner.config.mapper_hidden = mapper_cfg.hidden  # the width every saved mapper of this refiner has
+    picks = {}
+    for span_map in SPAN_MAPS:
+        refiner.config.span_map = span_map
+        spans = segment_scores(refiner.refine_with_spans(val.query, val.query_segments)[1], val.audio_segments)
+        picks[span_map] = choose_score_weight(base, spans, val.query_group)  # (weight, MRR@10)
+    span_map = max(SPAN_MAPS, key=lambda name: picks[name][1])  # max keeps the first of equal scores
+    weight, score = picks[span_map]
+    refiner.config.span_map = span_map
     refiner.config.segment_weight = float(weight)
     refiner.config.segments = int(val.query_segments.shape[1]) if weight > 0 else 0
+    if span_map != "mapped" or weight == 0:
+        refiner.mapper_spans = None
+    report["span_map"] = span_map
     report["val_MRR@10_segments"] = round(score, 4)
-    log.info("time-segment weight %.3f picked on the held-out pairs (MRR@10 %.4f)", weight, score)
+    report["val_MRR@10_segments_by_span_map"] = {name: round(mrr, 4) for name, (_, mrr) in picks.items()}
+    log.info("time-segment weight %.3f, spans %s, picked on the held-out pairs (MRR@10 %.4f)", weight, span_map, score)
