@@ -205,6 +205,7 @@ def main() -> None:
             "library_weight": refiner.config.library_weight,
             "segment_weight": refiner.config.segment_weight,
             "span_map": refiner.config.span_map,
+            "span_library_weight": refiner.config.span_library_weight,
             "train_s": train_s,
         }
         for key in ("mapper", "refiner", "shipped", "adapter", "adapter_fixed"):
@@ -247,6 +248,10 @@ def table(result: dict) -> str:
             mix += f", w {r['library_weight']:g}"
         if r.get("segment_weight"):  # time spans: their weight against all the rest
             mix += f", spans {r['segment_weight']:g}"
+            if r.get("span_map"):  # how the query's spans were taken to audio space
+                mix += f" {r['span_map']}"
+            if r.get("span_library_weight"):  # and the weight of the spans' library side
+                mix += f", span library {r['span_library_weight']:g}"
         lines.append(
             f"| {r['pairs']:,} | {direct} | {cell(r, 'mapper')} | {cell(r, 'refiner')} | {r['blended']:.3f} "
             f"({r['blend']}) | {cell(r, 'shipped')} ({mix}) | {r['train_s']} |"

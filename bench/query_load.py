@@ -256,6 +256,15 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
     # the spans mapped by a mapper trained on span pairs instead (an MLP of the mapper's size stands in)
     mapped = replace(timed, span_map="mapped")
     by_span_mapper = Refiner(mapped, two.net, two.mapper, mapper_back=back, mapper_spans=two.mapper)
+    # and with the spans' library side: each candidate's spans mapped back (the backward mapper stands in)
+    span_two = Refiner(replace(timed, span_library_weight=0.5), two.net, two.mapper, mapper_back=back,
+                       mapper_spans_back=back)  # fmt: skip
+
+    def rescore_spans(refiner: Refiner, cold: bool = False) -> object:
+        if cold:  # the spans' library side of no window kept yet
+            warm._library_spans.clear()
+        return warm._with_segments(refiner, refined_spans, spans[0], [dataclasses.replace(h) for h in candidates], 0.5)
+
     segments = {
         "refine 1 step, mixed, the query alone (as above)": median_ms(lambda: with_spans.refine(xq, steps=1)),
         "refine 1 step, mixed, the query and its 4 spans in one call (as served)": median_ms(
@@ -265,7 +274,13 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
             lambda: by_span_mapper.refine_with_spans(xq, spans, steps=1)
         ),
         "segment rescoring of 100 candidates alone (their spans read from SQLite)": median_ms(
-            lambda: warm._with_segments(refined_spans, [dataclasses.replace(h) for h in candidates], 0.5)
+            lambda: rescore_spans(with_spans)
+        ),
+        "segment rescoring of 100 candidates with the spans' library side, their spans not yet mapped": median_ms(
+            lambda: rescore_spans(span_two, cold=True)
+        ),
+        "segment rescoring of 100 candidates with the spans' library side, their spans mapped before": median_ms(
+            lambda: rescore_spans(span_two)
         ),
     }
 

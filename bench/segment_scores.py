@@ -178,6 +178,7 @@ def main() -> None:
                                  work / "refiner", checkpoint_every=0, span_gallery=args.span_gallery)  # fmt: skip
         weights["shipped"] = refiner.config.segment_weight
         weights["shipped span map"] = refiner.config.span_map
+        weights["shipped span library"] = refiner.config.span_library_weight
         rows[("video -> audio", "refiner as shipped, clip vectors only")] = r_at_1(
             refiner.scores(test.query, test.audio), test.query_group
         )

@@ -144,6 +144,7 @@ def test_video_queries_mix_in_the_time_spans_of_their_candidates(demo_corpus, tm
     # by default among every clip, held-out and training ones (a held-out clip has one query or more)
     assert validation["span_gallery_clips"] > validation["pairs_val"]
     refiner.config.segment_weight, refiner.config.segments = 0.5, 4  # a weight this barely trained tower may not earn
+    refiner.config.span_library_weight, refiner.mapper_spans_back = 0.0, None  # the spans' library side comes last
     assert searcher.segment_weight("video") == 0.5
     video = searcher.encoders.for_modality("video")
     clips = [decode_video(p.video, video.fps, size=video.size) for p in pairs[:3:2]]
@@ -169,6 +170,19 @@ def test_video_queries_mix_in_the_time_spans_of_their_candidates(demo_corpus, tm
         hits = searcher.search(Query("video", k=5, media=clip, refine=RefineSpec())).hits
         np.testing.assert_allclose([h.score for h in hits], sorted(row, reverse=True)[:5], atol=1e-3)
     refiner.config.span_map, refiner.mapper_spans = "refined", None
+    # the spans' library side: each window's spans mapped back (once, then kept) against the query's as encoded
+    refiner.config.span_library_weight, refiner.mapper_spans_back = 0.5, Mapper(xb.shape[1], xq.shape[1], 32).eval()
+    two_sided = refiner.scores(xq, xb, segments=(q_spans, searcher.store.segment_vectors(ids)))  # (2, N)
+    assert not np.allclose(two_sided, by_hand, atol=1e-3)
+    searcher._library_spans.clear()
+    for row, clip in zip(two_sided, clips, strict=True):
+        hits = searcher.search(Query("video", k=5, media=clip, refine=RefineSpec())).hits
+        np.testing.assert_allclose([h.score for h in hits], sorted(row, reverse=True)[:5], atol=1e-3)
+    assert len(searcher._library_spans[refiner]) == len(ids)  # each candidate's spans mapped once, then kept
+    searcher._library_spans.clear()
+    assert searcher.warm_library() in (len(ids), 2 * len(ids))  # every window, per refiner with a library side
+    assert len(searcher._library_spans[refiner]) == len(ids)
+    refiner.config.span_library_weight, refiner.mapper_spans_back = 0.0, None
     # a query given as a vector has no spans: the refiner's other scores alone
     plain = searcher.search(Query("video", k=5, vector=xq[0], refine=RefineSpec())).hits
     np.testing.assert_allclose([h.score for h in plain], sorted(refiner.scores(xq, xb)[0], reverse=True)[:5], atol=1e-3)

@@ -42,3 +42,5 @@ def test_the_table_names_the_spans_weight_and_the_spans_alone_where_they_were_me
     table = _bench_module().table({"upper": 0.6, "segments_alone": 0.59, "upper_segments_alone": 0.87, "rows": [row]})
     assert "(0.25/0.75/0, w 0.5, spans 0.375)" in table.splitlines()[2]
     assert table.splitlines()[-1] == "Segment score alone (no pairs): R@1 0.590; with in-domain encoders 0.870."
+    mapped = {**row, "span_map": "mapped", "span_library_weight": 0.625}  # and how the spans were served
+    assert "(0.25/0.75/0, w 0.5, spans 0.375 mapped, span library 0.625)" in _bench_module().table({"rows": [mapped]})

@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +35,7 @@ from diffgap.training.metrics import (
 )
 from diffgap.training.refiner import (
     FEW_PAIRS,
+    SPAN_MAPPER_RANKING_WEIGHT,
     RefinerTrainConfig,
     WeightAverage,
     diffusion_loss,
@@ -760,6 +762,19 @@ def test_a_library_sized_gallery_weighs_the_spans_a_few_held_out_clips_cannot(ti
         fit_refiner(data, encoders, tmp_path / "x", cfg=cfg, net_cfg=net, checkpoint_every=0, span_gallery="test")
 
 
+def _refuses_to_load(folder: Path, bad: dict, config_says: str, weights_file: str, file_says: str) -> None:
+    """A saved refiner fails to load, saying why: first with `bad` values in its refiner.json, then,
+    the config restored, without `weights_file`."""
+    config = json.loads((folder / "refiner.json").read_text())
+    (folder / "refiner.json").write_text(json.dumps({**config, **bad}))
+    with pytest.raises(RefinerError, match=config_says):
+        Refiner.load(folder)
+    (folder / "refiner.json").write_text(json.dumps(config))
+    (folder / weights_file).unlink()
+    with pytest.raises(RefinerError, match=file_says):
+        Refiner.load(folder)
+
+
 def test_a_span_mapper_is_picked_where_spans_need_a_map_of_their_own_and_saved(tiny_clap, tiny_clip, tmp_path):
     encoders = load_encoders(f"clap:{tiny_clap}", f"clip:{tiny_clip}")  # only their fingerprints are stamped
     data = _near_duplicate_video_pairs(np.repeat(np.arange(75), 2), query_noise=0.05, seed=10)
@@ -771,22 +786,32 @@ def test_a_span_mapper_is_picked_where_spans_need_a_map_of_their_own_and_saved(t
     assert pairs.query.shape == (300 * 4, 16) and pairs.audio.shape == (150 * 4, 16)
     assert np.array_equal(pairs.audio[pairs.query_group[4 * 7 + 2]], data.audio_segments[data.query_group[7], 2])
     cfg = RefinerTrainConfig(iterations=40)  # the span mapper trains half as long: enough to learn a rotation
-    refiner, report = fit_refiner(data, encoders, tmp_path / "r", cfg=cfg, net_cfg=SPANS_NET, checkpoint_every=0)
+    # one-sided: no library side for the clips nor their spans, so only a span mapper undoes the rotation
+    args = {"cfg": cfg, "net_cfg": SPANS_NET, "checkpoint_every": 0}
+    refiner, report = fit_refiner(data, encoders, tmp_path / "r", two_sided=False, **args)
     by_map = report["val_MRR@10_segments_by_span_map"]
     assert refiner.config.span_map == report["span_map"] == "mapped" and by_map["mapped"] > by_map["refined"]
     assert refiner.config.segment_weight > 0 and refiner.mapper_spans is not None
     assert (tmp_path / "r" / "mapper_spans.safetensors").exists()
+    assert refiner.config.span_library_weight == 0 and not (tmp_path / "r" / "mapper_spans_back.safetensors").exists()
     train, val = data.split(0.1)
     spans = (val.query_segments, val.audio_segments)
     loaded = Refiner.load(tmp_path / "r")
     np.testing.assert_allclose(loaded.scores(val.query, val.audio, segments=spans),
                                refiner.scores(val.query, val.audio, segments=spans), atol=1e-5)  # fmt: skip
     assert metrics(query_ranks(loaded.scores(val.query, val.audio, segments=spans), val.query_group))["R@1"] > 0.9
-    config = json.loads((tmp_path / "r" / "refiner.json").read_text())
-    (tmp_path / "r" / "refiner.json").write_text(json.dumps({**config, "span_map": "warped"}))
-    with pytest.raises(RefinerError, match="span_map"):
-        Refiner.load(tmp_path / "r")
-    (tmp_path / "r" / "refiner.json").write_text(json.dumps(config))
-    (tmp_path / "r" / "mapper_spans.safetensors").unlink()
-    with pytest.raises(RefinerError, match="span mapper"):
-        Refiner.load(tmp_path / "r")
+    _refuses_to_load(tmp_path / "r", {"span_map": "warped"}, "span_map", "mapper_spans.safetensors", "span mapper")
+    # two-sided (the default): a backward span mapper can undo the rotation from the windows' side
+    both, both_report = fit_refiner(data, encoders, tmp_path / "b", **args)
+    assert both.config.span_library_weight == both_report["span_library_weight"] > 0, both_report
+    assert both_report["span_mapper_ranking_weight"] == SPAN_MAPPER_RANKING_WEIGHT
+    assert (tmp_path / "b" / "mapper_spans_back.safetensors").exists()
+    loaded = Refiner.load(tmp_path / "b")
+    served = loaded.scores(val.query, val.audio, segments=spans)
+    np.testing.assert_allclose(served, both.scores(val.query, val.audio, segments=spans), atol=1e-5)
+    assert metrics(query_ranks(served, val.query_group))["R@1"] > 0.9
+    without = dataclasses.replace(loaded.config, span_library_weight=0.0)  # the library side changes the scores
+    assert not np.allclose(Refiner(without, loaded.net, loaded.mapper, None, loaded.mapper_back, loaded.mapper_spans)
+                           .scores(val.query, val.audio, segments=spans), served, atol=1e-4)  # fmt: skip
+    bad = {"span_library_weight": 1.5}
+    _refuses_to_load(tmp_path / "b", bad, "span_library_weight", "mapper_spans_back.safetensors", "span_library_weight")

@@ -40,7 +40,7 @@ from diffgap.encoders import EncoderSet
 from diffgap.encoders.base import EncoderFingerprint, l2_normalize
 from diffgap.models.mapper_net import Mapper
 from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
-from diffgap.models.segments import with_segment_scores
+from diffgap.models.segments import segment_scores, two_sided_segment_scores, with_segment_scores
 
 FORMAT = "diffgap-refiner"
 VERSION = 1
@@ -51,6 +51,7 @@ MAPPER_FILE = "mapper.safetensors"  # the MLP mapper whose scores `mix` adds, wh
 ADAPTER_FILE = "adapter.safetensors"  # the text adapter whose scores `mix` adds, when it has a weight
 MAPPER_BACK_FILE = "mapper_back.safetensors"  # the audio -> query mapper of the library-side part
 MAPPER_SPANS_FILE = "mapper_spans.safetensors"  # the span -> span mapper, where `span_map` is "mapped"
+MAPPER_SPANS_BACK_FILE = "mapper_spans_back.safetensors"  # audio span -> query span, the spans' library side
 # How a video query's time spans are taken toward audio space for the segment score: "refined", each
 # as the whole query is (the network and the mix), or "mapped", by a mapper trained on span pairs.
 SPAN_MAPS = ("refined", "mapped")
@@ -133,6 +134,10 @@ class RefinerConfig:
     segment_weight: float = 0.0
     segments: int = 0  # spans per clip the weight was picked with; a search needs the index to keep as many
     span_map: str = "refined"  # SPAN_MAPS: how the query's spans reach audio space; picked with the weight
+    # Weight of the spans' library side within the segment score: each window's spans mapped into the
+    # query space by a backward span mapper (saved beside the network) against the query's spans as
+    # encoded, (1 - w) * query-side span score + w * library-side one; picked with `segment_weight`.
+    span_library_weight: float = 0.0
     adapter: dict[str, Any] | None = None  # the text adapter's config (TextAdapter.config), when it has a weight
     training: dict[str, Any] = field(default_factory=dict)  # how it was trained, for the record
 
@@ -168,6 +173,9 @@ class RefinerConfig:
         span_map = data.get("span_map", "refined")
         if span_map not in SPAN_MAPS:
             raise RefinerError(f"span_map in refiner.json must be one of {SPAN_MAPS}, got {span_map!r}")
+        span_library = data.get("span_library_weight", 0.0)
+        if not isinstance(span_library, int | float) or not 0.0 <= span_library <= 1.0:
+            raise RefinerError(f"span_library_weight in refiner.json must be in [0, 1], got {span_library!r}")
         return cls(
             # checkpoints from before the trunk/skip condition paths existed were trained without them
             net=RefinerNetConfig(**{"cond_in_trunk": False, "query_skip": False, **data["net"]}),
@@ -183,6 +191,7 @@ class RefinerConfig:
             segment_weight=float(segment),
             segments=spans,
             span_map=span_map,
+            span_library_weight=float(span_library),
             adapter=data.get("adapter"),
             training=data.get("training", {}),
         )
@@ -197,6 +206,7 @@ class Refiner:
         adapter: TextAdapter | None = None,
         mapper_back: Mapper | None = None,
         mapper_spans: Mapper | None = None,
+        mapper_spans_back: Mapper | None = None,
     ) -> None:
         self.config = config
         self.net = (net or RefinerNet(config.net)).eval()
@@ -205,6 +215,8 @@ class Refiner:
         self.mapper_back = mapper_back.eval() if mapper_back is not None else None
         # a video query's spans -> audio spans, for `config.segment_weight` where `config.span_map` is "mapped"
         self.mapper_spans = mapper_spans.eval() if mapper_spans is not None else None
+        # a window's audio spans -> query spans, for `config.span_library_weight`
+        self.mapper_spans_back = mapper_spans_back.eval() if mapper_spans_back is not None else None
         self.adapter = adapter  # texts -> audio space, for `config.mix`
         self.schedule = NoiseSchedule(config.schedule)
         self._traced: dict[int, torch.nn.Module] = {}
@@ -225,6 +237,9 @@ class Refiner:
         if self._maps_spans():
             assert self.mapper_spans is not None, "config.span_map is 'mapped' but the refiner has no span mapper"
             _save_module(out / MAPPER_SPANS_FILE, self.mapper_spans)
+        if self.spans_two_sided:
+            assert self.mapper_spans_back is not None, "config.span_library_weight > 0 but no backward span mapper"
+            _save_module(out / MAPPER_SPANS_BACK_FILE, self.mapper_spans_back)
         self.config.adapter = None
         if self.reads_text:
             assert self.adapter is not None, "config.mix weighs adapted scores but the refiner has no adapter"
@@ -237,6 +252,11 @@ class Refiner:
 
     def _maps_spans(self) -> bool:
         return self.config.segment_weight > 0 and self.config.span_map == "mapped"
+
+    @property
+    def spans_two_sided(self) -> bool:
+        """Whether the segment score has a library side (`map_library_spans`, `span_scores`)."""
+        return self.config.segment_weight > 0 and self.config.span_library_weight > 0
 
     @property
     def two_sided(self) -> bool:
@@ -273,6 +293,10 @@ class Refiner:
         if refiner._maps_spans():
             why = "refiner.json maps time spans with a span mapper"
             refiner.mapper_spans = _load_mapper(path / MAPPER_SPANS_FILE, c.query_dim, c.audio_dim, hidden, why)
+        if refiner.spans_two_sided:
+            why = "refiner.json has a span_library_weight"
+            back = _load_mapper(path / MAPPER_SPANS_BACK_FILE, c.audio_dim, c.query_dim, hidden, why)
+            refiner.mapper_spans_back = back
         if refiner.reads_text:
             if not config.adapter:
                 raise RefinerError(f"{path}: refiner.json mixes in adapted scores but describes no adapter")
@@ -320,6 +344,31 @@ class Refiner:
         assert self.mapper_back is not None, "config.library_weight > 0 but the refiner has no backward mapper"
         return self.mapper_back.map(xb)
 
+    def map_library_spans(self, xb_spans: np.ndarray) -> np.ndarray:
+        """Windows' spans (K, S, d) mapped into the query space (K, S, c) by the backward span mapper:
+        the spans' library side, computed once per window by the caller (`span_scores` mixes them)."""
+        assert self.mapper_spans_back is not None, "config.span_library_weight > 0 but no backward span mapper"
+        k, s, d = xb_spans.shape
+        return self.mapper_spans_back.map(xb_spans.reshape(k * s, d)).reshape(k, s, -1)
+
+    def span_scores(
+        self,
+        query_spans: np.ndarray,
+        raw_spans: np.ndarray,
+        xb_spans: np.ndarray,
+        xb_spans_mapped: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """The segment score (B, N) as a search computes it: the queries' spans taken to audio space
+        (B, S, d, `refine_with_spans`) against the windows' spans (N, S, d), and, where the refiner has
+        a span library weight, the queries' spans as encoded (B, S, c) against the windows' spans
+        mapped back (N, S, c; `map_library_spans` when the caller keeps none)."""
+        scores = segment_scores(query_spans, xb_spans)  # (B, N)
+        if not self.spans_two_sided:
+            return scores
+        if xb_spans_mapped is None:
+            xb_spans_mapped = self.map_library_spans(xb_spans)  # (N, S, c)
+        return two_sided_segment_scores(scores, raw_spans, xb_spans_mapped, self.config.span_library_weight)
+
     def scores(
         self,
         xq: np.ndarray,
@@ -340,7 +389,8 @@ class Refiner:
         if self.two_sided:
             scores = two_sided_scores(scores, xq, self.map_library(xb), self.config.library_weight)
         if spans is not None:
-            scores = with_segment_scores(scores, spans, segments[1], self.config.segment_weight)
+            span = self.span_scores(spans, segments[0], segments[1])  # (B, N)
+            scores = with_segment_scores(scores, span, self.config.segment_weight)
         return scores
 
     def refine_with_spans(self, xq: np.ndarray, spans: np.ndarray, **options: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -35,10 +35,19 @@ def segment_scores(xq_segments: np.ndarray, xb_segments: np.ndarray) -> np.ndarr
     return np.einsum("qsc,nsc->qn", xq_segments, xb_segments) / xq_segments.shape[1]  # (Q, N)
 
 
-def with_segment_scores(
-    scores: np.ndarray, xq_segments: np.ndarray, xb_segments: np.ndarray, weight: float
+def two_sided_segment_scores(
+    query_side: np.ndarray, raw_segments: np.ndarray, mapped_segments: np.ndarray, weight: float
 ) -> np.ndarray:
-    """(1 - weight) * scores (Q, N) + weight * `segment_scores` of the same queries and candidates."""
+    """(1 - weight) * query_side + weight * `segment_scores`(raw, mapped): the span score of the
+    queries' spans taken to audio space (Q, N), mixed with the queries' spans as encoded (Q, S, c)
+    against the candidates' spans mapped into the query space (N, S, c), the spans' library side."""
+    if weight == 0:
+        return query_side
+    return (1 - weight) * query_side + weight * segment_scores(raw_segments, mapped_segments)  # (Q, N)
+
+
+def with_segment_scores(scores: np.ndarray, span_scores: np.ndarray, weight: float) -> np.ndarray:
+    """(1 - weight) * scores (Q, N) + weight * the span scores of the same queries and candidates (Q, N)."""
     if weight == 0:
         return scores
-    return (1 - weight) * scores + weight * segment_scores(xq_segments, xb_segments)  # (Q, N)
+    return (1 - weight) * scores + weight * span_scores  # (Q, N)

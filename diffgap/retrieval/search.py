@@ -186,6 +186,8 @@ class Searcher:
         # per two-sided refiner: the windows' audio mapped into the query space, filled at start or as
         # candidates come up (a fixed index's vectors do not change under a searcher)
         self._library: weakref.WeakKeyDictionary[Refiner, MappedWindows] = weakref.WeakKeyDictionary()
+        # and per refiner whose spans have a library side: the windows' spans mapped into the query space
+        self._library_spans: weakref.WeakKeyDictionary[Refiner, MappedWindows] = weakref.WeakKeyDictionary()
 
     def query_dim(self, modality: str) -> int:
         return self.encoders.for_modality(modality).dim
@@ -206,7 +208,7 @@ class Searcher:
         xq, spans = self._encode(modality, queries, self.store.manifest.segments if segment_weight else 0)  # (B, c)
         if any(q.needs_encoding for q in queries):
             timings["encode"] = (time.perf_counter() - t0) * 1e3
-        raw = xq  # the queries as encoded: what a rerank conditions on
+        raw, raw_spans = xq, spans  # the queries as encoded: what a rerank and the library sides read
         if spec is not None:
             t1 = time.perf_counter()
             refiner = self.refiners[modality]
@@ -238,7 +240,7 @@ class Searcher:
                 if two_sided:
                     hits = self._two_sided(self.refiners[modality], raw[i], hits)
                 if spans is not None:
-                    hits = self._with_segments(spans[i], hits, segment_weight)
+                    hits = self._with_segments(self.refiners[modality], spans[i], raw_spans[i], hits, segment_weight)
                 return hits
 
         hits = self.search_vectors(xq, queries, reorder, words, rescore)
@@ -356,18 +358,29 @@ class Searcher:
         return xb[np.searchsorted(found, ids)]  # (K, d) in hit order
 
     def warm_library(self) -> int:
-        """Map every window into the query space for each two-sided refiner now, when the index holds
-        no more than LIBRARY_KEPT of them, so that no query pays for its candidates' first mapping;
-        returns the windows mapped. Larger indexes map their candidates as queries bring them up."""
+        """Map every window (and its spans, for a refiner whose spans have a library side) into the
+        query space for each two-sided refiner now, when the index holds no more than LIBRARY_KEPT
+        (SPANS_KEPT) of them, so that no query pays for its candidates' first mapping; returns the
+        windows mapped. Larger indexes map their candidates as queries bring them up."""
         done = 0
         for refiner in self.refiners.values():
-            if not refiner.two_sided or self.store.ntotal > LIBRARY_KEPT:
+            clips = refiner.two_sided and self.store.ntotal <= LIBRARY_KEPT
+            spans = self._serves_span_library(refiner) and self.store.ntotal <= SPANS_KEPT
+            if not clips and not spans:
                 continue
-            kept = self._library.setdefault(refiner, MappedWindows())
             for ids, xb in self.store.iter_vectors(batch=1024):  # (B,), (B, d)
-                kept.add(ids.tolist(), refiner.map_library(xb))
+                if clips:
+                    self._library.setdefault(refiner, MappedWindows()).add(ids.tolist(), refiner.map_library(xb))
+                if spans and (xb_spans := self.store.segment_vectors(ids)) is not None:  # (B, S, d)
+                    kept = self._library_spans.setdefault(refiner, MappedWindows(SPANS_KEPT, np.float16))
+                    kept.add(ids.tolist(), refiner.map_library_spans(xb_spans).reshape(len(ids), -1))
                 done += len(ids)
         return done
+
+    def _serves_span_library(self, refiner: Refiner) -> bool:
+        """Whether searches with `refiner` score the spans' library side: it has a weight, and the index
+        keeps as many spans per window as the refiner's weights were picked with."""
+        return refiner.spans_two_sided and refiner.config.segments == self.store.manifest.segments
 
     def _two_sided(self, refiner: Refiner, raw: np.ndarray, hits: list[Hit]) -> list[Hit]:
         """Candidates rescored with the refiner's library side: each window's audio mapped into the
@@ -388,14 +401,30 @@ class Searcher:
             h.score = float(s)
         return sorted(hits, key=lambda h: -h.score)
 
-    def _with_segments(self, spans: np.ndarray, hits: list[Hit], weight: float) -> list[Hit]:
-        """Candidates rescored with the time-segment score of the query's refined spans (S, d) against
-        each window's (`with_segment_scores`); best first. Left as they are where a window has no spans."""
-        xb_spans = self.store.segment_vectors(np.asarray([h.item.id for h in hits], dtype=np.int64))  # (K, S, c)
+    def _with_segments(
+        self, refiner: Refiner, spans: np.ndarray, raw_spans: np.ndarray, hits: list[Hit], weight: float
+    ) -> list[Hit]:
+        """Candidates rescored with the time-segment score (`Refiner.span_scores`) of the query's spans
+        taken to audio space (S, d) against each window's, with the spans' library side where the
+        refiner has one (the query's spans as encoded (S, c) against each window's mapped back, once
+        per window while the searcher lives); best first. Left as they are where a window has no spans."""
+        ids = [h.item.id for h in hits]
+        xb_spans = self.store.segment_vectors(np.asarray(ids, dtype=np.int64))  # (K, S, d)
         if xb_spans is None:
             return hits
+        mapped = None
+        if refiner.spans_two_sided:
+            kept = self._library_spans.setdefault(refiner, MappedWindows(SPANS_KEPT, np.float16))
+            k, s, _ = xb_spans.shape
+            flat, missing = kept.get(ids, s * len(raw_spans[0]))  # (K, S * c), rows not yet mapped at zero
+            if missing:
+                new = refiner.map_library_spans(xb_spans[missing]).reshape(len(missing), -1)  # (M, S * c)
+                kept.add([ids[i] for i in missing], new)
+                flat[missing] = new.astype(kept.dtype)  # as a later query reads them back
+            mapped = flat.reshape(k, s, -1)  # (K, S, c)
+        span = refiner.span_scores(spans[None], raw_spans[None], xb_spans, mapped)  # (1, K)
         scores = np.asarray([[h.score for h in hits]], dtype=np.float32)  # (1, K)
-        mixed = with_segment_scores(scores, spans[None], xb_spans, weight)[0]  # (K,)
+        mixed = with_segment_scores(scores, span, weight)[0]  # (K,)
         for h, score in zip(hits, mixed, strict=True):
             h.score = float(score)
         return sorted(hits, key=lambda h: -h.score)
@@ -447,13 +476,15 @@ CANDIDATES = 100  # dense candidates a narrowing query starts from
 
 
 class MappedWindows:
-    """Windows' audio vectors mapped into a two-sided refiner's query space, kept by item id in
-    float32 blocks (no per-row objects) and at most LIBRARY_KEPT of them: past that it starts over
-    rather than grow. Safe to share between the threads of a server."""
+    """Windows' audio vectors (or spans, flattened) mapped into a two-sided refiner's query space,
+    kept by item id in blocks of `dtype` (no per-row objects) and at most `limit` (default
+    LIBRARY_KEPT) of them: past that it starts over rather than grow. Safe to share between the
+    threads of a server."""
 
     BLOCK = 8192  # rows per block
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None, dtype: type[np.floating] = np.float32) -> None:
+        self.limit, self.dtype = limit, dtype
         self._lock = threading.Lock()
         self._blocks: list[np.ndarray] = []  # (BLOCK, c) each
         self._row_of: dict[int, int] = {}  # item id -> row over the blocks
@@ -465,7 +496,7 @@ class MappedWindows:
         """The kept rows of `ids` (K, dim) (zeros where none) and the positions in `ids` that have none."""
         with self._lock:
             rows = [self._row_of.get(i) for i in ids]
-            out = np.zeros((len(ids), dim), np.float32)
+            out = np.zeros((len(ids), dim), np.float32)  # float32 whatever the blocks keep
             for k, r in enumerate(rows):
                 if r is not None:
                     out[k] = self._blocks[r // self.BLOCK][r % self.BLOCK]
@@ -474,14 +505,14 @@ class MappedWindows:
     def add(self, ids: list[int], vectors: np.ndarray) -> None:
         """Keep `vectors` (M, c) as the rows of `ids`."""
         with self._lock:
-            if len(self._row_of) + len(ids) > LIBRARY_KEPT:
+            if len(self._row_of) + len(ids) > (LIBRARY_KEPT if self.limit is None else self.limit):
                 self._blocks, self._row_of = [], {}
             for i, v in zip(ids, vectors, strict=True):
                 if i in self._row_of:
                     continue
                 n = len(self._row_of)
                 if n == len(self._blocks) * self.BLOCK:
-                    self._blocks.append(np.empty((self.BLOCK, len(v)), np.float32))
+                    self._blocks.append(np.empty((self.BLOCK, len(v)), self.dtype))
                 self._blocks[n // self.BLOCK][n % self.BLOCK] = v
                 self._row_of[i] = n
 
@@ -489,6 +520,10 @@ class MappedWindows:
 # windows whose library-side vectors a searcher keeps per two-sided refiner (~1.5 KB of memory each at 256-d):
 # a query whose 100 candidates are new pays ~5 ms to map them, 100 kept ones ~0.3 ms (BENCHMARKS.md run 11)
 LIBRARY_KEPT = 200_000
+# and windows whose spans' library side it keeps per refiner: 4 spans of 256 floats in float16 (the
+# precision the index stores spans in) are 2 KB a window, so 100,000 of them are ~200 MB; mapping 100
+# new candidates' 400 spans costs ~18 ms a query on one core, a kept one's a read (BENCHMARKS.md run 16)
+SPANS_KEPT = 100_000
 MEANING_DEPTH = 100  # files the meaning ranking contributes to a query's candidates
 # The fusion's weights, chosen on a library of Debian sound packages and queries other than the ones
 # the benchmark reports (bench/reallib_design_queries.json; BENCHMARKS.md, "A real library"):

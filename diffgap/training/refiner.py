@@ -61,6 +61,12 @@ FEW_PAIRS = 300
 # weights stay on the held-out clips: picked among every clip they scored lower at 1,000 pairs on both.
 SPAN_GALLERIES = ("held-out", "library")
 
+# The ranking term of the two span mappers (query spans -> audio spans and back), whatever the clip
+# mappers' (`--mapper-ranking-weight`): the span score is used only to rank, and with the refiner's
+# 0.2 the query-side span mapper alone ranked better on both SynthCaps seeds (0.802 / 0.768 against
+# 0.773 / 0.747 video R@1; 0.5 and 1.0 less so), as did the spans' library side (BENCHMARKS.md run 16).
+SPAN_MAPPER_RANKING_WEIGHT = 0.2
+
 
 @dataclass
 class RefinerTrainConfig:
@@ -437,7 +443,7 @@ def fit_refiner(
             _fit_mix(refiner, train, val, eval_steps, mapper_cfg, report, text_adapter, two_sided)
         if val.query_segments is not None and val.audio_segments is not None:
             gallery = val.with_distractors(train) if span_gallery == "library" else val
-            _fit_segment_weight(refiner, train, gallery, mapper_cfg, report)
+            _fit_segment_weight(refiner, train, gallery, mapper_cfg, report, two_sided)
         refiner.config.training["validation"] = report
         log.info(
             "held-out %s->audio R@1: refined %.3f%s (R@10 %.3f), %d queries",
@@ -453,6 +459,7 @@ def fit_refiner(
     report["mix"] = refiner.config.mix
     report["library_weight"] = refiner.config.library_weight
     report["segment_weight"] = refiner.config.segment_weight
+    report["span_library_weight"] = refiner.config.span_library_weight
     refiner.save(out)
     shutil.rmtree(checkpoint, ignore_errors=True)  # the finished model supersedes it
     log.info("saved refiner (%d bytes of weights) to %s", refiner.num_bytes, out)
@@ -506,30 +513,56 @@ def _fit_mix(
 
 
 def _fit_segment_weight(
-    refiner: Refiner, train: PairEmbeddings, val: PairEmbeddings, mapper_cfg: MapperConfig, report: dict[str, Any]
+    refiner: Refiner,
+    train: PairEmbeddings,
+    val: PairEmbeddings,
+    mapper_cfg: MapperConfig,
+    report: dict[str, Any],
+    two_sided: bool = True,
 ) -> None:
     """The weight of the time-segment score (`with_segment_scores`) against everything the refiner
-    scores already, and how the query's spans reach audio space (`span_map`: refined as the query is,
-    or by a mapper trained on `train`'s span pairs), picked together on the held-out queries' spans
-    among `val`'s clips (BENCHMARKS.md runs 13-15). Ties: the refined spans, then the smaller weight."""
+    scores already, how the query's spans reach audio space (`span_map`: refined as the query is, or
+    by a mapper trained on `train`'s span pairs) and (`two_sided`) the weight of the spans' library
+    side (a mapper trained on the same span pairs the other way), picked together on the held-out
+    queries' spans among `val`'s clips (BENCHMARKS.md runs 13-16): for each span map the library
+    weight that ranks best by the span score alone, then the segment weight against the rest.
+    Ties: the refined spans, then the smaller weights."""
     assert val.query_segments is not None and val.audio_segments is not None, "held-out pairs without spans"
     report["span_gallery_clips"] = int(len(val.audio))
     base = refiner.scores(val.query, val.audio)  # (P, G) everything but the spans
-    refiner.mapper_spans = train_mapper(train.span_pairs(), 0, mapper_cfg)
+    span_cfg = replace(mapper_cfg, ranking_weight=SPAN_MAPPER_RANKING_WEIGHT)
+    refiner.mapper_spans = train_mapper(train.span_pairs(), 0, span_cfg)
+    refiner.mapper_spans_back = train_mapper(train.span_pairs(), 1, span_cfg) if two_sided else None
     refiner.config.mapper_hidden = mapper_cfg.hidden  # the width every saved mapper of this refiner has
+    library = None
+    if refiner.mapper_spans_back is not None:
+        library = segment_scores(val.query_segments, refiner.map_library_spans(val.audio_segments))  # (P, G)
     picks = {}
     for span_map in SPAN_MAPS:
         refiner.config.span_map = span_map
         spans = segment_scores(refiner.refine_with_spans(val.query, val.query_segments)[1], val.audio_segments)
-        picks[span_map] = choose_score_weight(base, spans, val.query_group)  # (weight, MRR@10)
+        span_library = choose_score_weight(spans, library, val.query_group)[0] if library is not None else 0.0
+        if span_library:
+            spans = (1 - span_library) * spans + span_library * library  # (P, G)
+        picks[span_map] = (*choose_score_weight(base, spans, val.query_group), span_library)  # weight, MRR, l
     span_map = max(SPAN_MAPS, key=lambda name: picks[name][1])  # max keeps the first of equal scores
-    weight, score = picks[span_map]
+    weight, score, span_library = picks[span_map]
     refiner.config.span_map = span_map
     refiner.config.segment_weight = float(weight)
     refiner.config.segments = int(val.query_segments.shape[1]) if weight > 0 else 0
+    refiner.config.span_library_weight = float(span_library) if weight > 0 else 0.0
     if span_map != "mapped" or weight == 0:
         refiner.mapper_spans = None
+    if not refiner.spans_two_sided:
+        refiner.mapper_spans_back = None
     report["span_map"] = span_map
+    report["span_mapper_ranking_weight"] = SPAN_MAPPER_RANKING_WEIGHT
     report["val_MRR@10_segments"] = round(score, 4)
-    report["val_MRR@10_segments_by_span_map"] = {name: round(mrr, 4) for name, (_, mrr) in picks.items()}
-    log.info("time-segment weight %.3f, spans %s, picked on the held-out pairs (MRR@10 %.4f)", weight, span_map, score)
+    report["val_MRR@10_segments_by_span_map"] = {name: round(mrr, 4) for name, (_, mrr, _) in picks.items()}
+    log.info(
+        "time-segment weight %.3f, spans %s, their library side %.3f, picked on the held-out pairs (MRR@10 %.4f)",
+        weight,
+        span_map,
+        refiner.config.span_library_weight,
+        score,
+    )

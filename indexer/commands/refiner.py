@@ -269,7 +269,8 @@ def register_train(p: argparse.ArgumentParser) -> None:
         "--one-sided",
         action="store_true",
         help="score the query side only; by default a backward mapper is trained too and the weight of each "
-        "candidate's audio mapped into the query space, scored against the query, is picked on the held-out pairs",
+        "candidate's audio mapped into the query space, scored against the query, is picked on the held-out pairs "
+        "(and for video pairs with time spans, of each candidate's spans mapped back against the query's)",
     )
     p.add_argument(
         "--span-gallery",

@@ -46,6 +46,10 @@ def readyz(holder: HolderDep, settings: SettingsDep, response: Response) -> Read
             "library_weight": r.config.library_weight,  # of the library side (the candidates mapped back)
             # of the time-segment score (video queries; 0 where the index keeps no spans like the weight's)
             "segment_weight": state.searcher.segment_weight(m),
+            # how a video query's spans reach audio space: refined as the query is, or by the span mapper
+            "span_map": r.config.span_map if state.searcher.segment_weight(m) else None,
+            # and the weight of the spans' library side within the segment score (the windows' spans mapped back)
+            "span_library_weight": r.config.span_library_weight if state.searcher.segment_weight(m) else 0.0,
             # the text adapter's sentence model, when the mix weighs it (it reads each text query's words)
             "adapter": r.adapter.sentence.ref.name if r.reads_text and r.adapter is not None else None,
             "trained_pairs": r.config.training.get("pairs"),
