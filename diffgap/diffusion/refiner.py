@@ -228,24 +228,31 @@ class Refiner:
         complete pair)."""
         out = Path(out)
         _save_module(out / WEIGHTS_FILE, self.net)
-        if self._needs_mapper():
-            assert self.mapper is not None, "config.mix weighs mapped scores but the refiner has no mapper"
-            _save_module(out / MAPPER_FILE, self.mapper)
-        if self.two_sided:
-            assert self.mapper_back is not None, "config.library_weight > 0 but the refiner has no backward mapper"
-            _save_module(out / MAPPER_BACK_FILE, self.mapper_back)
-        if self._maps_spans():
-            assert self.mapper_spans is not None, "config.span_map is 'mapped' but the refiner has no span mapper"
-            _save_module(out / MAPPER_SPANS_FILE, self.mapper_spans)
-        if self.spans_two_sided:
-            assert self.mapper_spans_back is not None, "config.span_library_weight > 0 but no backward span mapper"
-            _save_module(out / MAPPER_SPANS_BACK_FILE, self.mapper_spans_back)
+        for file, attribute, needed, _, _, why in self._mapper_slots():
+            if needed:
+                mapper = getattr(self, attribute)
+                assert mapper is not None, f"{why} but the refiner has no {attribute}"
+                _save_module(out / file, mapper)
         self.config.adapter = None
         if self.reads_text:
             assert self.adapter is not None, "config.mix weighs adapted scores but the refiner has no adapter"
             atomic_write_bytes(out / ADAPTER_FILE, safetensors_bytes(self.adapter.tensors()))
             self.config.adapter = self.adapter.config()
         atomic_write_json(out / CONFIG_FILE, self.config.to_json())
+
+    def _mapper_slots(self) -> list[tuple[str, str, bool, int, int, str]]:
+        """Each mapper a refiner may save beside its network: (file, attribute, whether the config
+        weighs it, its input dim, its output dim, why the config needs it)."""
+        c = self.config.net
+        to_audio, from_audio = (c.query_dim, c.audio_dim), (c.audio_dim, c.query_dim)
+        return [
+            (MAPPER_FILE, "mapper", self._needs_mapper(), *to_audio, "refiner.json mixes in mapped scores"),
+            (MAPPER_BACK_FILE, "mapper_back", self.two_sided, *from_audio, "refiner.json has a library_weight"),
+            (MAPPER_SPANS_FILE, "mapper_spans", self._maps_spans(), *to_audio,
+             "refiner.json maps time spans with a span mapper"),
+            (MAPPER_SPANS_BACK_FILE, "mapper_spans_back", self.spans_two_sided, *from_audio,
+             "refiner.json has a span_library_weight"),
+        ]  # fmt: skip
 
     def _needs_mapper(self) -> bool:
         return bool(self.config.mix and self.config.mix.get("mapped", 0) > 0)
@@ -283,20 +290,9 @@ class Refiner:
         except RuntimeError as exc:
             raise RefinerError(f"{path}: weights do not match refiner.json: {exc}") from exc
         refiner = cls(config, net)
-        c, hidden = config.net, config.mapper_hidden
-        if refiner._needs_mapper():
-            why = "refiner.json mixes in mapped scores"
-            refiner.mapper = _load_mapper(path / MAPPER_FILE, c.query_dim, c.audio_dim, hidden, why)
-        if refiner.two_sided:
-            why = "refiner.json has a library_weight"
-            refiner.mapper_back = _load_mapper(path / MAPPER_BACK_FILE, c.audio_dim, c.query_dim, hidden, why)
-        if refiner._maps_spans():
-            why = "refiner.json maps time spans with a span mapper"
-            refiner.mapper_spans = _load_mapper(path / MAPPER_SPANS_FILE, c.query_dim, c.audio_dim, hidden, why)
-        if refiner.spans_two_sided:
-            why = "refiner.json has a span_library_weight"
-            back = _load_mapper(path / MAPPER_SPANS_BACK_FILE, c.audio_dim, c.query_dim, hidden, why)
-            refiner.mapper_spans_back = back
+        for file, attribute, needed, in_dim, out_dim, why in refiner._mapper_slots():
+            if needed:
+                setattr(refiner, attribute, _load_mapper(path / file, in_dim, out_dim, config.mapper_hidden, why))
         if refiner.reads_text:
             if not config.adapter:
                 raise RefinerError(f"{path}: refiner.json mixes in adapted scores but describes no adapter")
