@@ -163,6 +163,24 @@ def build_index(root: Path, spec: str, n: int, meaning: bool = True) -> None:
     Refiner(config, mapper=Mapper(net.query_dim, net.audio_dim, config.mapper_hidden)).save(root / "refiner-text")
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU time counters (user, nice, system, idle, iowait, irq, softirq, steal, ...), or
+    none where /proc/stat is missing."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return []
+
+
+def steal_share(before: list[int], after: list[int]) -> float | None:
+    """The share of CPU time a virtual machine's host gave to others between two `cpu_times`: a busy
+    neighbour slows every stage alike, which the load average inside the machine does not show."""
+    if len(before) < 8 or len(after) < 8:
+        return None
+    total = sum(after[:8]) - sum(before[:8])
+    return round((after[7] - before[7]) / total, 4) if total > 0 else None
+
+
 def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]:
     """Median ms of each stage for one query, in this process (no HTTP): where a request's time goes."""
     from diffgap.resources import set_compute_threads
@@ -590,16 +608,26 @@ def main() -> None:
         clap_saturation(args)
         return
     if args.profile_only:
+        # what else ran: run I (2026-12-03) timed the span stages 2-3x slower than runs J and K an hour
+        # later on the same code, so a profile says how busy the machine was before it started
+        load, started, cpu = os.getloadavg(), time.time(), cpu_times()
+        if load[0] > (os.cpu_count() or 1) / 2:
+            print(f"the machine is busy (load average {load[0]:.2f} over the last minute): "
+                  "these times are not comparable with an idle machine's", file=sys.stderr)  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp_name:
             tmp = Path(tmp_name)
             spec = make_compact(tmp / "compact")
             build_index(tmp / "index", spec, 100_000)
             stages = in_process_profile(tmp / "index", spec, args.threads)
+        steal = steal_share(cpu, cpu_times())
         print(json.dumps(stages))
         out = Path(args.out)
         data = json.loads(out.read_text()) if out.exists() else {"rows": []}
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**data, "in_process_100k": stages}, indent=1))
+        machine = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": args.threads,
+                   "load_average_before": [round(x, 2) for x in load], "steal_share": steal,
+                   "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(started))}  # fmt: skip
+        out.write_text(json.dumps({**data, "in_process_100k": stages, "in_process_machine": machine}, indent=1))
         return
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: apt-get install wrk")

