@@ -246,7 +246,7 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
     two = Refiner(replace(refiner.config, library_weight=0.5), refiner.net, refiner.mapper, mapper_back=back)
     warm = Searcher(store, encoders, {"text": two}, meaning)
     t = time.perf_counter()
-    assert warm.warm_library() == store.ntotal
+    assert warm.warm_library() == {"text": store.ntotal}
     warm_s = time.perf_counter() - t  # once, as a server does before it says it is ready
     candidates = warm.search_vectors(two.refine(xq), [Query("text", 100, text="x", collapse=False)])[0]  # (100 hits)
     two_sided = {

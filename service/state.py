@@ -59,7 +59,8 @@ def load_state(settings: Settings) -> ServiceState:
     # And the library side of a two-sided refiner: every window mapped once (~35 us each on one core).
     t = time.perf_counter()
     if mapped := searcher.warm_library():
-        log.info("mapped %d windows for the library side in %.1f s", mapped, time.perf_counter() - t)
+        log.info("mapped the library side in %.1f s: %s", time.perf_counter() - t,
+                 ", ".join(f"{n} windows for the {name} refiner" for name, n in mapped.items()))  # fmt: skip
     # So does what a text tower builds at its first call: a beside tower's vocabulary vectors (seconds).
     if searcher.encoders.text is not None:
         searcher.encoders.text.encode(["warm up"])

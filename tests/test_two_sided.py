@@ -151,7 +151,7 @@ def test_a_two_sided_search_rescored_its_candidates_alone_and_in_a_batch(tiny_cl
     # a server maps every window when it starts (an index within the bound): queries then map nothing
     fresh = open_searcher(tmp_path / "idx")
     fresh.refiners["text"] = refiner
-    assert fresh.warm_library() == len(ids) and len(fresh._library[refiner]) == len(ids)
+    assert fresh.warm_library() == {"text": len(ids)} and len(fresh._library[refiner]) == len(ids)
     for t, hits in zip(texts, alone, strict=True):
         warm = fresh.search(Query("text", k=5, text=t, refine=RefineSpec())).hits
         assert [h.item.id for h in warm] == [h.item.id for h in hits]
@@ -160,7 +160,7 @@ def test_a_two_sided_search_rescored_its_candidates_alone_and_in_a_batch(tiny_cl
     import diffgap.retrieval.search as search_module
 
     monkeypatch.setattr(search_module, "LIBRARY_KEPT", 3)
-    assert searcher.warm_library() == 0  # too many windows to keep them all: queries bring them up
+    assert searcher.warm_library() == {}  # too many windows to keep them all: queries bring them up
     searcher._library.clear()
     bounded = [searcher.search(Query("text", k=5, text=t, refine=RefineSpec())).hits for t in texts]
     assert len(searcher._library[refiner]) == len(ids)  # one query's candidates are all mapped, then kept

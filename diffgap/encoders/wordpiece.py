@@ -34,7 +34,8 @@ def learn_wordpiece_vocab(
     words: Iterable[str], vocab_size: int, specials: Iterable[str] = (), alphabet: Iterable[str] = ()
 ) -> list[str]:
     """The vocabulary, in id order: the special tokens, every letter bare and as a continuation (sorted),
-    then merged pieces in the order they were learnt, until `vocab_size` pieces or no pair is left.
+    then merged pieces in the order they were learnt, until `vocab_size` pieces or no pair is left (the
+    specials and letters are always kept, so a vocab_size below their count gets just them).
     Each step merges the pair of neighbouring pieces seen most often across `words` (with repeats); a tie
     goes to the pair whose pieces sort first. `alphabet` adds letters the words may not use, so an unseen
     word is spelled out in pieces instead of becoming unknown."""
@@ -55,7 +56,7 @@ def learn_wordpiece_vocab(
     heapq.heapify(heap)
     while len(vocab) < vocab_size and heap:
         n, pair = heapq.heappop(heap)
-        if pairs.get(pair, 0) != -n or n == 0:
+        if pairs.get(pair, 0) != -n:
             continue  # stale: this pair's count changed after the entry was pushed
         piece = merged(*pair)
         if piece not in known:

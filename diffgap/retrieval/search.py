@@ -357,13 +357,14 @@ class Searcher:
         found, xb = self.store.vectors(ids)  # (K,), (K, d) in id order
         return xb[np.searchsorted(found, ids)]  # (K, d) in hit order
 
-    def warm_library(self) -> int:
+    def warm_library(self) -> dict[str, int]:
         """Map every window (and its spans, for a refiner whose spans have a library side) into the
         query space for each two-sided refiner now, when the index holds no more than LIBRARY_KEPT
         (SPANS_KEPT) of them, so that no query pays for its candidates' first mapping; returns the
-        windows mapped. Larger indexes map their candidates as queries bring them up."""
-        done = 0
-        for refiner in self.refiners.values():
+        windows mapped, by the name of each refiner that mapped any. Larger indexes map their
+        candidates as queries bring them up."""
+        done: dict[str, int] = {}
+        for name, refiner in self.refiners.items():
             clips = refiner.two_sided and self.store.ntotal <= LIBRARY_KEPT
             spans = self._serves_span_library(refiner) and self.store.ntotal <= SPANS_KEPT
             if not clips and not spans:
@@ -374,7 +375,7 @@ class Searcher:
                 if spans and (xb_spans := self.store.segment_vectors(ids)) is not None:  # (B, S, d)
                     kept = self._library_spans.setdefault(refiner, MappedWindows(SPANS_KEPT, np.float16))
                     kept.add(ids.tolist(), refiner.map_library_spans(xb_spans).reshape(len(ids), -1))
-                done += len(ids)
+                done[name] = done.get(name, 0) + len(ids)
         return done
 
     def _serves_span_library(self, refiner: Refiner) -> bool:
