@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tone
+from conftest import tone, train_tiny_towers
+from safetensors.torch import load_file
 
 from diffgap.encoders import EncoderLoadError, load_encoders, parse_spec
 from diffgap.encoders.compact import CompactModel, train_tokenizer
@@ -167,3 +168,14 @@ def test_trained_tokenizer_is_the_same_every_time():
     runs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
             for _ in range(2)}  # fmt: skip
     assert len(runs) == 1 and json.loads(runs.pop())["model"]["vocab"] == vocabs[0]  # in a new process too
+
+
+def test_compact_towers_trained_twice_with_one_seed_are_the_same(tmp_path):
+    """What the tokenizer's hash-order ties broke: a fixed seed reproduces the vocabulary and every weight."""
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        train_tiny_towers(tmp_path / run)
+    a, b = tmp_path / "a" / "enc", tmp_path / "b" / "enc"
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
