@@ -43,7 +43,7 @@ def two_sided_segment_scores(
     against the candidates' spans mapped into the query space (N, S, c), the spans' library side."""
     if weight == 0:
         return query_side
-    return (1 - weight) * query_side + weight * segment_scores(raw_segments, mapped_segments)  # (Q, N)
+    return with_segment_scores(query_side, segment_scores(raw_segments, mapped_segments), weight)  # (Q, N)
 
 
 def with_segment_scores(scores: np.ndarray, span_scores: np.ndarray, weight: float) -> np.ndarray:

@@ -523,7 +523,7 @@ class MappedWindows:
 LIBRARY_KEPT = 200_000
 # and windows whose spans' library side it keeps per refiner: 4 spans of 256 floats in float16 (the
 # precision the index stores spans in) are 2 KB a window, so 100,000 of them are ~200 MB; mapping 100
-# new candidates' 400 spans costs ~18 ms a query on one core, a kept one's a read (BENCHMARKS.md run 16)
+# new candidates' 400 spans costs ~7 ms a query on one core, 100 kept ones ~0.2 ms (BENCHMARKS.md run 17)
 SPANS_KEPT = 100_000
 MEANING_DEPTH = 100  # files the meaning ranking contributes to a query's candidates
 # The fusion's weights, chosen on a library of Debian sound packages and queries other than the ones

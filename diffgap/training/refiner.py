@@ -32,7 +32,7 @@ from diffgap.diffusion.refiner import DEFAULT_STEPS, SPAN_MAPS, Refiner, Refiner
 from diffgap.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from diffgap.encoders import EncoderSet
 from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
-from diffgap.models.segments import segment_scores
+from diffgap.models.segments import segment_scores, with_segment_scores
 from diffgap.training.adapter import AdapterTrainConfig, fit_adapter, sentence_model_for, wanted
 from diffgap.training.embeddings import PairEmbeddings
 from diffgap.training.losses import group_mask, ranking_loss
@@ -542,9 +542,10 @@ def _fit_segment_weight(
     for span_map in SPAN_MAPS:
         refiner.config.span_map = span_map
         spans = segment_scores(refiner.refine_with_spans(val.query, val.query_segments)[1], val.audio_segments)
-        span_library = choose_score_weight(spans, library, val.query_group)[0] if library is not None else 0.0
-        if span_library:
-            spans = (1 - span_library) * spans + span_library * library  # (P, G)
+        span_library = 0.0
+        if library is not None:
+            span_library = choose_score_weight(spans, library, val.query_group)[0]
+            spans = with_segment_scores(spans, library, span_library)  # (P, G), as `Refiner.span_scores` mixes
         picks[span_map] = (*choose_score_weight(base, spans, val.query_group), span_library)  # weight, MRR, l
     span_map = max(SPAN_MAPS, key=lambda name: picks[name][1])  # max keeps the first of equal scores
     weight, score, span_library = picks[span_map]
