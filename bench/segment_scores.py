@@ -20,12 +20,15 @@ the issue's, (R@1 - direct) / (in-domain direct - direct), and one with spans on
 (R@1 - direct + segments) / (in-domain direct + segments - direct + segments). The reverse direction
 (audio -> video) gets the search rows.
 The plain MLP mapper (the baseline) gets the same two rows as the refiner, its spans mapped as its
-queries are. Writes WORK/segment_scores[-NAME].json and prints a markdown table.
+queries are, and a third with the refiner's whole span machinery (`mapper_with_span_machinery`): the
+row that says what the diffusion network adds, with the gap to the shipped refiner and its paired
+bootstrap interval. Writes WORK/segment_scores[-NAME].json and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -44,6 +47,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from data_efficiency import recovery  # noqa: E402
 from rerank_synthcaps import split_embeddings, start_run  # noqa: E402
 
+from diffgap.diffusion.refiner import Refiner  # noqa: E402
 from diffgap.encoders import load_encoders  # noqa: E402
 from diffgap.media.audio import decode_audio  # noqa: E402
 from diffgap.media.video import decode_video  # noqa: E402
@@ -51,7 +55,7 @@ from diffgap.models.segments import segment_scores  # noqa: E402
 from diffgap.training.embeddings import PairEmbeddings  # noqa: E402
 from diffgap.training.mapper import MapperConfig, train_mapper  # noqa: E402
 from diffgap.training.metrics import audio_ranks, choose_score_weight, metrics, query_ranks  # noqa: E402
-from diffgap.training.refiner import SPAN_GALLERIES, fit_refiner  # noqa: E402
+from diffgap.training.refiner import SPAN_GALLERIES, RefinerTrainConfig, fit_refiner, fit_segment_weight  # noqa: E402
 
 log = logging.getLogger("segment_scores")
 
@@ -100,6 +104,16 @@ def r_at_1(scores: np.ndarray, groups: np.ndarray, direction: int = 0) -> float:
     return float(metrics(ranks)["R@1"])
 
 
+def paired_gap(a: np.ndarray, b: np.ndarray, groups: np.ndarray, draws: int = 2000) -> dict[str, float]:
+    """R@1 of score matrix `a` minus `b` (Q, G) on the same queries, with a 95% interval from a paired
+    bootstrap over the queries: how far apart two rows of one table really are."""
+    hits = (query_ranks(a, groups) <= 1).astype(float) - (query_ranks(b, groups) <= 1)  # (Q,) in {-1, 0, 1}
+    rng = np.random.default_rng(0)
+    means = hits[rng.integers(0, len(hits), size=(draws, len(hits)))].mean(1)  # (draws,)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return {"gap": float(hits.mean()), "low": float(low), "high": float(high)}
+
+
 def held_out(train: PairEmbeddings, seg_train: tuple, span_gallery: str) -> tuple[PairEmbeddings, PairEmbeddings]:
     """The 10% of clips `refiner train` holds out with their queries and spans, and the gallery it ranks
     them among while it picks the span weight (`--span-gallery`: those clips, or every clip)."""
@@ -130,6 +144,25 @@ def mapper_rows(
             (1 - w) * clip + w * spans, test.query_group
         ),
     }, w
+
+
+def mapper_with_span_machinery(
+    refiner: Refiner, with_spans: PairEmbeddings, span_gallery: str, seed: int = 0
+) -> Refiner:
+    """The plain MLP mapper given everything `refiner train` ships for spans: both span mappers with
+    their ranking term, the query's spans mapped, the spans' library weight and the segment weight
+    picked on the same held-out queries among the same gallery. Its clip score is the mapper's alone
+    (the mix's whole weight), so the diffusion network takes no part: the baseline that says what the
+    network adds once the spans are in (BENCHMARKS.md run 16's "fairer mapper"). `seed`: the refiner's
+    training seed, which draws its held-out share."""
+    fair = Refiner(copy.deepcopy(refiner.config), refiner.net)  # the network is shared, never trained here
+    fit, held = with_spans.split(0.1, seed=seed)  # what fit_refiner holds out
+    cfg = dataclasses.replace(MapperConfig(), iterations=RefinerTrainConfig().iterations // 2, seed=seed)
+    fair.mapper, fair.mapper_back = train_mapper(fit, 0, cfg), None
+    fair.config.mix, fair.config.library_weight = {"refined": 0.0, "mapped": 1.0, "direct": 0.0}, 0.0
+    gallery = held.with_distractors(fit) if span_gallery == "library" else held
+    fit_segment_weight(fair, fit, gallery, cfg, {}, span_maps=("mapped",))
+    return fair
 
 
 def search_rows(
@@ -172,6 +205,7 @@ def main() -> None:
     rows, weights = search_rows(train, test, seg["adapt"], seg["test"], "", args.span_gallery)
     mapped, weights["mapper"] = mapper_rows(train, test, seg["adapt"], seg["test"], args.span_gallery)
     rows.update(mapped)
+    gaps = {}
     if not args.no_refiner:  # what `refiner train` does on an index that keeps 4 spans a window
         with_spans = dataclasses.replace(train, query_segments=seg["adapt"][0], audio_segments=seg["adapt"][1])
         refiner, _ = fit_refiner(with_spans, load_encoders(f"compact:{Path(args.encoders).resolve()}"),
@@ -182,8 +216,15 @@ def main() -> None:
         rows[("video -> audio", "refiner as shipped, clip vectors only")] = r_at_1(
             refiner.scores(test.query, test.audio), test.query_group
         )
-        rows[("video -> audio", "refiner as shipped, with spans")] = r_at_1(
-            refiner.scores(test.query, test.audio, segments=seg["test"]), test.query_group
+        shipped = refiner.scores(test.query, test.audio, segments=seg["test"])
+        rows[("video -> audio", "refiner as shipped, with spans")] = r_at_1(shipped, test.query_group)
+        fair = mapper_with_span_machinery(refiner, with_spans, args.span_gallery)
+        weights["mapper with the span machinery"] = fair.config.segment_weight
+        weights["mapper with the span machinery, span library"] = fair.config.span_library_weight
+        baseline = fair.scores(test.query, test.audio, segments=seg["test"])
+        rows[("video -> audio", "MLP mapper with the refiner's span machinery")] = r_at_1(baseline, test.query_group)
+        gaps["refiner as shipped, with spans - MLP mapper with the refiner's span machinery"] = paired_gap(
+            shipped, baseline, test.query_group
         )
     if args.upper_encoders:
         up_train, up_test = split_embeddings(data, args.upper_encoders, "video", cache)
@@ -196,7 +237,7 @@ def main() -> None:
         weights.update(up_weights)
     result = {"data": args.data, "encoders": args.encoders, "upper_encoders": args.upper_encoders,
               "segments": args.segments, "test_queries": len(test.query), "weights": weights,
-              "span_gallery": args.span_gallery,
+              "span_gallery": args.span_gallery, "gaps": gaps,
               "rows": [{"direction": d, "method": m, "R@1": v} for (d, m), v in rows.items()]}  # fmt: skip
     (work / f"segment_scores{'-' + args.name if args.name else ''}.json").write_text(json.dumps(result, indent=2))
     print(table(result))
@@ -222,6 +263,8 @@ def table(result: dict) -> str:
     lines += ["", f"Weights of the segment score, picked on held-out queries ranked among {among} "
               "(audio -> video: the held-out clips ranking their videos): "
               + ", ".join(f"{k} {v}" for k, v in result["weights"].items())]  # fmt: skip
+    for name, gap in result.get("gaps", {}).items():
+        lines.append(f"- {name}: {gap['gap']:+.3f} R@1 (95% paired bootstrap {gap['low']:+.3f} to {gap['high']:+.3f})")
     return "\n".join(lines)
 
 

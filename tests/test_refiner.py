@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -21,6 +22,7 @@ from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
 from diffgap.training.embeddings import PairEmbeddings
 from diffgap.training.evaluate import DIRECT, UPPER, Row, add_recovery, format_table
 from diffgap.training.losses import ranking_loss
+from diffgap.training.mapper import MapperConfig
 from diffgap.training.metrics import (
     BLEND_GRID,
     LIBRARY_GRID,
@@ -41,6 +43,7 @@ from diffgap.training.refiner import (
     diffusion_loss,
     direction_at,
     fit_refiner,
+    fit_segment_weight,
     train_refiner,
 )
 from indexer.cli import main
@@ -802,6 +805,13 @@ def test_a_span_mapper_is_picked_where_spans_need_a_map_of_their_own_and_saved(t
     assert (tmp_path / "r" / "mapper_spans.safetensors").exists()
     assert refiner.config.span_library_weight == 0 and not (tmp_path / "r" / "mapper_spans_back.safetensors").exists()
     train, val = data.split(0.1)
+    # narrowed to one span map (the bench's mapper baseline), that map is kept whatever scores better
+    narrowed, narrow_report = Refiner(copy.deepcopy(refiner.config), refiner.net, refiner.mapper), {}
+    fit_segment_weight(narrowed, train, val, MapperConfig(iterations=20), narrow_report, False, ("refined",))
+    assert narrowed.config.span_map == narrow_report["span_map"] == "refined" and narrowed.mapper_spans is None
+    assert list(narrow_report["val_MRR@10_segments_by_span_map"]) == ["refined"]
+    with pytest.raises(AssertionError, match="span maps"):
+        fit_segment_weight(narrowed, train, val, MapperConfig(iterations=20), {}, False, ("warped",))
     spans = (val.query_segments, val.audio_segments)
     loaded = Refiner.load(tmp_path / "r")
     np.testing.assert_allclose(loaded.scores(val.query, val.audio, segments=spans),

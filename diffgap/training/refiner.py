@@ -444,7 +444,7 @@ def fit_refiner(
             _fit_mix(refiner, train, val, eval_steps, mapper_cfg, report, text_adapter, two_sided)
         if val.query_segments is not None and val.audio_segments is not None:
             gallery = val.with_distractors(train) if span_gallery == "library" else val
-            _fit_segment_weight(refiner, train, gallery, mapper_cfg, report, two_sided)
+            fit_segment_weight(refiner, train, gallery, mapper_cfg, report, two_sided)
         refiner.config.training["validation"] = report
         log.info(
             "held-out %s->audio R@1: refined %.3f%s (R@10 %.3f), %d queries",
@@ -513,13 +513,14 @@ def _fit_mix(
     log.info("library-side weight %.3f picked on the held-out pairs (MRR@10 %.4f)", library, library_score)
 
 
-def _fit_segment_weight(
+def fit_segment_weight(
     refiner: Refiner,
     train: PairEmbeddings,
     val: PairEmbeddings,
     mapper_cfg: MapperConfig,
     report: dict[str, Any],
     two_sided: bool = True,
+    span_maps: tuple[str, ...] = SPAN_MAPS,
 ) -> None:
     """The weight of the time-segment score (`with_segment_scores`) against everything the refiner
     scores already, how the query's spans reach audio space (`span_map`: refined as the query is, or
@@ -527,7 +528,8 @@ def _fit_segment_weight(
     side (a mapper trained on the same span pairs the other way), picked together on the held-out
     queries' spans among `val`'s clips (BENCHMARKS.md runs 13-16): for each span map the library
     weight that ranks best by the span score alone, then the segment weight against the rest.
-    Ties: the refined spans, then the smaller weights."""
+    Ties: the refined spans, then the smaller weights. `span_maps` narrows the choice (the bench gives
+    a mapper baseline this machinery with the span mapper alone)."""
     assert val.query_segments is not None and val.audio_segments is not None, "held-out pairs without spans"
     report["span_gallery_clips"] = int(len(val.audio))
     base = refiner.scores(val.query, val.audio)  # (P, G) everything but the spans
@@ -538,8 +540,9 @@ def _fit_segment_weight(
     library = None
     if refiner.mapper_spans_back is not None:
         library = segment_scores(val.query_segments, refiner.map_library_spans(val.audio_segments))  # (P, G)
+    assert span_maps and set(span_maps) <= set(SPAN_MAPS), f"span maps {span_maps}; known: {SPAN_MAPS}"
     picks = {}
-    for span_map in SPAN_MAPS:
+    for span_map in span_maps:
         refiner.config.span_map = span_map
         spans = segment_scores(refiner.refine_with_spans(val.query, val.query_segments)[1], val.audio_segments)
         span_library = 0.0
@@ -547,7 +550,7 @@ def _fit_segment_weight(
             span_library = choose_score_weight(spans, library, val.query_group)[0]
             spans = with_segment_scores(spans, library, span_library)  # (P, G), as `Refiner.span_scores` mixes
         picks[span_map] = (*choose_score_weight(base, spans, val.query_group), span_library)  # weight, MRR, l
-    span_map = max(SPAN_MAPS, key=lambda name: picks[name][1])  # max keeps the first of equal scores
+    span_map = max(span_maps, key=lambda name: picks[name][1])  # max keeps the first of equal scores
     weight, score, span_library = picks[span_map]
     refiner.config.span_map = span_map
     refiner.config.segment_weight = float(weight)
