@@ -15,7 +15,9 @@
 # runs whatever else the machine is doing), REFINER_ITERS (6000), STEPS (DDIM step counts scored,
 # default 1), THREADS (torch threads per command; default what diffgap/resources.py finds free),
 # RUNS (default "in-domain protocol"; the protocol's recovery column needs the in-domain index),
-# MODALITIES (default "text video"), EVAL_ARGS (more `refiner eval` options, e.g. --no-ablations),
+# MODALITIES (default "text video"), ENC_ARGS (more `encoders train` options: run 19's text towers were
+# ENC_ARGS="--no-video --prior minilm-l6 --prior-mode beside" ENC_STEPS=750 MODALITIES=text),
+# EVAL_ARGS (more `refiner eval` options, e.g. --no-ablations),
 # BENCH_OUT (the markdown file the tables go into, default BENCHMARKS.md: give each of two runs side by
 # side its own file).
 set -euo pipefail
@@ -50,7 +52,7 @@ for run in $runs; do
   dir="$work/$run"
   mkdir -p "$dir"
   if [ ! -f "$dir/encoders/config.json" ]; then
-    "${cli[@]}" encoders train --pairs "$data/captions.csv" --split "$splits" --out "$dir/encoders" "${budget[@]}"
+    "${cli[@]}" encoders train --pairs "$data/captions.csv" --split "$splits" --out "$dir/encoders" "${budget[@]}" ${ENC_ARGS:-}
   fi
   enc="compact:$dir/encoders"
   "${cli[@]}" build --manifest "$data/captions.csv" --split test -o "$dir/index" --encoder "$enc" -j 2
