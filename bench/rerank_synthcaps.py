@@ -15,6 +15,7 @@ markdown table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -27,16 +28,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from diffgap.diffusion.scoring import ScoreSpec, rerank  # noqa: E402
+from diffgap.diffusion.refiner import Refiner  # noqa: E402
+from diffgap.diffusion.scoring import RERANK, ScoreSpec, rerank, reranked_scores, top_errors  # noqa: E402
 from diffgap.encoders import load_encoders  # noqa: E402
 from diffgap.resources import set_compute_threads  # noqa: E402
+from diffgap.training.adapter import AdapterTrainConfig, wanted  # noqa: E402
 from diffgap.training.embeddings import PairEmbeddings, embed_pairs  # noqa: E402
 from diffgap.training.mapper import MapperConfig, train_mapper  # noqa: E402
-from diffgap.training.metrics import metrics, ranks_after_rerank, ranks_query_to_audio  # noqa: E402
+from diffgap.training.metrics import metrics, query_ranks, ranks_after_rerank, ranks_query_to_audio  # noqa: E402
 from diffgap.training.pairs import read_pairs  # noqa: E402
-from diffgap.training.refiner import RefinerTrainConfig, train_refiner  # noqa: E402
+from diffgap.training.refiner import RefinerTrainConfig, fit_refiner, train_refiner  # noqa: E402
 
 log = logging.getLogger("rerank")
+
+# Classifier-free guidance scales measured (`--cond-dropout`): 0 is the unconditional branch alone, 1 none.
+GUIDANCE = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
 
 
 def start_run(args: argparse.Namespace) -> tuple[Path, PairEmbeddings, PairEmbeddings]:
@@ -48,6 +54,29 @@ def start_run(args: argparse.Namespace) -> tuple[Path, PairEmbeddings, PairEmbed
     work.mkdir(parents=True, exist_ok=True)
     train, test = split_embeddings(Path(args.data), args.encoders, args.modality, work / "cache")
     return work, train, test
+
+
+def shipped_rerank_rows(
+    refiner: Refiner, xq: np.ndarray, xb: np.ndarray, scores: np.ndarray, groups: np.ndarray, label: str
+) -> dict[str, float]:
+    """R@1 of a ranking as `refiner train` ships it (`scores` (Q, G) of queries xq against xb), then
+    with a requested rerank: at the weight train-refiner picked on its held-out pairs, and at the fixed
+    0.5 every rerank used before (BENCHMARKS.md run 20)."""
+    top, errors = top_errors(refiner, xq, xb, scores, RERANK)  # (Q, K), (Q, K)
+    picked = refiner.config.rerank_weight
+
+    def r1(s: np.ndarray) -> float:
+        return float(metrics(query_ranks(s, groups))["R@1"])
+
+    return {
+        label: r1(scores),
+        f"{label}, top {RERANK.depth} reranked at the weight picked on held-out pairs ({picked})": r1(
+            reranked_scores(scores, top, errors, picked)
+        ),
+        f"{label}, top {RERANK.depth} reranked at the fixed weight 0.5 (before run 20)": r1(
+            reranked_scores(scores, top, errors, 0.5)
+        ),
+    }
 
 
 def split_embeddings(
@@ -73,8 +102,23 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=50)
     parser.add_argument("--levels", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--shipped",
+        action="store_true",
+        help="only the refiner as `refiner train` ships it (the mix, the library side, a text adapter where the "
+        "tower reads a sentence model), unreranked and reranked at the picked and at the old fixed weight",
+    )
+    parser.add_argument(
+        "--cond-dropout",
+        type=float,
+        default=0.0,
+        help="with --shipped: as refiner train --cond-dropout; > 0 adds rows for classifier-free guidance scales",
+    )
     args = parser.parse_args()
     work, train, test = start_run(args)
+    if args.shipped:
+        shipped(args, work, train, test)
+        return
 
     t = time.perf_counter()
     refiner, _ = train_refiner(train, cfg=RefinerTrainConfig(iterations=args.iterations))
@@ -135,6 +179,43 @@ def main() -> None:
     for name, m in rows.items():
         print(f"| {name} | {m['R@1']:.3f} | {m['R@5']:.3f} | {m['R@10']:.3f} | {m['MRR@10']:.3f} |")
     print(f"rerank cost, one query, ms: {timings}")
+
+
+def shipped(args: argparse.Namespace, work: Path, train: PairEmbeddings, test: PairEmbeddings) -> None:
+    """`--shipped`: fit as `refiner train` does (held-out tenth, every weight picked there) and score
+    its ranking of the test queries with and without a requested rerank (and, with `--cond-dropout`, at each
+    guidance scale); WORK/rerank-shipped-MODALITY-dD.json."""
+    spec = f"compact:{Path(args.encoders).resolve()}"
+    encoders = load_encoders(spec, spec if args.modality == "video" else None)
+    adapter = AdapterTrainConfig() if args.modality == "text" and wanted(encoders, AdapterTrainConfig()) else None
+    t = time.perf_counter()
+    cfg = RefinerTrainConfig(iterations=args.iterations, cond_dropout=args.cond_dropout)
+    out = work / f"shipped-{args.modality}-d{args.cond_dropout}"
+    refiner, report = fit_refiner(train, encoders, out, cfg=cfg, adapter=adapter, checkpoint_every=0)
+    log.info("fitted as refiner train ships it in %.0f s", time.perf_counter() - t)
+    adapted = refiner.adapt(test.texts) if refiner.reads_text and test.texts is not None else None
+    scores = refiner.scores(test.query, test.audio, adapted=adapted)  # (Q, G)
+    rows = {}
+    if test.query.shape[1] == test.audio.shape[1]:
+        direct = test.query @ test.audio.T  # (Q, G)
+        rows[f"direct ({args.modality} -> audio)"] = float(metrics(query_ranks(direct, test.query_group))["R@1"])
+    rows.update(shipped_rerank_rows(refiner, test.query, test.audio, scores, test.query_group, "as shipped"))
+    if args.cond_dropout > 0:  # classifier-free guidance at sampling, every weight as picked at g = 1
+        for g in GUIDANCE:
+            refiner.refine = functools.partial(Refiner.refine, refiner, guidance=g)
+            alone = refiner.refine(test.query, blend=0.0) @ test.audio.T
+            rows[f"refined alone, guidance {g}"] = float(metrics(query_ranks(alone, test.query_group))["R@1"])
+            guided = refiner.scores(test.query, test.audio, adapted=adapted)
+            rows[f"as shipped, guidance {g}"] = float(metrics(query_ranks(guided, test.query_group))["R@1"])
+    picks = {k: report.get(k) for k in ("mix", "library_weight", "rerank_weight", "val_MRR@10_by_rerank_weight")}
+    result = {"modality": args.modality, "encoders": str(args.encoders), "cond_dropout": args.cond_dropout,
+              "rows": rows, "picks": picks}  # fmt: skip
+    (work / f"rerank-shipped-{args.modality}-d{args.cond_dropout}.json").write_text(json.dumps(result, indent=2))
+    print(f"| {args.modality} -> audio | R@1 |")
+    print("|---|---|")
+    for name, value in rows.items():
+        print(f"| {name} | {value:.3f} |")
+    print(f"picks: {picks}")
 
 
 if __name__ == "__main__":

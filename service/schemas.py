@@ -42,8 +42,9 @@ class RefineOptions(BaseModel):
     rerank: bool = Field(
         False,
         description="also reorder the top 50 of the refined ranking by how well the refiner denoises each hit "
-        "given the query (its likelihood), fused with the similarity; ~5 ms more per query, a small gain on "
-        "SynthCaps (BENCHMARKS.md). Needs a refiner, like `refine`",
+        "given the query (its likelihood), fused with the score by the weight the refiner's held-out pairs "
+        "picked (`/readyz` refiners.rerank_weight; 0: no gain there, and the ranking stays as it is); up to "
+        "~6 ms more per query (BENCHMARKS.md runs 6 and 20). Needs a refiner, like `refine`",
     )
 
     def refine_spec(self, default_steps: int) -> RefineSpec | None:

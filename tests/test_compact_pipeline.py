@@ -90,6 +90,17 @@ def test_train_index_refine_search(demo_corpus, tmp_path, capsys):
     assert main(["search", str(index), "--text", "a high beep twice at the start", "--refine", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 10 and all(h["path"].startswith("demo_") for h in hits)
+    # a rerank weighs the denoising error as the refiner's held-out pairs chose: 0 leaves the ranking be
+    saved = json.loads((index / "refiner-text" / "refiner.json").read_text())
+    assert saved["rerank_weight"] in [k / 8 for k in range(9)]
+    query = ["search", str(index), "--text", "a high beep twice at the start", "--refine", "--json", "-k", "24"]
+    ranked = {}
+    for weight in (0.0, 1.0, None):
+        (index / "refiner-text" / "refiner.json").write_text(json.dumps({**saved, "rerank_weight": weight}))
+        assert main([*query, *(["--rerank"] if weight is not None else [])]) == 0
+        ranked[weight] = [h["path"] for h in json.loads(capsys.readouterr().out)]
+    assert ranked[0.0] == ranked[None] and sorted(ranked[1.0]) == sorted(ranked[None])
+    (index / "refiner-text" / "refiner.json").write_text(json.dumps(saved))
     # query by example with a compact encoder finds the clip itself
     clip = sorted((demo_corpus / "audio").iterdir())[0]
     assert main(["search", str(index), "--audio", str(clip), "--json", "-k", "24"]) == 0

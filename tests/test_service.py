@@ -51,6 +51,10 @@ def test_rerank_reorders_the_refined_ranking(client):
     assert plain["refined"] and reranked["refined"]
     ids = [h["id"] for h in plain["results"]]
     assert sorted(h["id"] for h in reranked["results"]) == sorted(ids)  # 30 items of 30: the same set
+    weight = client.get("/readyz").json()["refiners"]["text"]["rerank_weight"]
+    assert weight is not None and 0 <= weight <= 1  # picked on held-out pairs when the refiner was trained
+    if weight == 0:  # they found no gain in the error: a rerank leaves the ranking as it is
+        assert [h["id"] for h in reranked["results"]] == ids
     direct = client.post("/v1/search", json={**body, "refine": False, "rerank": True}).json()
     assert not direct["refined"]  # no refinement asked: nothing to rerank with
 

@@ -138,6 +138,11 @@ class RefinerConfig:
     # query space by a backward span mapper (saved beside the network) against the query's spans as
     # encoded, (1 - w) * query-side span score + w * library-side one; picked with `segment_weight`.
     span_library_weight: float = 0.0
+    # Weight of the denoising-error score when a search asks for a rerank (diffusion/scoring.py): the
+    # top 50 ordered by (1 - w) * the score above + w * the refiner's likelihood of each candidate,
+    # both standardised. Picked on held-out pairs by train-refiner last, against the final ranking; 0:
+    # they found no gain, and a rerank leaves the ranking as it is. None: trained before it was picked.
+    rerank_weight: float | None = None
     adapter: dict[str, Any] | None = None  # the text adapter's config (TextAdapter.config), when it has a weight
     training: dict[str, Any] = field(default_factory=dict)  # how it was trained, for the record
 
@@ -176,6 +181,9 @@ class RefinerConfig:
         span_library = data.get("span_library_weight", 0.0)
         if not isinstance(span_library, int | float) or not 0.0 <= span_library <= 1.0:
             raise RefinerError(f"span_library_weight in refiner.json must be in [0, 1], got {span_library!r}")
+        rerank = data.get("rerank_weight")
+        if rerank is not None and (not isinstance(rerank, int | float) or not 0.0 <= rerank <= 1.0):
+            raise RefinerError(f"rerank_weight in refiner.json must be in [0, 1] or null, got {rerank!r}")
         return cls(
             # checkpoints from before the trunk/skip condition paths existed were trained without them
             net=RefinerNetConfig(**{"cond_in_trunk": False, "query_skip": False, **data["net"]}),
@@ -192,6 +200,7 @@ class RefinerConfig:
             segments=spans,
             span_map=span_map,
             span_library_weight=float(span_library),
+            rerank_weight=None if rerank is None else float(rerank),
             adapter=data.get("adapter"),
             training=data.get("training", {}),
         )

@@ -12,12 +12,17 @@ and the condition is the query. For each candidate audio embedding x_0 and noise
 Lower error = more likely under the query. Sharing the noise across candidates makes the comparison
 paired (the same eps for all), which is what lets a few levels separate them. `rerank` only
 reorders the candidates it is given: nothing leaves or joins the top-K.
+
+The weight of the error against the dense score is the refiner's own (`rerank_spec`): train-refiner
+picks it on held-out pairs against the final ranking (`config.rerank_weight`). A fixed 0.5 lifted
+SynthCaps text a little (BENCHMARKS.md run 6) and cost video queries ranked with time spans 0.024 /
+0.023 R@1 (run 20), where the held-out pairs pick 0 or a small weight.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -40,30 +45,62 @@ class ScoreSpec:
         return [int((i + 0.5) * num_train_timesteps / self.levels) for i in range(self.levels)]
 
 
+# The rerank a search may ask for: top 50, 8 noise levels (5.6 ms a query on 2 cores, BENCHMARKS.md
+# run 6), the error weighted as the refiner's held-out pairs chose; 0.5 for refiners trained before
+# that weight was picked (what every rerank used until run 20).
+RERANK = ScoreSpec(depth=50, levels=8, weight=0.5)
+
+
+def rerank_spec(refiner: Refiner) -> ScoreSpec:
+    """The rerank `refiner` serves: RERANK with the weight train-refiner picked for it, where it did."""
+    weight = refiner.config.rerank_weight
+    return RERANK if weight is None else replace(RERANK, weight=weight)
+
+
 @torch.inference_mode()
-def denoising_errors(refiner: Refiner, xq: np.ndarray, candidates: np.ndarray, spec: ScoreSpec) -> np.ndarray:
-    """Mean conditional eps-error (B, K) of each query's candidates: xq (B, c) unit query vectors,
-    candidates (B, K, d) unit audio vectors. Direction 0 (query -> audio) only."""
-    target_dim, cond_dim = refiner.dims(0)
-    b, k, d = candidates.shape
-    assert d == target_dim and xq.shape == (b, cond_dim), f"queries {xq.shape}, candidates {candidates.shape}"
+def paired_errors(
+    refiner: Refiner,
+    x0: np.ndarray,
+    cond: np.ndarray,
+    spec: ScoreSpec,
+    direction: int = 0,
+    unconditional: bool = False,
+) -> np.ndarray:
+    """Eps-errors (B, K, L) of denoising unit rows x0 (B, K, d) given unit conditions cond (B, K, c)
+    with the network of `direction`, at each of spec's L levels, with one noise draw per level shared
+    by every row. `unconditional` drops the condition (the branch `--cond-dropout` trains)."""
+    target_dim, cond_dim = refiner.dims(direction)
+    b, k, d = x0.shape
+    assert d == target_dim and cond.shape == (b, k, cond_dim), f"rows {x0.shape}, conditions {cond.shape}"
     steps = spec.steps(refiner.schedule.num_train_timesteps)
     generator = torch.Generator().manual_seed(spec.seed)
     eps = torch.randn(len(steps), d, generator=generator)  # (L, d): one draw per level, shared by all
-    x0 = torch.from_numpy(np.ascontiguousarray(candidates, dtype=np.float32)) * math.sqrt(d)  # (B, K, d)
-    cond = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32)) * math.sqrt(cond_dim)  # (B, c)
+    x = torch.from_numpy(np.ascontiguousarray(x0, dtype=np.float32)) * math.sqrt(d)  # (B, K, d)
+    c = torch.from_numpy(np.ascontiguousarray(cond, dtype=np.float32)) * math.sqrt(cond_dim)  # (B, K, c)
     n = torch.tensor(steps, dtype=torch.long)  # (L,)
     abar = refiner.schedule.alphas_cumprod[n].float()  # (L,)
     # every (query, candidate, level) as one row of one network call
     signal, noise = abar.sqrt()[None, None, :, None], (1 - abar).sqrt()[None, None, :, None]  # (1, 1, L, 1)
-    z = signal * x0[:, :, None, :] + noise * eps  # (B, K, L, d)
+    z = signal * x[:, :, None, :] + noise * eps  # (B, K, L, d)
     rows = z.reshape(-1, d)  # (B*K*L, d)
     n_rows = n.repeat(b * k)  # (B*K*L,)
-    cond_rows = cond[:, None, None, :].expand(b, k, len(steps), cond_dim).reshape(-1, cond_dim)  # (B*K*L, c)
-    out = refiner.predict(rows, n_rows, cond_rows)  # (B*K*L, d)
+    cond_rows = c[:, :, None, :].expand(b, k, len(steps), cond_dim).reshape(-1, cond_dim)  # (B*K*L, c)
+    if unconditional:
+        dropped = torch.zeros(len(rows), dtype=torch.bool)
+        out = refiner.net(rows, n_rows, cond_rows, direction, cond_mask=dropped)  # (B*K*L, d)
+    else:
+        out = refiner.predict(rows, n_rows, cond_rows, direction)  # (B*K*L, d)
     eps_hat, _ = refiner.schedule.to_eps_and_z0(out, rows, n_rows, refiner.config.prediction_type)
-    err = ((eps_hat.reshape(b, k, len(steps), d) - eps[None, None]) ** 2).mean(-1)  # (B, K, L)
-    return err.mean(-1).numpy()  # (B, K)
+    return ((eps_hat.reshape(b, k, len(steps), d) - eps[None, None]) ** 2).mean(-1).numpy()  # (B, K, L)
+
+
+def denoising_errors(refiner: Refiner, xq: np.ndarray, candidates: np.ndarray, spec: ScoreSpec) -> np.ndarray:
+    """Mean conditional eps-error (B, K) of each query's candidates, over spec's levels: xq (B, c) unit
+    query vectors, candidates (B, K, d) unit audio vectors. Direction 0 (query -> audio)."""
+    b, k, _ = candidates.shape
+    assert xq.shape[0] == b, f"queries {xq.shape}, candidates {candidates.shape}"
+    cond = np.broadcast_to(xq[:, None, :], (b, k, xq.shape[1]))  # (B, K, c): each query for its candidates
+    return paired_errors(refiner, candidates, cond, spec).mean(-1)  # (B, K)
 
 
 def _standardised(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -72,6 +109,15 @@ def _standardised(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
     mean = np.nanmean(masked, axis=1, keepdims=True)
     std = np.nanstd(masked, axis=1, keepdims=True)
     return (x - mean) / np.where(std > 0, std, 1.0)
+
+
+def fused_scores(errors: np.ndarray, scores: np.ndarray | None, valid: np.ndarray, weight: float) -> np.ndarray:
+    """What a rerank orders by (B, K), higher first: -errors at weight 1, else (1 - weight) *
+    z(dense score) + weight * z(-error), each standardised over the query's valid candidates."""
+    if weight >= 1:
+        return -errors
+    assert scores is not None, "a fused rerank needs the dense scores"
+    return (1 - weight) * _standardised(scores, valid) + weight * _standardised(-errors, valid)
 
 
 def rerank(
@@ -86,12 +132,31 @@ def rerank(
     audio vectors, `scores` (B, K) their dense scores (needed when spec.weight < 1). Ids of -1
     (fewer results than K) stay at the end."""
     valid = candidate_ids >= 0
-    errors = denoising_errors(refiner, xq, vectors, spec)  # (B, K)
-    if spec.weight < 1:
-        assert scores is not None, "a fused rerank needs the dense scores"
-        fused = (1 - spec.weight) * _standardised(scores, valid) + spec.weight * _standardised(-errors, valid)
-    else:
-        fused = -errors
+    fused = fused_scores(denoising_errors(refiner, xq, vectors, spec), scores, valid, spec.weight)  # (B, K)
     fused = np.where(valid, fused, -np.inf)
     order = np.argsort(-fused, axis=1, kind="stable")  # (B, K)
     return np.take_along_axis(candidate_ids, order, axis=1)
+
+
+def top_errors(
+    refiner: Refiner, xq: np.ndarray, xb: np.ndarray, scores: np.ndarray, spec: ScoreSpec, chunk: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's top spec.depth rows of xb by `scores` (B, N) as indices (B, K), and their denoising
+    errors (B, K) given the queries xq (B, c): `chunk` queries x K x levels rows per network call."""
+    top = np.argsort(-scores, axis=1, kind="stable")[:, : spec.depth]  # (B, K)
+    errors = [
+        denoising_errors(refiner, xq[i : i + chunk], xb[top[i : i + chunk]], spec) for i in range(0, len(top), chunk)
+    ]
+    return top, np.concatenate(errors) if errors else np.zeros(top.shape, np.float32)
+
+
+def reranked_scores(scores: np.ndarray, top: np.ndarray, errors: np.ndarray, weight: float) -> np.ndarray:
+    """Scores (B, N) that rank as a rerank does: each row's candidates `top` (B, K, indices into N)
+    ordered by `fused_scores` above every other item, which keeps its dense order. `errors` (B, K):
+    the candidates' denoising errors. For scoring many weights on held-out queries at one error pass."""
+    dense = np.take_along_axis(scores, top, axis=1)  # (B, K)
+    fused = fused_scores(errors, dense, np.ones_like(top, dtype=bool), weight)
+    fused = fused - fused.min(axis=1, keepdims=True)  # >= 0
+    out = scores - scores.max(axis=1, keepdims=True) - 1.0  # every item below -1
+    np.put_along_axis(out, top, fused, axis=1)
+    return out

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from diffgap.diffusion.refiner import DEFAULT_STEPS, Refiner, is_refiner_dir, load_shared, two_sided_scores
-from diffgap.diffusion.scoring import ScoreSpec, rerank
+from diffgap.diffusion.scoring import rerank, rerank_spec
 from diffgap.encoders import EncoderSet, load_encoders
 from diffgap.encoders.base import l2_normalize
 from diffgap.index.layout import FLAT_INDEX_TYPE, REFINER_MODALITIES, refiner_dir
@@ -54,11 +54,6 @@ class QueryInputError(ValueError):
 class MediaTooLongError(QueryInputError):
     """An uploaded query is longer than the service accepts."""
 
-
-# The rerank a query may ask for: top 50, 8 noise levels, error and refined score weighted equally.
-# On SynthCaps text (BENCHMARKS.md, "The refiner as a scorer") it lifted R@5 0.847 -> 0.873 and R@1
-# 0.445 -> 0.450 for ~5.6 ms a query: opt-in, not the default.
-RERANK = ScoreSpec(depth=50, levels=8, weight=0.5)
 
 # An audio query shorter than this carries too little sound to search by (and is most often a mistake).
 MIN_QUERY_SECONDS = 0.1
@@ -341,14 +336,16 @@ class Searcher:
 
     def _rerank(self, refiner: Refiner, raw: np.ndarray, hits: list[Hit]) -> list[Hit]:
         """The first RERANK.depth hits of a ranking reordered by the refiner's denoising error of each
-        hit's window, conditioned on the raw query `raw` (c,) and fused with the hit's similarity
-        (diffgap/diffusion/scoring.py); the rest keep their places."""
-        head, tail = hits[: RERANK.depth], hits[RERANK.depth :]
-        if len(head) < 2:
+        hit's window, conditioned on the raw query `raw` (c,) and fused with the hit's score by the
+        refiner's weight (`rerank_spec`, diffgap/diffusion/scoring.py); the rest keep their places.
+        A weight of 0 (the held-out pairs found no gain) leaves the ranking as it is, at no cost."""
+        spec = rerank_spec(refiner)
+        head, tail = hits[: spec.depth], hits[spec.depth :]
+        if len(head) < 2 or spec.weight == 0:
             return hits
         xb = self._vectors_of(head)  # (K, d)
         scores = np.asarray([[h.score for h in head]], dtype=np.float32)  # (1, K)
-        order = rerank(refiner, raw[None], np.arange(len(head))[None], xb[None], RERANK, scores)[0]
+        order = rerank(refiner, raw[None], np.arange(len(head))[None], xb[None], spec, scores)[0]
         return [head[i] for i in order] + tail
 
     def _vectors_of(self, hits: list[Hit]) -> np.ndarray:

@@ -30,6 +30,7 @@ from diffgap.atomic import atomic_write_bytes, atomic_write_json
 from diffgap.diffusion.adapter import TextAdapter
 from diffgap.diffusion.refiner import DEFAULT_STEPS, SPAN_MAPS, Refiner, RefinerConfig, mix
 from diffgap.diffusion.schedule import NoiseSchedule, ScheduleConfig
+from diffgap.diffusion.scoring import RERANK, reranked_scores, top_errors
 from diffgap.encoders import EncoderSet
 from diffgap.models.refiner_net import RefinerNet, RefinerNetConfig
 from diffgap.models.segments import segment_scores, with_segment_scores
@@ -38,10 +39,13 @@ from diffgap.training.embeddings import PairEmbeddings
 from diffgap.training.losses import group_mask, ranking_loss
 from diffgap.training.mapper import MapperConfig, train_mapper
 from diffgap.training.metrics import (
+    LIBRARY_GRID,
     choose_blend,
     choose_library_weight,
     choose_mix,
     choose_score_weight,
+    metrics,
+    query_ranks,
     score_mapping,
 )
 
@@ -429,7 +433,7 @@ def fit_refiner(
         if by_weight:
             report["val_MRR@10_by_blend"] = {str(w): round(v, 4) for w, v in by_weight.items()}
             log.info("blend %.2f picked on the held-out pairs (MRR@10 by weight: %s)", chosen, by_weight)
-        refiner.config.blend = chosen
+        refiner.config.blend = chosen if blend is None else blend  # what the rerank's weight is picked against
         # `mapper` (default MapperConfig()) with half the refiner's iterations, the 3,000 of every
         # eval table at the default 6,000, and the refiner's seed; the span mapper is trained alike
         mapper_cfg = replace(mapper or MapperConfig(), iterations=max(1, cfg.iterations // 2), seed=cfg.seed)
@@ -442,9 +446,12 @@ def fit_refiner(
                 text_adapter, fitted = fit_adapter(train, sentence_model_for(encoders, adapter), adapter, val)
                 report["adapter_fit"] = asdict(fitted)
             _fit_mix(refiner, train, val, eval_steps, mapper_cfg, report, text_adapter, two_sided)
+        gallery = val
         if val.query_segments is not None and val.audio_segments is not None:
             gallery = val.with_distractors(train) if span_gallery == "library" else val
             fit_segment_weight(refiner, train, gallery, mapper_cfg, report, two_sided)
+        # last, on the ranking a search makes: among every clip where the spans have a weight (as it was picked)
+        fit_rerank_weight(refiner, gallery if refiner.config.segment_weight else val, report)
         refiner.config.training["validation"] = report
         log.info(
             "held-out %s->audio R@1: refined %.3f%s (R@10 %.3f), %d queries",
@@ -461,6 +468,7 @@ def fit_refiner(
     report["library_weight"] = refiner.config.library_weight
     report["segment_weight"] = refiner.config.segment_weight
     report["span_library_weight"] = refiner.config.span_library_weight
+    report["rerank_weight"] = refiner.config.rerank_weight
     refiner.save(out)
     shutil.rmtree(checkpoint, ignore_errors=True)  # the finished model supersedes it
     log.info("saved refiner (%d bytes of weights) to %s", refiner.num_bytes, out)
@@ -571,3 +579,30 @@ def fit_segment_weight(
         refiner.config.span_library_weight,
         score,
     )
+
+
+# The weights a requested rerank may give the denoising error against the final score: the eighths
+# 0-1, as the library side's. Ties go to the smaller weight, so an error that adds nothing there gets 0.
+RERANK_GRID = LIBRARY_GRID
+
+
+def fit_rerank_weight(refiner: Refiner, val: PairEmbeddings, report: dict[str, Any]) -> None:
+    """The weight of the denoising error in a requested rerank (`config.rerank_weight`), picked last by
+    held-out MRR@10 on the ranking everything else makes: each held-out query's top RERANK.depth
+    among `val`'s clips (with their spans, where the refiner weighs them) reordered by the fused score.
+    One pass of the network per candidate; each weight then costs a sort."""
+    adapted = refiner.adapt(val.texts) if refiner.reads_text and val.texts is not None else None
+    spans = None
+    if refiner.config.segment_weight and val.query_segments is not None and val.audio_segments is not None:
+        spans = (val.query_segments, val.audio_segments)
+    scores = refiner.scores(val.query, val.audio, adapted=adapted, segments=spans)  # (P, G)
+    top, errors = top_errors(refiner, val.query, val.audio, scores, RERANK)  # (P, K), (P, K)
+    by_weight = {
+        w: metrics(query_ranks(reranked_scores(scores, top, errors, w), val.query_group))["MRR@10"] for w in RERANK_GRID
+    }
+    weight = max(RERANK_GRID, key=lambda w: by_weight[w])  # max keeps the first (smallest) of equal scores
+    refiner.config.rerank_weight = float(weight)
+    report["rerank_weight"] = float(weight)
+    report["val_MRR@10_by_rerank_weight"] = {str(w): round(v, 4) for w, v in by_weight.items()}
+    log.info("rerank weight %.3f picked on the held-out pairs (MRR@10 %.4f, %.4f without)", weight,
+             by_weight[weight], by_weight[0.0])  # fmt: skip

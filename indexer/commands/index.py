@@ -307,7 +307,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--rerank",
         action="store_true",
-        help="with --refine: reorder the top 50 by the refiner's denoising error (BENCHMARKS.md)",
+        help="with --refine: reorder the top 50 by the refiner's denoising error, weighed as its held-out pairs "
+        "picked (0: as ranked; BENCHMARKS.md run 20)",
     )
     p.add_argument("--no-lexical", action="store_true", help="rank by sound only (the files' words take no part)")
     p.add_argument("--no-meaning", action="store_true", help="match the files' words exactly only, not by meaning")

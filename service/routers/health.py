@@ -50,6 +50,8 @@ def readyz(holder: HolderDep, settings: SettingsDep, response: Response) -> Read
             "span_map": r.config.span_map if state.searcher.segment_weight(m) else None,
             # and the weight of the spans' library side within the segment score (the windows' spans mapped back)
             "span_library_weight": r.config.span_library_weight if state.searcher.segment_weight(m) else 0.0,
+            # the denoising error's weight in a requested rerank (0: it changes nothing; null: an older refiner's 0.5)
+            "rerank_weight": r.config.rerank_weight,
             # the text adapter's sentence model, when the mix weighs it (it reads each text query's words)
             "adapter": r.adapter.sentence.ref.name if r.reads_text and r.adapter is not None else None,
             "trained_pairs": r.config.training.get("pairs"),
