@@ -90,8 +90,9 @@ def main() -> None:
     with_spans = dataclasses.replace(train, query_segments=seg["adapt"][0], audio_segments=seg["adapt"][1])
     cfg = RefinerTrainConfig(cond_dropout=args.cond_dropout)
     t = time.perf_counter()
-    refiner, _ = fit_refiner(with_spans, load_encoders(f"compact:{Path(args.encoders).resolve()}"),
-                             work / f"generative-d{args.cond_dropout}", cfg=cfg, checkpoint_every=0)  # fmt: skip
+    encoders = load_encoders(f"compact:{Path(args.encoders).resolve()}")
+    out = work / f"generative-{args.name or args.cond_dropout}"
+    refiner, _ = fit_refiner(with_spans, encoders, out, cfg=cfg, checkpoint_every=0)
     fit_s = time.perf_counter() - t
     fit, held = with_spans.split(0.1, seed=cfg.seed)  # what fit_refiner held out
     gallery = held.with_distractors(fit)  # ranked among every clip, as the span weights were picked
