@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import sys
 import time
@@ -38,8 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from rerank_synthcaps import GUIDANCE, start_run  # noqa: E402
-from segment_scores import mapper_with_span_machinery, r_at_1, split_segments  # noqa: E402
+from rerank_synthcaps import GUIDANCE, guided, r_at_1, start_run  # noqa: E402
+from segment_scores import mapper_with_span_machinery, split_segments  # noqa: E402
 
 from diffgap.diffusion.refiner import Refiner  # noqa: E402
 from diffgap.diffusion.scoring import ScoreSpec, paired_errors, reranked_scores  # noqa: E402
@@ -129,13 +128,13 @@ def main() -> None:
     if args.cond_dropout > 0:  # classifier-free guidance at sampling, the weights as picked at g = 1
         result["guidance"] = {}
         for g in GUIDANCE:
-            refiner.refine = functools.partial(Refiner.refine, refiner, guidance=g)
-            alone_h = refiner.refine(held.query, blend=0.0) @ gallery.audio.T
+            view = guided(refiner, g)
+            alone_h = view.refine(held.query, blend=0.0) @ gallery.audio.T  # (P, G')
             result["guidance"][g] = {
                 "refined alone, held-out MRR@10": metrics(query_ranks(alone_h, held.query_group))["MRR@10"],
-                "refined alone": r_at_1(refiner.refine(test.query, blend=0.0) @ test.audio.T, test.query_group),
+                "refined alone": r_at_1(view.refine(test.query, blend=0.0) @ test.audio.T, test.query_group),
                 "as shipped, with spans": r_at_1(
-                    refiner.scores(test.query, test.audio, segments=seg["test"]), test.query_group
+                    view.scores(test.query, test.audio, segments=seg["test"]), test.query_group
                 ),
             }
     (work / f"generative_scores{'-' + args.name if args.name else ''}.json").write_text(json.dumps(result, indent=2))

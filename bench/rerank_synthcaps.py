@@ -15,6 +15,7 @@ markdown table.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import logging
@@ -35,7 +36,13 @@ from diffgap.resources import set_compute_threads  # noqa: E402
 from diffgap.training.adapter import AdapterTrainConfig, wanted  # noqa: E402
 from diffgap.training.embeddings import PairEmbeddings, embed_pairs  # noqa: E402
 from diffgap.training.mapper import MapperConfig, train_mapper  # noqa: E402
-from diffgap.training.metrics import metrics, query_ranks, ranks_after_rerank, ranks_query_to_audio  # noqa: E402
+from diffgap.training.metrics import (  # noqa: E402
+    audio_ranks,
+    metrics,
+    query_ranks,
+    ranks_after_rerank,
+    ranks_query_to_audio,
+)
 from diffgap.training.pairs import read_pairs  # noqa: E402
 from diffgap.training.refiner import RefinerTrainConfig, fit_refiner, train_refiner  # noqa: E402
 
@@ -56,6 +63,20 @@ def start_run(args: argparse.Namespace) -> tuple[Path, PairEmbeddings, PairEmbed
     return work, train, test
 
 
+def r_at_1(scores: np.ndarray, groups: np.ndarray, direction: int = 0) -> float:
+    """R@1 of a score matrix: (Q, G) queries against clips, or (direction 1) (G, Q) clips against queries."""
+    ranks = query_ranks(scores, groups) if direction == 0 else audio_ranks(scores, groups)
+    return float(metrics(ranks)["R@1"])
+
+
+def guided(refiner: Refiner, guidance: float) -> Refiner:
+    """A view of `refiner` whose every refinement (and so `scores`) uses classifier-free guidance at
+    `guidance`, the weights as picked; the refiner itself is left as it is."""
+    view = copy.copy(refiner)
+    view.refine = functools.partial(Refiner.refine, view, guidance=guidance)
+    return view
+
+
 def shipped_rerank_rows(
     refiner: Refiner, xq: np.ndarray, xb: np.ndarray, scores: np.ndarray, groups: np.ndarray, label: str
 ) -> dict[str, float]:
@@ -64,17 +85,13 @@ def shipped_rerank_rows(
     0.5 every rerank used before (BENCHMARKS.md run 20)."""
     top, errors = top_errors(refiner, xq, xb, scores, RERANK)  # (Q, K), (Q, K)
     picked = refiner.config.rerank_weight
-
-    def r1(s: np.ndarray) -> float:
-        return float(metrics(query_ranks(s, groups))["R@1"])
-
     return {
-        label: r1(scores),
-        f"{label}, top {RERANK.depth} reranked at the weight picked on held-out pairs ({picked})": r1(
-            reranked_scores(scores, top, errors, picked)
+        label: r_at_1(scores, groups),
+        f"{label}, top {RERANK.depth} reranked at the weight picked on held-out pairs ({picked})": r_at_1(
+            reranked_scores(scores, top, errors, picked), groups
         ),
-        f"{label}, top {RERANK.depth} reranked at the fixed weight 0.5 (before run 20)": r1(
-            reranked_scores(scores, top, errors, 0.5)
+        f"{label}, top {RERANK.depth} reranked at the fixed weight 0.5 (before run 20)": r_at_1(
+            reranked_scores(scores, top, errors, 0.5), groups
         ),
     }
 
@@ -197,16 +214,14 @@ def shipped(args: argparse.Namespace, work: Path, train: PairEmbeddings, test: P
     scores = refiner.scores(test.query, test.audio, adapted=adapted)  # (Q, G)
     rows = {}
     if test.query.shape[1] == test.audio.shape[1]:
-        direct = test.query @ test.audio.T  # (Q, G)
-        rows[f"direct ({args.modality} -> audio)"] = float(metrics(query_ranks(direct, test.query_group))["R@1"])
+        rows[f"direct ({args.modality} -> audio)"] = r_at_1(test.query @ test.audio.T, test.query_group)
     rows.update(shipped_rerank_rows(refiner, test.query, test.audio, scores, test.query_group, "as shipped"))
     if args.cond_dropout > 0:  # classifier-free guidance at sampling, every weight as picked at g = 1
         for g in GUIDANCE:
-            refiner.refine = functools.partial(Refiner.refine, refiner, guidance=g)
-            alone = refiner.refine(test.query, blend=0.0) @ test.audio.T
-            rows[f"refined alone, guidance {g}"] = float(metrics(query_ranks(alone, test.query_group))["R@1"])
-            guided = refiner.scores(test.query, test.audio, adapted=adapted)
-            rows[f"as shipped, guidance {g}"] = float(metrics(query_ranks(guided, test.query_group))["R@1"])
+            view = guided(refiner, g)
+            alone = view.refine(test.query, blend=0.0) @ test.audio.T  # (Q, G)
+            rows[f"refined alone, guidance {g}"] = r_at_1(alone, test.query_group)
+            rows[f"as shipped, guidance {g}"] = r_at_1(view.scores(test.query, test.audio, adapted), test.query_group)
     picks = {k: report.get(k) for k in ("mix", "library_weight", "rerank_weight", "val_MRR@10_by_rerank_weight")}
     result = {"modality": args.modality, "encoders": str(args.encoders), "cond_dropout": args.cond_dropout,
               "rows": rows, "picks": picks}  # fmt: skip

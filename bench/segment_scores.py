@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from data_efficiency import recovery  # noqa: E402
-from rerank_synthcaps import shipped_rerank_rows, split_embeddings, start_run  # noqa: E402
+from rerank_synthcaps import r_at_1, shipped_rerank_rows, split_embeddings, start_run  # noqa: E402
 
 from diffgap.diffusion.refiner import Refiner  # noqa: E402
 from diffgap.encoders import load_encoders  # noqa: E402
@@ -56,7 +56,7 @@ from diffgap.media.video import decode_video  # noqa: E402
 from diffgap.models.segments import segment_scores  # noqa: E402
 from diffgap.training.embeddings import PairEmbeddings  # noqa: E402
 from diffgap.training.mapper import MapperConfig, train_mapper  # noqa: E402
-from diffgap.training.metrics import audio_ranks, choose_score_weight, metrics, query_ranks  # noqa: E402
+from diffgap.training.metrics import choose_score_weight, query_ranks  # noqa: E402
 from diffgap.training.refiner import SPAN_GALLERIES, RefinerTrainConfig, fit_refiner, fit_segment_weight  # noqa: E402
 
 log = logging.getLogger("segment_scores")
@@ -99,11 +99,6 @@ def split_segments(
     query, clips = video[1][rows_of(pairs.query, video[0])], audio[1][rows_of(pairs.audio, audio[0])]
     np.savez(out, query=query, audio=clips)
     return query, clips
-
-
-def r_at_1(scores: np.ndarray, groups: np.ndarray, direction: int = 0) -> float:
-    ranks = query_ranks(scores, groups) if direction == 0 else audio_ranks(scores, groups)
-    return float(metrics(ranks)["R@1"])
 
 
 def paired_gap(a: np.ndarray, b: np.ndarray, groups: np.ndarray, draws: int = 2000) -> dict[str, float]:
