@@ -731,7 +731,15 @@ def test_the_segment_weight_is_picked_where_spans_tell_clips_apart_and_saved(tin
     plain, _ = fit_refiner(data, encoders, tmp_path / "p", cfg=cfg, net_cfg=net, checkpoint_every=0)
     assert (plain.config.segment_weight, plain.config.segments) == (0.0, 0)
     bad = json.loads((tmp_path / "r" / "refiner.json").read_text())
-    for field, value in (("segment_weight", 1.5), ("segments", 0), ("segments", "4")):
+    assert loaded.config.rerank_weight == refiner.config.rerank_weight == report["rerank_weight"]  # picked, kept
+    bad_values = (
+        ("segment_weight", 1.5),
+        ("segments", 0),
+        ("segments", "4"),
+        ("rerank_weight", 1.5),
+        ("rerank_weight", "0.5"),
+    )
+    for field, value in bad_values:
         (tmp_path / "r" / "refiner.json").write_text(json.dumps({**bad, field: value}))
         with pytest.raises(RefinerError, match=field):
             Refiner.load(tmp_path / "r")
