@@ -123,20 +123,20 @@ def clustered(n: int, dim: int, seed: int = 0, centres: int = 2000) -> np.ndarra
 WORDS = sorted({w for q in QUERIES for w in q.split() if len(w) > 3})  # file descriptions draw from these
 
 
-def build_index(root: Path, spec: str, n: int, meaning: bool = True) -> None:
-    """n one-window files with synthetic vectors and three-word descriptions, committed through the real
-    store (words by meaning embedded when the sentence model is installed and `meaning`), plus a text
-    refiner."""
+def build_index(root: Path, spec: str, n: int, meaning: bool = True, segments: int = SEGMENTS) -> None:
+    """n one-window files with synthetic vectors, `segments` time spans each and three-word descriptions,
+    committed through the real store (words by meaning embedded when the sentence model is installed and
+    `meaning`), plus a text refiner."""
     encoders = load_encoders(spec)
     dim = encoders.audio.dim
     store = IndexStore.create(
-        root, encoder_spec=spec, fingerprint=encoders.audio.fingerprint, dim=dim, segments=SEGMENTS
+        root, encoder_spec=spec, fingerprint=encoders.audio.fingerprint, dim=dim, segments=segments
     )  # as a compact index keeps them: the time spans of each window
     chunk = 20_000
     rng = np.random.default_rng(0)
     for start in range(0, n, chunk):
         xb = clustered(min(chunk, n - start), dim, seed=start)
-        spans = l2_normalize(xb[:, None] + 0.5 * rng.standard_normal((len(xb), SEGMENTS, dim)).astype(np.float32))
+        spans = l2_normalize(xb[:, None] + 0.5 * rng.standard_normal((len(xb), segments, dim)).astype(np.float32))
         words = rng.choice(WORDS, size=(len(xb), 3))
         store.commit_files(
             FileRecord(f"synthetic/{' '.join(words[i])}/{start + i:07d}.wav", f"h{start + i}", 1, 0.0, "indexed",
@@ -181,8 +181,9 @@ def steal_share(before: list[int], after: list[int]) -> float | None:
     return round((after[7] - before[7]) / total, 4) if total > 0 else None
 
 
-def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]:
-    """Median ms of each stage for one query, in this process (no HTTP): where a request's time goes."""
+def in_process_profile(index: Path, spec: str, threads: int, segments: int = SEGMENTS) -> dict[str, float]:
+    """Median ms of each stage for one query, in this process (no HTTP): where a request's time goes
+    (`segments`: the time spans a window of the index keeps)."""
     from diffgap.resources import set_compute_threads
     from diffgap.retrieval.search import Query, RefineSpec, Searcher
 
@@ -267,8 +268,8 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
     # as train-refiner ships a video refiner on an index that keeps spans: the query's spans refined as the
     # query is, in the same call, then each candidate's spans read from SQLite and scored
     # (the text refiner stands in for a video one of the same size: the spans' cost is its dims')
-    spans = l2_normalize(np.repeat(xq[:, None], SEGMENTS, 1))  # (1, S, c)
-    timed = replace(two.config, segment_weight=0.5, segments=SEGMENTS)
+    spans = l2_normalize(np.repeat(xq[:, None], segments, 1))  # (1, S, c)
+    timed = replace(two.config, segment_weight=0.5, segments=segments)
     with_spans = Refiner(timed, two.net, two.mapper, mapper_back=back)
     refined_spans = with_spans.refine_with_spans(xq, spans, steps=1)[1][0]  # (S, d)
     # the spans mapped by a mapper trained on span pairs instead (an MLP of the mapper's size stands in)
@@ -283,12 +284,12 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
             warm._library_spans.clear()
         return warm._with_segments(refiner, refined_spans, spans[0], [dataclasses.replace(h) for h in candidates], 0.5)
 
-    segments = {
+    span_stages = {
         "refine 1 step, mixed, the query alone (as above)": median_ms(lambda: with_spans.refine(xq, steps=1)),
-        "refine 1 step, mixed, the query and its 4 spans in one call (as served)": median_ms(
+        f"refine 1 step, mixed, the query and its {segments} spans in one call (as served)": median_ms(
             lambda: with_spans.refine_with_spans(xq, spans, steps=1)
         ),
-        "refine 1 step, mixed, the query; its 4 spans by a span mapper (span_map mapped)": median_ms(
+        f"refine 1 step, mixed, the query; its {segments} spans by a span mapper (span_map mapped)": median_ms(
             lambda: by_span_mapper.refine_with_spans(xq, spans, steps=1)
         ),
         "segment rescoring of 100 candidates alone (their spans read from SQLite)": median_ms(
@@ -327,7 +328,7 @@ def in_process_profile(index: Path, spec: str, threads: int) -> dict[str, float]
             lambda: searcher.run([Query("text", 10, text=QUERIES[2], refine=RefineSpec(steps=1))])
         ),
         **two_sided,
-        **segments,
+        **span_stages,
         **by_meaning,
         **with_adapter,
     }
@@ -593,6 +594,7 @@ def main() -> None:
     ap.add_argument("--clap-size", type=int, default=100_000, help="index size for the full-size CLAP rows (0: skip)")
     ap.add_argument("--out", default="runs/query_load.json")
     ap.add_argument("--profile-only", action="store_true", help="only the in-process stage profile at 100k items")
+    ap.add_argument("--segments", type=int, default=SEGMENTS, help="profile: time spans a window keeps")
     ap.add_argument("--workers", help="only the worker sweep, e.g. 1,2: saturated throughput and memory")
     ap.add_argument("--workers-items", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=1, help="worker sweep and CLAP saturation: runs of each row")
@@ -617,14 +619,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp_name:
             tmp = Path(tmp_name)
             spec = make_compact(tmp / "compact")
-            build_index(tmp / "index", spec, 100_000)
-            stages = in_process_profile(tmp / "index", spec, args.threads)
+            build_index(tmp / "index", spec, 100_000, segments=args.segments)
+            stages = in_process_profile(tmp / "index", spec, args.threads, args.segments)
         steal = steal_share(cpu, cpu_times())
         print(json.dumps(stages))
         out = Path(args.out)
         data = json.loads(out.read_text()) if out.exists() else {"rows": []}
         out.parent.mkdir(parents=True, exist_ok=True)
         machine = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": args.threads,
+                   "segments": args.segments,
                    "load_average_before": [round(x, 2) for x in load], "steal_share": steal,
                    "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(started))}  # fmt: skip
         out.write_text(json.dumps({**data, "in_process_100k": stages, "in_process_machine": machine}, indent=1))
