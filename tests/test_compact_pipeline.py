@@ -15,7 +15,7 @@ from diffgap.media.audio import decode_audio
 from diffgap.media.synthetic import generate_demo_corpus
 from diffgap.media.video import decode_video
 from diffgap.models.audio_net import AudioNetConfig
-from diffgap.models.segments import segment_pool
+from diffgap.models.segments import SEGMENTS, segment_pool
 from diffgap.models.text_net import TextNetConfig
 from diffgap.models.video_net import VideoNetConfig
 from diffgap.training.encoders import EncoderTrainConfig, info_nce, train_compact_encoders
@@ -46,6 +46,14 @@ def test_segment_pool_and_info_nce():
     mask = torch.tensor([[True] * 6 + [False] * 2])
     pooled = segment_pool(seq, mask, 2)  # means over steps 0-2 and 3-5, then unit-normalised
     assert pooled.shape == (1, 2, 2) and torch.allclose(pooled.norm(dim=-1), torch.ones(1, 2))
+    # fewer valid steps than spans: each span takes the step its stretch of time lies in, so a clip
+    # of 3 steps and the same clip at twice the step rate (6 steps) give the same 8 spans
+    short = torch.eye(3).reshape(1, 3, 3)  # (1, 3, 3): step k points along axis k
+    fine = short.repeat_interleave(2, dim=1)  # (1, 6, 3): each step twice
+    padded = torch.cat([short, torch.zeros(1, 2, 3)], 1)  # (1, 5, 3), the last 2 steps padding
+    few = segment_pool(padded, torch.tensor([[True] * 3 + [False] * 2]), 8)  # (1, 8, 3)
+    assert torch.equal(few.argmax(-1), torch.tensor([[0, 0, 1, 1, 1, 2, 2, 2]]))  # in time order, none empty
+    assert torch.allclose(few, segment_pool(fine, torch.ones(1, 6, dtype=torch.bool), 8))
     a = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
     assert float(info_nce(a, a, torch.tensor(3.0))) < float(info_nce(a, a.roll(1, 0), torch.tensor(3.0)))
 
@@ -137,7 +145,7 @@ def test_demo_command_end_to_end(tmp_path, caplog):
     assert (index / "refiner-text" / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_video_queries_mix_in_the_time_spans_of_their_candidates(demo_corpus, tmp_path):
+def test_video_queries_mix_in_the_time_spans_of_their_candidates(demo_corpus, tmp_path, monkeypatch):
     from diffgap.pipeline import build
     from diffgap.retrieval.search import Query, RefineSpec, open_searcher
 
@@ -146,20 +154,22 @@ def test_video_queries_mix_in_the_time_spans_of_their_candidates(demo_corpus, tm
     train_compact_encoders(pairs, tmp_path / "enc", cfg)
     spec = f"compact:{tmp_path / 'enc'}"
     build(tmp_path / "plain", spec, corpus=demo_corpus / "audio", segments=0)
-    build_and_refine(demo_corpus, tmp_path / "idx", spec)  # compact audio keeps time: 4 spans a window
+    build_and_refine(demo_corpus, tmp_path / "idx", spec)  # compact audio keeps time: SEGMENTS spans a window
     searcher = open_searcher(tmp_path / "idx")
-    assert searcher.store.manifest.segments == 4 and open_searcher(tmp_path / "plain").store.manifest.segments == 0
+    assert searcher.store.manifest.segments == SEGMENTS
+    assert open_searcher(tmp_path / "plain").store.manifest.segments == 0
     refiner = searcher.refiners["video"]
     validation = refiner.config.training["validation"]
     assert "val_MRR@10_segments" in validation  # the pairs came with spans and a weight was picked (0 allowed)
     # by default among every clip, held-out and training ones (a held-out clip has one query or more)
     assert validation["span_gallery_clips"] > validation["pairs_val"]
-    refiner.config.segment_weight, refiner.config.segments = 0.5, 4  # a weight this barely trained tower may not earn
+    # a weight this barely trained tower may not earn
+    refiner.config.segment_weight, refiner.config.segments = 0.5, SEGMENTS
     refiner.config.span_library_weight, refiner.mapper_spans_back = 0.0, None  # the spans' library side comes last
     assert searcher.segment_weight("video") == 0.5
     video = searcher.encoders.for_modality("video")
     clips = [decode_video(p.video, video.fps, size=video.size) for p in pairs[:3:2]]
-    xq, q_spans = video.encode_with_segments(clips, 4)  # (2, c), (2, 4, c)
+    xq, q_spans = video.encode_with_segments(clips, SEGMENTS)  # (2, c), (2, S, c)
     ids, xb = searcher.store.vectors()  # every window: fewer than a search's candidates
     by_hand = refiner.scores(xq, xb, segments=(q_spans, searcher.store.segment_vectors(ids)))  # (2, N)
     alone = [searcher.search(Query("video", k=5, media=c, refine=RefineSpec())).hits for c in clips]
@@ -197,6 +207,14 @@ def test_video_queries_mix_in_the_time_spans_of_their_candidates(demo_corpus, tm
     searcher._library_spans.clear()
     assert searcher.warm_library()["video"] == len(ids)  # every window, once for this refiner
     assert len(searcher._library_spans[refiner]) == len(ids)
+    # the memory they may take is in bytes: one window more than it holds, and none is mapped at start
+    import diffgap.retrieval.search as search_module
+
+    per_window = SEGMENTS * xq.shape[1] * 2  # one window's spans mapped back, float16
+    monkeypatch.setattr(search_module, "SPANS_KEPT_BYTES", per_window * (len(ids) - 1))
+    searcher._library_spans.clear()
+    searcher.warm_library()
+    assert refiner not in searcher._library_spans
     refiner.config.span_library_weight, refiner.mapper_spans_back = 0.0, None
     # a query given as a vector has no spans: the refiner's other scores alone
     plain = searcher.search(Query("video", k=5, vector=xq[0], refine=RefineSpec())).hits

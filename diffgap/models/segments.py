@@ -11,20 +11,31 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Spans per window an index keeps by default: the finer of the two scales the towers train with
-# (`EncoderTrainConfig.segment_scales`). On SynthCaps video -> audio it scored above 2 spans on both
-# seeds, alone and mixed (BENCHMARKS.md run 13).
-SEGMENTS = 4
+# Spans per window an index keeps by default. The towers train on 2 and 4 (`EncoderTrainConfig.
+# segment_scales`), yet finer spans tell near-duplicates apart better still: on SynthCaps video -> audio
+# (4 s clips) what `refiner train` ships gets 0.817 / 0.796 R@1 with 4, 0.853 / 0.843 with 8 and 0.871 /
+# 0.873 with 16 (seeds 0 / 1, BENCHMARKS.md run 21). 16 costs a video query +2.0-2.1 ms in process at 100k
+# windows, past the 2 ms a query's refinement may add, and 8 KB a window on disk and in memory; 8 costs
+# +1.3 ms and 4 KB. `build --segments 16` is there for a library that can pay.
+SEGMENTS = 8
 
 
 def segment_pool(seq: torch.Tensor, mask: torch.Tensor, segments: int) -> torch.Tensor:
-    """(B, T, d) masked sequence -> (B, segments, d) unit vectors, each the mean of its time span."""
+    """(B, T, d) masked sequence -> (B, segments, d) unit vectors, each the mean of its time span.
+
+    Spans split each sequence's own valid length, so the audio and the video of one clip, whose towers
+    step at different rates, put the same second in the same span. A sequence with fewer valid steps
+    than spans leaves some spans with no step of their own; each of those takes the step its middle
+    falls in, so no span is empty and every span still stands for its own stretch of time."""
     b, t, d = seq.shape
-    lengths = mask.sum(1).clamp(min=segments)  # (B,)
-    pos = torch.arange(t)[None].float() / lengths[:, None]  # (B, T) in [0, 1) over valid steps
-    bins = (pos * segments).long().clamp(max=segments - 1)  # (B, T)
+    lengths = mask.sum(1).clamp(min=1).float()  # (B,) valid steps; the mask is a prefix
+    steps = torch.arange(t, dtype=torch.float32)  # (T,)
+    bins = (steps[None] / lengths[:, None] * segments).long().clamp(max=segments - 1)  # (B, T)
     onehot = F.one_hot(bins, segments).float() * mask[..., None]  # (B, T, S)
-    pooled = torch.einsum("bts,btd->bsd", onehot, seq) / onehot.sum(1)[..., None].clamp(min=1)  # (B, S, d)
+    middles = ((torch.arange(segments) + 0.5)[None] * lengths[:, None] / segments).floor().long()  # (B, S)
+    empty = onehot.sum(1) == 0  # (B, S): spans shorter than one step
+    onehot = onehot + F.one_hot(middles, t).float().transpose(1, 2) * empty[:, None, :]  # (B, T, S)
+    pooled = torch.einsum("bts,btd->bsd", onehot, seq) / onehot.sum(1)[..., None]  # (B, S, d)
     return F.normalize(pooled, dim=-1)
 
 

@@ -357,23 +357,28 @@ class Searcher:
     def warm_library(self) -> dict[str, int]:
         """Map every window (and its spans, for a refiner whose spans have a library side) into the
         query space for each two-sided refiner now, when the index holds no more than LIBRARY_KEPT
-        (SPANS_KEPT) of them, so that no query pays for its candidates' first mapping; returns the
+        (`_spans_kept`) of them, so that no query pays for its candidates' first mapping; returns the
         windows mapped, by the name of each refiner that mapped any. Larger indexes map their
         candidates as queries bring them up."""
         done: dict[str, int] = {}
         for name, refiner in self.refiners.items():
             clips = refiner.two_sided and self.store.ntotal <= LIBRARY_KEPT
-            spans = self._serves_span_library(refiner) and self.store.ntotal <= SPANS_KEPT
+            spans = self._serves_span_library(refiner) and self.store.ntotal <= self._spans_kept(refiner)
             if not clips and not spans:
                 continue
             for ids, xb in self.store.iter_vectors(batch=1024):  # (B,), (B, d)
                 if clips:
                     self._library.setdefault(refiner, MappedWindows()).add(ids.tolist(), refiner.map_library(xb))
                 if spans and (xb_spans := self.store.segment_vectors(ids)) is not None:  # (B, S, d)
-                    kept = self._library_spans.setdefault(refiner, MappedWindows(SPANS_KEPT, np.float16))
+                    kept = self._library_spans.setdefault(refiner, MappedWindows(self._spans_kept(refiner), np.float16))
                     kept.add(ids.tolist(), refiner.map_library_spans(xb_spans).reshape(len(ids), -1))
                 done[name] = done.get(name, 0) + len(ids)
         return done
+
+    def _spans_kept(self, refiner: Refiner) -> int:
+        """How many windows' spans mapped back into `refiner`'s query space (manifest.segments x its
+        query dim, float16) SPANS_KEPT_BYTES holds."""
+        return SPANS_KEPT_BYTES // max(1, self.store.manifest.segments * refiner.dims(0)[1] * 2)
 
     def _serves_span_library(self, refiner: Refiner) -> bool:
         """Whether searches with `refiner` score the spans' library side: it has a weight, and the index
@@ -412,7 +417,7 @@ class Searcher:
             return hits
         mapped = None
         if refiner.spans_two_sided:
-            kept = self._library_spans.setdefault(refiner, MappedWindows(SPANS_KEPT, np.float16))
+            kept = self._library_spans.setdefault(refiner, MappedWindows(self._spans_kept(refiner), np.float16))
             k, s, _ = xb_spans.shape
             flat, missing = kept.get(ids, s * len(raw_spans[0]))  # (K, S * c), rows not yet mapped at zero
             if missing:
@@ -518,10 +523,10 @@ class MappedWindows:
 # windows whose library-side vectors a searcher keeps per two-sided refiner (~1.5 KB of memory each at 256-d):
 # a query whose 100 candidates are new pays ~5 ms to map them, 100 kept ones ~0.3 ms (BENCHMARKS.md run 11)
 LIBRARY_KEPT = 200_000
-# and windows whose spans' library side it keeps per refiner: 4 spans of 256 floats in float16 (the
-# precision the index stores spans in) are 2 KB a window, so 100,000 of them are ~200 MB; mapping 100
-# new candidates' 400 spans costs ~7 ms a query on one core, 100 kept ones ~0.2 ms (BENCHMARKS.md run 17)
-SPANS_KEPT = 100_000
+# and the memory for the spans' library side it keeps per refiner, in float16 (the precision the index
+# stores spans in): 8 spans of 256 floats are 4 KB a window, so ~100,000 windows; mapping 100 new
+# candidates' 800 spans costs ~14 ms a query on one core, 100 kept ones ~0.9 ms (BENCHMARKS.md run 21)
+SPANS_KEPT_BYTES = 400 * 1024 * 1024
 MEANING_DEPTH = 100  # files the meaning ranking contributes to a query's candidates
 # The fusion's weights, chosen on a library of Debian sound packages and queries other than the ones
 # the benchmark reports (bench/reallib_design_queries.json; BENCHMARKS.md, "A real library"):

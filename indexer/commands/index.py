@@ -18,6 +18,7 @@ from diffgap.index.duplicates import NEAR_THRESHOLD, near_groups
 from diffgap.index.meaning import AUTO
 from diffgap.index.store import IndexStore
 from diffgap.media.audio import AudioDecodeError
+from diffgap.models.segments import SEGMENTS
 from diffgap.pipeline import BuildOptions, build, update
 from diffgap.retrieval.search import Query, RefineSpec, decode_query, open_searcher
 from indexer.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, progress_bars, search_effort, step_count
@@ -265,8 +266,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--segments",
         type=int,
-        help="time spans kept per window for video queries' segment scores (new index; default 4 with "
-        "compact encoders, whose vectors keep time; 0: none)",
+        help="time spans kept per window for video queries' segment scores (new index; default "
+        f"{SEGMENTS} with compact encoders, whose vectors keep time; 0: none)",
     )
     p.add_argument("--prune", action="store_true", help="also remove indexed files no longer in the corpus")
     p.add_argument(
