@@ -45,12 +45,8 @@ def parts_of(refiner: Refiner, xq: np.ndarray, xb: np.ndarray, qs: np.ndarray, b
     """The score matrices (Q, G) a refiner with spans mixes (eight; seven where it kept no span
     mapper): queries xq (Q, c) with spans qs (Q, S, c) against clips xb (G, d) with spans bs (G, S, d)."""
     b, s, c = qs.shape
-    unblended = {"refined": 1.0, "mapped": 0.0, "direct": 0.0}
-    mix, refiner.config.mix = refiner.config.mix, unblended  # the network's own output, no mix
-    try:
-        refined = l2_normalize(refiner.refine(np.concatenate([xq, qs.reshape(b * s, c)])))  # (Q + Q*S, d)
-    finally:
-        refiner.config.mix = mix
+    # a named blend of 0: the network's own output, none of the mix
+    refined = l2_normalize(refiner.refine(np.concatenate([xq, qs.reshape(b * s, c)]), blend=0.0))  # (Q + Q*S, d)
     parts = {
         "refined": refined[:b] @ xb.T,
         "mapped": l2_normalize(refiner.mapper.map(xq)) @ xb.T,

@@ -357,28 +357,35 @@ class Searcher:
     def warm_library(self) -> dict[str, int]:
         """Map every window (and its spans, for a refiner whose spans have a library side) into the
         query space for each two-sided refiner now, when the index holds no more than LIBRARY_KEPT
-        (`_spans_kept`) of them, so that no query pays for its candidates' first mapping; returns the
+        (`_spans_capacity`) of them, so that no query pays for its candidates' first mapping; returns the
         windows mapped, by the name of each refiner that mapped any. Larger indexes map their
         candidates as queries bring them up."""
         done: dict[str, int] = {}
         for name, refiner in self.refiners.items():
             clips = refiner.two_sided and self.store.ntotal <= LIBRARY_KEPT
-            spans = self._serves_span_library(refiner) and self.store.ntotal <= self._spans_kept(refiner)
+            spans = self._serves_span_library(refiner) and self.store.ntotal <= self._spans_capacity(refiner)
             if not clips and not spans:
                 continue
             for ids, xb in self.store.iter_vectors(batch=1024):  # (B,), (B, d)
                 if clips:
                     self._library.setdefault(refiner, MappedWindows()).add(ids.tolist(), refiner.map_library(xb))
                 if spans and (xb_spans := self.store.segment_vectors(ids)) is not None:  # (B, S, d)
-                    kept = self._library_spans.setdefault(refiner, MappedWindows(self._spans_kept(refiner), np.float16))
-                    kept.add(ids.tolist(), refiner.map_library_spans(xb_spans).reshape(len(ids), -1))
+                    mapped = refiner.map_library_spans(xb_spans).reshape(len(ids), -1)  # (B, S * c)
+                    self._kept_spans(refiner).add(ids.tolist(), mapped)
                 done[name] = done.get(name, 0) + len(ids)
         return done
 
-    def _spans_kept(self, refiner: Refiner) -> int:
+    def _spans_capacity(self, refiner: Refiner) -> int:
         """How many windows' spans mapped back into `refiner`'s query space (manifest.segments x its
         query dim, float16) SPANS_KEPT_BYTES holds."""
         return SPANS_KEPT_BYTES // max(1, self.store.manifest.segments * refiner.dims(0)[1] * 2)
+
+    def _kept_spans(self, refiner: Refiner) -> MappedWindows:
+        """The windows' spans mapped back for `refiner`, made on first use only (not on every query)."""
+        kept = self._library_spans.get(refiner)
+        if kept is None:
+            kept = self._library_spans.setdefault(refiner, MappedWindows(self._spans_capacity(refiner), np.float16))
+        return kept
 
     def _serves_span_library(self, refiner: Refiner) -> bool:
         """Whether searches with `refiner` score the spans' library side: it has a weight, and the index
@@ -417,7 +424,7 @@ class Searcher:
             return hits
         mapped = None
         if refiner.spans_two_sided:
-            kept = self._library_spans.setdefault(refiner, MappedWindows(self._spans_kept(refiner), np.float16))
+            kept = self._kept_spans(refiner)
             k, s, _ = xb_spans.shape
             flat, missing = kept.get(ids, s * len(raw_spans[0]))  # (K, S * c), rows not yet mapped at zero
             if missing:
